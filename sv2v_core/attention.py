@@ -1,0 +1,137 @@
+"""Where the bank plugs into a diffusers UNet, through its public APIs.
+
+- `BankAttnProcessor` replaces every attention processor.  In self-attention
+  (attn1) it records the current keys and values and, when the stream's bank
+  holds some, attends over [K_t, K_fb] and [V_t, V_fb] (EA, eq. 1).  In
+  cross-attention it is plain scaled-dot-product attention.
+- A forward hook on every `BasicTransformerBlock` applies feature fusion (FF,
+  eq. 2) to the block's output and records it.  The tensor fused is the
+  block output in token layout (after self-, cross-attention and
+  feed-forward, before the Transformer2D `proj_out` and its residual): it is
+  the "output of transformer blocks" of the paper, it lines up token by token
+  with the keys (so DyMe moves k, v and o together), and fusing it leaves the
+  convolutional skip path untouched.  Whether a block fuses is the stream's
+  choice (`BankConfig.fusion_blocks`), not the model's.
+
+Which stream's bank a call uses travels with the call, as
+`cross_attention_kwargs={"bank": BankView(...)}`; the processors and hooks
+hold no state, so one patched UNet serves many streams.  `BankPatch.remove()`
+restores the original processors and removes the hooks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import Attention
+
+from .bank import BankView
+from .fusion import fuse
+
+
+def layer_name(processor_name: str) -> str:
+    """'…transformer_blocks.0.attn1.processor' -> '…transformer_blocks.0'."""
+    return processor_name.rsplit(".", 2)[0]
+
+
+class BankAttnProcessor:
+    """Scaled-dot-product attention; self-attention extended with the bank."""
+
+    def __init__(self, layer: str) -> None:
+        self.layer = layer
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        bank: BankView | None = None,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        image_shape = hidden_states.shape if hidden_states.ndim == 4 else None
+        if image_shape is not None:
+            batch, channels, height, width = image_shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        self_attention = encoder_hidden_states is None
+        if self_attention:
+            context = hidden_states
+        elif attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        else:
+            context = encoder_hidden_states
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+
+        if self_attention and bank is not None:
+            bank.record(self.layer, "k", key)
+            bank.record(self.layer, "v", value)
+            banked = bank.extended_keys_values(self.layer)
+            if banked is not None:
+                key = torch.cat([key, banked[0]], dim=1)
+                value = torch.cat([value, banked[1]], dim=1)
+
+        batch, queries, _ = query.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+            attention_mask = F.pad(attention_mask, (0, key.shape[1] - attention_mask.shape[-1]))
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
+        out = out.transpose(1, 2).reshape(batch, queries, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+
+        if image_shape is not None:
+            out = out.transpose(-1, -2).reshape(image_shape)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def _fusion_hook(layer: str):
+    def hook(module, args, kwargs, output):
+        bank = (kwargs.get("cross_attention_kwargs") or {}).get("bank")
+        if bank is None:
+            return None
+        banked = bank.fusion_features(layer)
+        if banked is not None:
+            config = bank.bank.config
+            output = fuse(output, banked, config.fusion_alpha, config.fusion_threshold)
+        bank.record(layer, "o", output)
+        return output
+
+    return hook
+
+
+class BankPatch:
+    """Installs the bank processors and fusion hooks on `unet`; undo with `remove`."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.unet = unet
+        self._original = unet.attn_processors
+        unet.set_attn_processor({name: BankAttnProcessor(layer_name(name)) for name in self._original})
+        self._hooks = [
+            module.register_forward_hook(_fusion_hook(name), with_kwargs=True)
+            for name, module in unet.named_modules()
+            if isinstance(module, BasicTransformerBlock)
+        ]
+        self.layers = [name for name, module in unet.named_modules() if isinstance(module, BasicTransformerBlock)]
+
+    def remove(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self.unet.set_attn_processor(self._original)

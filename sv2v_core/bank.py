@@ -1,0 +1,159 @@
+"""The feature bank of one stream (paper §4): what past frames left behind.
+
+For every transformer block (a "layer", named by its module path) and every
+denoising-step slot, the bank keeps the self-attention keys "k" and values
+"v" of past frames, and, in the fusion blocks, the block outputs "o".  Tensors
+are stored as (slots, tokens, channels).
+
+A UNet call sees the bank through a `BankView`: it reads the rows of the slots
+in its batch and records the current frame's features.  After each frame the
+engine calls `commit`, which updates the bank every `merge_every` frames (the
+first frame is always stored):
+
+- "queue": keep the last `size` stored frames (FIFO), tokens concatenated;
+- "dyme": merge the stored and the new tokens back into one frame's worth
+  (`merging.random_bipartite_match` on the keys; k, v and o follow it);
+- "none": keep nothing.
+
+The bank belongs to a stream, never to the model, so one loaded model serves
+any number of independent streams.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from .config import BankConfig
+from .merging import random_bipartite_match
+
+FEATURES = ("k", "v", "o")
+
+
+def fusion_block(layer: str) -> str:
+    """The top-level UNet block a layer belongs to: "mid_block" or e.g. "up_blocks.1"."""
+    parts = layer.split(".")
+    return parts[0] if parts[0] == "mid_block" else ".".join(parts[:2])
+
+
+class FeatureBank:
+    def __init__(self, config: BankConfig, generator: torch.Generator) -> None:
+        self.config = config
+        self.generator = generator
+        self.layers: dict[str, dict[str, torch.Tensor]] = {}
+        self.frames = 0
+        self.merges = 0
+        self._pending: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
+
+    # -- reading and recording (during UNet calls) ------------------------
+    def read(self, layer: str, name: str) -> torch.Tensor | None:
+        stored = self.layers.get(layer)
+        return None if stored is None else stored.get(name)
+
+    def record(self, layer: str, name: str, features: torch.Tensor) -> None:
+        if self.config.mode != "none":
+            self._pending[layer][name].append(features.detach())
+
+    def fuses(self, layer: str) -> bool:
+        return fusion_block(layer) in self.config.fusion_blocks
+
+    # -- updating (after each frame) --------------------------------------
+    def commit(self) -> None:
+        """Take the features recorded for the frame just rendered."""
+        pending, self._pending = self._pending, defaultdict(lambda: defaultdict(list))
+        if self.config.mode == "none" or not pending:
+            return
+        due = self.frames % self.config.merge_every == 0
+        self.frames += 1
+        if not due:
+            return
+        merged = False
+        for layer, recorded in pending.items():
+            new = {name: torch.cat(parts) for name, parts in recorded.items()}
+            old = self.layers.get(layer)
+            if old is None or old.keys() != new.keys():
+                self.layers[layer] = new
+            elif self.config.mode == "queue":
+                keep = self.config.size * new["k"].shape[1]
+                self.layers[layer] = {n: torch.cat([old[n], new[n]], dim=1)[:, -keep:] for n in new}
+            else:
+                match = random_bipartite_match(torch.cat([old["k"], new["k"]], dim=1), self.generator)
+                self.layers[layer] = {n: match.merge(torch.cat([old[n], new[n]], dim=1)) for n in new}
+                merged = True
+        self.merges += merged
+
+    def discard_pending(self) -> None:
+        self._pending.clear()
+
+    def reset(self) -> None:
+        """Forget every past frame."""
+        self.layers.clear()
+        self._pending.clear()
+        self.frames = 0
+        self.merges = 0
+
+    def reconfigure(self, config: BankConfig) -> None:
+        """Switch settings; the stored frames go when their meaning changes."""
+        if (config.mode, config.size, config.fusion_blocks) != (
+            self.config.mode, self.config.size, self.config.fusion_blocks
+        ):
+            self.reset()
+        self.config = config
+
+    # -- bookkeeping ------------------------------------------------------
+    def tokens(self, layer: str) -> int:
+        stored = self.layers.get(layer)
+        return 0 if stored is None else stored["k"].shape[1]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for stored in self.layers.values() for t in stored.values())
+
+    def to(self, device: torch.device | str) -> None:
+        for layer, stored in self.layers.items():
+            self.layers[layer] = {name: t.to(device) for name, t in stored.items()}
+
+
+@dataclass
+class BankView:
+    """What one UNet call reads from and records into a stream's bank.
+
+    slots: the bank slot of each recorded batch row, in batch order.
+    copies: the batch is `copies` repeats of those rows (2 under
+        classifier-free guidance: unconditional first); only the last copy
+        (the conditional one) is recorded, and every copy reads the same slots.
+    """
+
+    bank: FeatureBank
+    slots: list[int]
+    copies: int = 1
+
+    def _rows(self, stored: torch.Tensor) -> torch.Tensor:
+        if self.slots != list(range(stored.shape[0])):
+            stored = stored[self.slots]
+        return stored.repeat(self.copies, 1, 1) if self.copies > 1 else stored
+
+    def _own(self, features: torch.Tensor) -> torch.Tensor:
+        return features[-len(self.slots):] if self.copies > 1 else features
+
+    def extended_keys_values(self, layer: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Banked (k, v) rows for extended self-attention, or None."""
+        config = self.bank.config
+        if not (config.enabled and config.extended_attention):
+            return None
+        k, v = self.bank.read(layer, "k"), self.bank.read(layer, "v")
+        return None if k is None or v is None else (self._rows(k), self._rows(v))
+
+    def fusion_features(self, layer: str) -> torch.Tensor | None:
+        """Banked block outputs to fuse with, or None where this layer doesn't fuse."""
+        config = self.bank.config
+        if not (config.enabled and config.feature_fusion and self.bank.fuses(layer)):
+            return None
+        o = self.bank.read(layer, "o")
+        return None if o is None else self._rows(o)
+
+    def record(self, layer: str, name: str, features: torch.Tensor) -> None:
+        if name == "o" and not self.bank.fuses(layer):
+            return
+        self.bank.record(layer, name, self._own(features))

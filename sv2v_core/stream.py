@@ -1,0 +1,86 @@
+"""One stream's mutable state: everything a user's session owns.
+
+The engine (one per loaded model) is stateless between calls; all that
+changes while a stream runs lives here: the feature bank, the latents of
+frames still in flight in the stream batch, the fixed per-slot noise, the
+prompt embeddings, and the bookkeeping for the similarity filter.  A state is
+plain tensors and numbers, so it can be moved to the CPU between calls
+(ZeroGPU) and pickled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .bank import FeatureBank
+from .config import StreamConfig
+
+
+@dataclass
+class Output:
+    """One rendered frame.
+
+    image: uint8 (height, width, 3).
+    source_index: the input (0-based count of frames given to the stream)
+        it renders; in stream mode it lags the newest input by steps − 1.
+    skipped: the input was near-identical to the last rendered one, so the
+        previous render was re-emitted without running the model.
+    """
+
+    image: np.ndarray
+    source_index: int
+    skipped: bool = False
+
+
+class StreamState:
+    def __init__(self, config: StreamConfig) -> None:
+        self.config = config
+        self.generator = torch.Generator().manual_seed(config.seed)   # DyMe's random splits
+        self.bank = FeatureBank(config.bank, self.generator)
+        self.noise: torch.Tensor | None = None   # (steps, 4, h, w), fixed per slot
+        self.schedule: dict[str, torch.Tensor] = {}  # timesteps and per-slot coefficients
+        self.in_flight: torch.Tensor | None = None   # (steps − 1, 4, h, w), stream mode
+        self.in_flight_sources: list[int] = []  # source index per in-flight slot, newest first
+        self.prompt_embeds: torch.Tensor | None = None
+        self.negative_embeds: torch.Tensor | None = None
+        self.frames_in = 0                      # inputs given to the stream
+        self.last_latent: torch.Tensor | None = None   # encoded newest input (for flush)
+        self.last_thumb: np.ndarray | None = None      # of the last rendered input
+        self.repeats = 0                        # times the last rendered input was fed
+        self.last_output: Output | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.noise.device
+
+    def oldest_in_flight(self) -> int:
+        """The oldest input whose render may still change."""
+        return min(self.in_flight_sources, default=self.frames_in)
+
+    def reset_bank(self) -> None:
+        """Forget past frames; the stream itself goes on."""
+        self.bank.reset()
+
+    def reset(self) -> None:
+        """Start over: empty bank, nothing in flight; the next frame warm-starts."""
+        self.bank.reset()
+        self.in_flight = None
+        self.in_flight_sources = []
+        self.last_thumb = None
+        self.repeats = 0
+        self.last_output = None
+
+    def to(self, device: torch.device | str) -> "StreamState":
+        """Move every tensor to `device` (e.g. "cpu" between ZeroGPU calls)."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        self.noise = move(self.noise)
+        self.in_flight = move(self.in_flight)
+        self.prompt_embeds = move(self.prompt_embeds)
+        self.negative_embeds = move(self.negative_embeds)
+        self.last_latent = move(self.last_latent)
+        self.schedule = {name: t.to(device) for name, t in self.schedule.items()}
+        self.bank.to(device)
+        return self
