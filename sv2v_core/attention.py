@@ -36,10 +36,17 @@ def layer_name(processor_name: str) -> str:
 
 
 class BankAttnProcessor:
-    """Scaled-dot-product attention; self-attention extended with the bank."""
+    """Scaled-dot-product attention; self-attention extended with the bank.
 
-    def __init__(self, layer: str) -> None:
+    `kernel` computes attention on (batch, heads, tokens, head_dim) tensors
+    with the signature of `F.scaled_dot_product_attention` (the default,
+    which picks flash / memory-efficient kernels on CUDA); `accel` may swap
+    in xformers.  It never changes which keys and values are attended.
+    """
+
+    def __init__(self, layer: str, kernel=F.scaled_dot_product_attention) -> None:
         self.layer = layer
+        self.kernel = kernel
 
     def __call__(
         self,
@@ -90,7 +97,7 @@ class BankAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
+        out = self.kernel(query, key, value, attn_mask=attention_mask, scale=attn.scale)
         out = out.transpose(1, 2).reshape(batch, queries, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
 
@@ -108,8 +115,7 @@ def _fusion_hook(layer: str):
             return None
         banked = bank.fusion_features(layer)
         if banked is not None:
-            config = bank.bank.config
-            output = fuse(output, banked, config.fusion_alpha, config.fusion_threshold)
+            output = fuse(output, banked, bank.config.fusion_alpha, bank.config.fusion_threshold)
         bank.record(layer, "o", output)
         return output
 

@@ -32,6 +32,15 @@ from .merging import random_bipartite_match
 FEATURES = ("k", "v", "o")
 
 
+def as_index(slots) -> slice | list[int]:
+    """`slots` as a slice where they are consecutive: indexing with it gives a
+    view (no copy, no host-to-device index transfer); else as a list."""
+    slots = list(slots)
+    if slots and slots == list(range(slots[0], slots[0] + len(slots))):
+        return slice(slots[0], slots[0] + len(slots))
+    return slots
+
+
 def fusion_block(layer: str) -> str:
     """The top-level UNet block a layer belongs to: "mid_block" or e.g. "up_blocks.1"."""
     parts = layer.split(".")
@@ -129,9 +138,13 @@ class BankView:
     slots: list[int]
     copies: int = 1
 
+    @property
+    def config(self) -> BankConfig:
+        return self.bank.config
+
     def _rows(self, stored: torch.Tensor) -> torch.Tensor:
         if self.slots != list(range(stored.shape[0])):
-            stored = stored[self.slots]
+            stored = stored[as_index(self.slots)]
         return stored.repeat(self.copies, 1, 1) if self.copies > 1 else stored
 
     def _own(self, features: torch.Tensor) -> torch.Tensor:

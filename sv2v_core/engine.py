@@ -35,7 +35,7 @@ import torch
 
 from . import images
 from .attention import BankPatch
-from .bank import BankView
+from .bank import BankView, as_index
 from .config import StreamConfig
 from .stream import Output, StreamState
 
@@ -78,6 +78,11 @@ class StreamV2V:
         self.latent_scale = vae_factor
         self.size_multiple = vae_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
         self.guidance_embedded = self.unet.config.time_cond_proj_dim is not None
+        self._conditions: dict[tuple, torch.Tensor] = {}
+        # None: the patched diffusers UNet, eagerly.  `accel` may install a
+        # callable (x, t, embeds, condition, view) -> eps with the same
+        # results: a compiled or TensorRT UNet with the bank as explicit inputs.
+        self.backend = None
 
     @property
     def device(self) -> torch.device:
@@ -150,17 +155,14 @@ class StreamV2V:
         if state.last_thumb is not None:
             similarity = images.similarity(thumb, state.last_thumb)
             if config.similarity_skip is not None and similarity >= config.similarity_skip:
-                state.repeats += 1
-                if state.repeats > self._lag(state) and state.last_output is not None:
+                if state.caught_up():  # its render is already out: re-emit it
                     state.last_output = Output(state.last_output.image, index, skipped=True)
                     return state.last_output
-            else:
-                state.repeats = 1
-                if config.scene_cut is not None and similarity < config.scene_cut:
-                    state.reset_bank()
-        else:
-            state.repeats = 1
+                return self._render(state, state.last_latent, state.last_fed)  # a repeat, like flush
+            if config.scene_cut is not None and similarity < config.scene_cut:
+                state.reset_bank()
         state.last_thumb = thumb
+        state.last_fed = index
         state.last_latent = self._encode(image)
         return self._render(state, state.last_latent, index)
 
@@ -173,11 +175,9 @@ class StreamV2V:
         stay unrendered.  Returns the outputs produced ([] when caught up).
         """
         outputs: list[Output] = []
-        newest = state.frames_in - 1
         state.to(self.device)
-        while state.last_output is not None and state.last_output.source_index < newest:
-            state.repeats += 1
-            outputs.append(self._render(state, state.last_latent, newest))
+        while not state.caught_up():
+            outputs.append(self._render(state, state.last_latent, state.last_fed))
         return outputs
 
     def translate(self, state: StreamState, frames: Iterable) -> Iterator[np.ndarray]:
@@ -217,7 +217,7 @@ class StreamV2V:
         steps = state.config.steps
         if state.in_flight is None:  # warm start: every slot from the first frame
             state.in_flight = self._noised(state, latent.expand(steps - 1, -1, -1, -1), slots=range(1, steps))
-            state.in_flight_sources = [index] * (steps - 1)
+            state.in_flight_sources = [index - 1] * (steps - 1)  # provisional renders, not yet frame `index`
         x = torch.cat([self._noised(state, latent, slots=[0]), state.in_flight])
         denoised = self._lcm_step(state, x, slots=list(range(steps)))
         sources = [index] + state.in_flight_sources
@@ -235,8 +235,8 @@ class StreamV2V:
 
     def _lcm_step(self, state: StreamState, x: torch.Tensor, slots: list[int]) -> torch.Tensor:
         """One UNet call and the LCM x0 prediction for each slot in the batch."""
-        schedule = state.schedule
-        timesteps = schedule["timesteps"][slots]
+        schedule, index = state.schedule, as_index(slots)
+        timesteps = schedule["timesteps"][index]
         cfg = self._cfg(state)
         embeds = state.prompt_embeds.expand(len(slots), -1, -1)
         if cfg:
@@ -244,27 +244,35 @@ class StreamV2V:
             x_in, t_in = torch.cat([x, x]), torch.cat([timesteps, timesteps])
         else:
             x_in, t_in = x, timesteps
-        condition = None
-        if self.guidance_embedded:
-            scale = state.config.guidance_scale or LCM_DISTILLED_GUIDANCE
-            condition = guidance_embedding(scale, self.unet.config.time_cond_proj_dim)
-            condition = condition.to(self.device, self.dtype).expand(x_in.shape[0], -1)
+        condition = self._condition(state, x_in.shape[0]) if self.guidance_embedded else None
         view = BankView(state.bank, slots, copies=2 if cfg else 1)
-        eps = self.unet(
-            x_in, t_in, encoder_hidden_states=embeds, timestep_cond=condition,
-            cross_attention_kwargs={"bank": view}, return_dict=False,
-        )[0]
+        if self.backend is not None:
+            eps = self.backend(x_in, t_in, embeds, condition, view)
+        else:
+            eps = self.unet(
+                x_in, t_in, encoder_hidden_states=embeds, timestep_cond=condition,
+                cross_attention_kwargs={"bank": view}, return_dict=False,
+            )[0]
         if cfg:
             uncond, cond = eps.chunk(2)
             eps = uncond + state.config.guidance_scale * (cond - uncond)
-        sqrt_alpha, sqrt_beta = schedule["sqrt_alpha"][slots], schedule["sqrt_beta"][slots]
+        sqrt_alpha, sqrt_beta = schedule["sqrt_alpha"][index], schedule["sqrt_beta"][index]
         x0 = (x - sqrt_beta * eps) / sqrt_alpha
-        return schedule["c_out"][slots] * x0 + schedule["c_skip"][slots] * x
+        return schedule["c_out"][index] * x0 + schedule["c_skip"][index] * x
+
+    def _condition(self, state: StreamState, batch: int) -> torch.Tensor:
+        """The guidance embedding of an LCM-distilled UNet, computed once per scale."""
+        scale = state.config.guidance_scale or LCM_DISTILLED_GUIDANCE
+        key = (scale, self.device, self.dtype)
+        if key not in self._conditions:
+            condition = guidance_embedding(scale, self.unet.config.time_cond_proj_dim)
+            self._conditions[key] = condition.to(self.device, self.dtype)
+        return self._conditions[key].expand(batch, -1)
 
     def _noised(self, state: StreamState, x0: torch.Tensor, slots) -> torch.Tensor:
         """`x0` noised to the level of each slot with that slot's fixed noise."""
-        slots = list(slots)
-        return state.schedule["sqrt_alpha"][slots] * x0 + state.schedule["sqrt_beta"][slots] * state.noise[slots]
+        index = as_index(slots)
+        return state.schedule["sqrt_alpha"][index] * x0 + state.schedule["sqrt_beta"][index] * state.noise[index]
 
     # -- helpers ----------------------------------------------------------------
     def _check(self, config: StreamConfig) -> None:
@@ -272,9 +280,6 @@ class StreamV2V:
             if value % self.size_multiple:
                 raise ValueError(f"{side} must be a multiple of {self.size_multiple} for this model, got {value}")
         lcm_timesteps(config.strength, config.steps, self.scheduler.config.num_train_timesteps)
-
-    def _lag(self, state: StreamState) -> int:
-        return state.config.steps - 1 if state.config.mode == "stream" else 0
 
     def _cfg(self, state: StreamState) -> bool:
         scale = state.config.guidance_scale
@@ -309,7 +314,7 @@ class StreamV2V:
         return self.text_encoder(ids)[0].to(self.device, self.dtype)
 
     def _encode(self, image: np.ndarray) -> torch.Tensor:
-        pixels = torch.from_numpy(image).to(self.device).permute(2, 0, 1).unsqueeze(0)
+        pixels = torch.tensor(image, device=self.device).permute(2, 0, 1).unsqueeze(0)
         pixels = pixels.to(self.dtype) / 127.5 - 1.0
         return self.vae.encode(pixels).latents * self.vae.config.scaling_factor
 

@@ -26,6 +26,8 @@ class Output:
     image: uint8 (height, width, 3).
     source_index: the input (0-based count of frames given to the stream)
         it renders; in stream mode it lags the newest input by steps − 1.
+        The warm-start renders that come out before the first input has
+        passed every step carry the index before it (−1 for a new stream).
     skipped: the input was near-identical to the last rendered one, so the
         previous render was re-emitted without running the model.
     """
@@ -49,12 +51,16 @@ class StreamState:
         self.frames_in = 0                      # inputs given to the stream
         self.last_latent: torch.Tensor | None = None   # encoded newest input (for flush)
         self.last_thumb: np.ndarray | None = None      # of the last rendered input
-        self.repeats = 0                        # times the last rendered input was fed
+        self.last_fed = -1                      # index of the newest input given to the model
         self.last_output: Output | None = None
 
     @property
     def device(self) -> torch.device:
         return self.noise.device
+
+    def caught_up(self) -> bool:
+        """True once the newest input given to the model has been rendered."""
+        return self.last_output is None or self.last_output.source_index >= self.last_fed
 
     def oldest_in_flight(self) -> int:
         """The oldest input whose render may still change."""
@@ -70,7 +76,6 @@ class StreamState:
         self.in_flight = None
         self.in_flight_sources = []
         self.last_thumb = None
-        self.repeats = 0
         self.last_output = None
 
     def to(self, device: torch.device | str) -> "StreamState":

@@ -3,3 +3,7 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite runs app servers, a browser and the tests side by side on two
+# cores; OpenMP worker threads spinning against each other there made small
+# convolutions 50× slower than one thread (measured), so each process gets one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
