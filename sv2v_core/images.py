@@ -87,7 +87,7 @@ def resize(array: np.ndarray, width: int, height: int) -> np.ndarray:
     """`array` stretched to width×height (no-op when it already is)."""
     if array.shape[1] == width and array.shape[0] == height:
         return array
-    return np.asarray(Image.fromarray(array).resize((width, height), Image.Resampling.BILINEAR))
+    return np.array(Image.fromarray(array).resize((width, height), Image.Resampling.BILINEAR))
 
 
 def thumbnail(array: np.ndarray) -> np.ndarray:
