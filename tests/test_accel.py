@@ -1,0 +1,103 @@
+"""The fast path on CPU: the functional (bank-as-inputs) UNet, torch.compile
+and bfloat16 give the same renders as the eager engine, within tolerance."""
+
+import numpy as np
+import pytest
+import torch
+
+from sv2v_core import BankConfig, StreamConfig, StreamV2V
+from sv2v_core.accel import accelerate, eager_backend
+from sv2v_core.models import load_components
+
+SIZE = 64
+
+
+def frames(count: int) -> list[np.ndarray]:
+    out = []
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    for index in range(count):
+        image = np.full((SIZE, SIZE, 3), 255, np.uint8)
+        image[(yy - SIZE // 2) ** 2 + (xx - SIZE // 3 - 2 * index) ** 2 < (SIZE // 5) ** 2] = (40, 80, 200)
+        out.append(image)
+    return out
+
+
+def config(mode="stream", bank=None) -> StreamConfig:
+    bank = bank or BankConfig(mode="dyme", merge_every=2)
+    return StreamConfig(prompt="a watercolor painting", width=SIZE, height=SIZE, steps=2, mode=mode, bank=bank,
+                        similarity_skip=None, scene_cut=None)
+
+
+def render(engine, cfg, count=5):
+    state = engine.new_stream(cfg)
+    return [engine(state, frame).image.astype(int) for frame in frames(count)], state
+
+
+@pytest.fixture(scope="module")
+def engine():
+    engine = StreamV2V(load_components("tiny"))
+    yield engine
+    engine.close()
+
+
+@pytest.mark.parametrize("mode", ["stream", "latency"])
+@pytest.mark.parametrize("bank", [BankConfig(mode="dyme", merge_every=2), BankConfig(mode="queue", size=2, merge_every=1),
+                                  BankConfig(mode="none")], ids=["dyme", "queue2", "none"])
+def test_bank_as_explicit_inputs_renders_the_same(engine, mode, bank):
+    engine.backend = None
+    plain, plain_state = render(engine, config(mode, bank))
+    engine.backend = eager_backend(engine)
+    try:
+        functional, state = render(engine, config(mode, bank))
+    finally:
+        engine.backend = None
+    for a, b in zip(plain, functional):
+        assert np.array_equal(a, b)  # same operations in the same order (DyMe's random splits included)
+    assert state.bank.nbytes() == plain_state.bank.nbytes()
+    assert state.bank.merges == plain_state.bank.merges
+
+
+def test_compile_path_constructs_and_matches(engine):
+    torch._dynamo.reset()
+    plain, _ = render(engine, config(), count=3)
+    report = accelerate(engine, compile=True, compile_backend="eager", compile_mode="default", channels_last=False)
+    try:
+        assert "torch.compile" in report.compiled
+        compiled, _ = render(engine, config(), count=3)
+        assert len(engine.backend.functions) == 2  # empty bank, then a one-frame bank
+    finally:
+        engine.backend = None
+        torch._dynamo.reset()
+    for a, b in zip(plain, compiled):
+        assert np.abs(a - b).max() <= 1
+
+
+def test_bfloat16_and_channels_last_stay_within_tolerance():
+    reference = StreamV2V(load_components("tiny"))
+    fast = StreamV2V(load_components("tiny"))
+    try:
+        report = accelerate(fast, dtype=torch.bfloat16, channels_last=True)
+        assert report.dtype == "bfloat16" and report.channels_last
+        a, _ = render(reference, config(), count=3)
+        b, _ = render(fast, config(), count=3)
+        for x, y in zip(a, b):
+            assert np.abs(x - y).mean() < 6.0  # mean over pixels, 0..255 scale
+    finally:
+        reference.close()
+        fast.close()
+
+
+def test_xformers_requested_but_missing_is_an_error(engine):
+    pytest.importorskip("torch")
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="xformers was requested but is not installed"):
+            accelerate(engine, xformers=True, channels_last=False)
+    else:
+        pytest.skip("xformers is installed")
+
+
+def test_compile_needs_the_engine(engine):
+    with pytest.raises(ValueError, match="engine"):
+        accelerate(engine.components, compile=True, channels_last=False)
