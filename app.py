@@ -1,0 +1,152 @@
+"""StreamV2V Canvas: draw, and watch a StreamV2V render follow live.
+
+Run it:
+
+    python app.py                      # real weights (SV2V_MODEL) on a GPU; built-in model otherwise
+    python app.py --model tiny         # the built-in offline model (its pictures are not art)
+
+Options: --model (or env SV2V_MODEL; default SimianLuo/LCM_Dreamshaper_v7
+with the TAESD autoencoder, env SV2V_VAE), --port, --host, --size (render
+side: 512, or 256 with the built-in model; --size 128 is ~3x faster on a
+CPU), --render-mode latency|stream, --idle-timeout (seconds before an unused
+session is freed).  The model is chosen only here, by whoever runs the app:
+the page never lets a visitor load a model or file.
+
+API (gradio_client; each Client is its own session with its own stream,
+feature bank and recording):
+
+    from gradio_client import Client, handle_file
+    client = Client("http://127.0.0.1:7860/")
+    image_path = client.predict(
+        handle_file("sketch.png"),    # image: the canvas picture (PNG/JPEG/WebP, at most 4096 px a side, 8 MB)
+        "a watercolor painting",      # prompt: used as given (no style preset), may be empty
+        0.4,                          # strength: 0.02-1.0 (SDEdit noise strength)
+        4,                            # steps: 1-8 LCM steps (the page offers 1-4)
+        0,                            # seed: whole number >= 0
+        "dyme",                       # bank: "dyme", "queue" or "none"
+        True,                         # ea: extended self-attention over the bank
+        True,                         # ff: feature fusion with the bank
+        api_name="/render")           # -> path of the rendered PNG, render size (see --size)
+    client.predict(api_name="/reset_bank")                   # -> status text; empties this session's bank
+    video = client.predict("mp4", "timelapse", True,          # format "mp4"|"gif", pace "real"|"timelapse",
+                           api_name="/export")               # side_by_side -> path of the video file
+
+/render renders the image as the next frame of the session's stream and
+returns the converged render of that image (the feature bank carries over
+from the session's earlier frames).  /export writes every frame rendered in the
+session so far: a time-lapse has one video frame per render (12 fps); real
+pace replays them at 25 fps as they happened.  Bad input (unreadable or
+oversized image, out-of-range value) raises an error naming the problem; the
+session keeps working.  The Video and Webcam tabs are page-only (no endpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import torch
+
+from sv2v_core.config import RENDER_MODES, StreamConfig
+from sv2v_core.engine import StreamV2V
+from ui.gpu import ZERO_GPU
+from ui.layout import PAGE_CSS, build_app
+from ui.presets import load_presets
+from ui.recording import Recorder
+from ui.service import CanvasService
+from ui.sessions import SessionRegistry
+
+DEFAULT_MODEL = "SimianLuo/LCM_Dreamshaper_v7"
+DEFAULT_VAE = "madebyollin/taesd"
+HOW_TO_REAL = (f"To use real weights, run on a GPU with Hub access, or set SV2V_MODEL (default {DEFAULT_MODEL}) "
+               "or start it with `python app.py --model HUB_ID_OR_PATH`.")
+BUILTIN_NOTICE = f"Running the built-in offline model — its pictures are not art. {HOW_TO_REAL}"
+MAX_UPLOAD = "20mb"
+REAL_SIZE = 512
+# The built-in model's attention at 512² costs seconds per frame on a CPU
+# (measured 7-17 s on 2 busy cores, vs 1.5 s at 256² and 0.4 s at 128²), so it
+# renders smaller by default; the page shows the render scaled to the canvas.
+TINY_SIZE = 256
+
+log = logging.getLogger("sv2v.app")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="StreamV2V Canvas (Gradio app)")
+    parser.add_argument("--model", default=os.environ.get("SV2V_MODEL"),
+                        help=f"Hub id, local folder or .safetensors file, or 'tiny' (default: $SV2V_MODEL or {DEFAULT_MODEL})")
+    parser.add_argument("--vae", default=os.environ.get("SV2V_VAE"),
+                        help=f"tiny autoencoder for real weights (default: $SV2V_VAE or {DEFAULT_VAE})")
+    parser.add_argument("--host", default=None, help="address to listen on (default: Gradio's, 127.0.0.1 or $GRADIO_SERVER_NAME)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or $GRADIO_SERVER_PORT)")
+    parser.add_argument("--size", type=int, default=None,
+                        help=f"render width and height in pixels (default {REAL_SIZE}; {TINY_SIZE} for the built-in 'tiny')")
+    parser.add_argument("--render-mode", choices=RENDER_MODES, default="latency",
+                        help="how canvas frames are rendered (see ui/service.py for why latency is the default)")
+    parser.add_argument("--idle-timeout", type=float, default=1800.0, help="seconds before an unused session is freed")
+    return parser.parse_args(argv)
+
+
+def load_engine(model: str | None, vae: str | None) -> tuple[StreamV2V, str | None]:
+    """The engine, and a notice for the page when it runs a built-in model."""
+    from sv2v_core.models import BUILTIN_MODELS, ModelLoadError, load_components
+
+    has_gpu = ZERO_GPU or torch.cuda.is_available()
+    if model is None:
+        # Nobody chose a model.  Without CUDA a full-size model renders a frame in
+        # tens of seconds (DESIGN.md §3) and downloading it may be impossible:
+        # go straight to the built-in model rather than hang the start-up.
+        model = DEFAULT_MODEL if has_gpu else "tiny"
+        if not has_gpu:
+            log.warning("no CUDA GPU: using the built-in model 'tiny' (set SV2V_MODEL or --model to override)")
+    device = "cuda" if has_gpu else "cpu"
+    dtype = torch.float16 if has_gpu else torch.float32
+    if model != "tiny":
+        try:
+            if model in BUILTIN_MODELS:
+                components = load_components(model, device=device, dtype=dtype)
+            else:
+                components = load_components(model, vae=vae or DEFAULT_VAE, device=device, dtype=dtype)
+        except ModelLoadError as error:
+            log.warning("could not load %s: %s; falling back to the built-in model 'tiny'", model, error)
+        else:
+            log.info("loaded %s on %s", components.name, device)
+            return StreamV2V(components), BUILTIN_NOTICE if components.builtin else None
+    try:
+        components = load_components("tiny", device=device, dtype=torch.float32)
+    except ModelLoadError as error:
+        raise SystemExit(f"cannot start: {error}") from error
+    log.warning("running the built-in offline model 'tiny': its pictures are not art. %s", HOW_TO_REAL)
+    return StreamV2V(components), BUILTIN_NOTICE
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    engine, notice = load_engine(args.model, args.vae)
+    size = args.size or (TINY_SIZE if engine.components.name == "tiny" else REAL_SIZE)
+    registry = SessionRegistry(Recorder, idle_timeout=args.idle_timeout)
+    try:
+        # No similarity skip for the canvas: it sends a snapshot only when the drawing
+        # changed, and a small stroke (an eye, a dot) must still be rendered.  Webcam
+        # frames turn the skip back on (ui/layout.py).
+        base = StreamConfig(width=size, height=size, mode=args.render_mode, similarity_skip=None)
+        service = CanvasService(engine, registry, base)
+        if not ZERO_GPU:  # on ZeroGPU the GPU exists only inside requests
+            service.warm_up()
+    except ValueError as error:  # e.g. a --size the model cannot render
+        raise SystemExit(f"cannot start: {error}") from error
+    demo = build_app(service, load_presets(), notice=notice)
+    try:
+        demo.queue(default_concurrency_limit=4).launch(
+            server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, css=PAGE_CSS,
+            show_error=True,
+        )
+    finally:
+        registry.close_all()
+        engine.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The StreamV2V Canvas app: canvas component, sessions, recording, page layout (see app.py)."""

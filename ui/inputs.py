@@ -1,0 +1,100 @@
+"""Decoding what a visitor sends into RGB frames, with size limits.
+
+Canvas snapshots arrive as PNG/JPEG data URLs inside a small JSON payload;
+API calls and uploads arrive as image files.  Both are capped in bytes and in
+pixels *before* the pixels are decoded, then handed to
+`sv2v_core.images.to_rgb_array` (RGBA, grayscale, 16-bit … become RGB).
+Every problem raises `ImageError` (a `ValueError`) with a readable message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from sv2v_core.images import ImageError, to_rgb_array
+
+MAX_IMAGE_BYTES = 8 * 1024 * 1024
+MAX_IMAGE_SIDE = 4096
+DATA_URL_PREFIXES = ("data:image/png;base64,", "data:image/jpeg;base64,", "data:image/webp;base64,")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One canvas snapshot sent by the page.
+
+    stamp: the page's clock (performance.now(), ms) when it was taken; sent
+        back with the render so the page can show snapshot-to-render latency.
+    end: True for the snapshot taken when a stroke ends (or after an edit).
+    cut: True when the picture was replaced (clear, new background, upload):
+        the feature bank no longer describes the scene.
+    """
+
+    image: np.ndarray
+    stamp: float
+    end: bool
+    cut: bool
+
+
+def decode_image_bytes(data: bytes) -> np.ndarray:
+    """Image file bytes as an RGB uint8 array, or `ImageError`."""
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageError(f"the image is {len(data) / 2**20:.1f} MB; the limit is {MAX_IMAGE_BYTES // 2**20} MB")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
+                raise ImageError(f"the image is {width}×{height}; the limit is {MAX_IMAGE_SIDE} pixels a side")
+            image.load()
+            return to_rgb_array(image)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as error:
+        # PIL raises SyntaxError for some malformed files (e.g. broken PNG chunks).
+        raise ImageError("the file is not a readable image (PNG, JPEG or WebP)") from error
+
+
+def load_image_file(path: str | os.PathLike) -> np.ndarray:
+    """An uploaded image file as an RGB uint8 array, or `ImageError`."""
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_IMAGE_BYTES:
+            raise ImageError(f"the image is {size / 2**20:.1f} MB; the limit is {MAX_IMAGE_BYTES // 2**20} MB")
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        raise ImageError(f"cannot read the uploaded image: {error.strerror or error}") from error
+    return decode_image_bytes(data)
+
+
+def decode_data_url(url: str) -> np.ndarray:
+    """A `data:image/...;base64,` URL as an RGB uint8 array, or `ImageError`."""
+    prefix = next((p for p in DATA_URL_PREFIXES if url.startswith(p)), None)
+    if prefix is None:
+        raise ImageError("the canvas snapshot is not a PNG, JPEG or WebP data URL")
+    if len(url) > MAX_IMAGE_BYTES * 4 // 3 + len(prefix) + 4:
+        raise ImageError(f"the canvas snapshot is larger than {MAX_IMAGE_BYTES // 2**20} MB")
+    try:
+        data = base64.b64decode(url[len(prefix):], validate=True)
+    except binascii.Error as error:
+        raise ImageError("the canvas snapshot is not valid base64") from error
+    return decode_image_bytes(data)
+
+
+def parse_snapshot(payload: str) -> Snapshot:
+    """The canvas component's value (JSON) as a `Snapshot`, or `ImageError`."""
+    try:
+        message = json.loads(payload)
+    except (json.JSONDecodeError, TypeError) as error:
+        raise ImageError("the canvas sent a malformed snapshot") from error
+    if not isinstance(message, dict) or not isinstance(message.get("image"), str):
+        raise ImageError("the canvas sent a snapshot without an image")
+    stamp = message.get("t", 0.0)
+    if not isinstance(stamp, (int, float)) or isinstance(stamp, bool):
+        stamp = 0.0
+    return Snapshot(decode_data_url(message["image"]), float(stamp), bool(message.get("end")), bool(message.get("cut")))

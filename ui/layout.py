@@ -1,0 +1,227 @@
+"""The Gradio page: canvas, live render, controls, export, video and webcam.
+
+`build_app(service, ...)` returns a `gr.Blocks`.  Everything mutable lives in
+the `CanvasService` (and its `SessionRegistry`) handed in, so two apps built
+in one process share nothing.  Handlers here only turn widget values into
+service calls and expected errors into messages: `ValueError` (bad settings,
+`ImageError`, `VideoError`) and `OSError` become a `gr.Error` (or, on the
+live path, a `gr.Warning` that leaves the last render in place); the session
+keeps working and other sessions are untouched.
+
+Event wiring:
+- canvas "snapshot" (custom gr.HTML event) -> render, queued with
+  trigger_mode="always_last" in the "gpu" concurrency group (limit 1), so a
+  snapshot arriving while one renders replaces any waiting one;
+- settings changes re-render the last snapshot (a prompt or preset change
+  shows on the next frame; the engine swaps embeddings without a restart);
+- named API endpoints: /render, /reset_bank, /export (see app.py).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import gradio as gr
+
+from sv2v_core.config import BANK_MODES, StreamConfig
+
+from .canvas import canvas_component, render_component, render_html
+from .inputs import load_image_file, parse_snapshot
+from .presets import Preset
+from .recording import EXPORT_FORMATS, EXPORT_PACES
+from .service import CanvasService, make_config
+
+GPU = dict(concurrency_id="gpu", concurrency_limit=1)
+PAGE_CSS = "#sv2v-notice { background: #fff4d6; border: 1px solid #e0b84c; border-radius: 6px; padding: 4px 12px; }"
+
+
+def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str | None = None,
+              title: str = "StreamV2V Canvas") -> gr.Blocks:
+    """The whole page around `service` (one engine, one session registry)."""
+    preset_names = list(presets)
+    default = presets[preset_names[0]]
+
+    def config_for(subject, preset_name, strength, steps, seed, bank, ea, ff):
+        preset = presets.get(preset_name)
+        if preset is None:
+            raise ValueError(f"unknown style preset {preset_name!r}")
+        return make_config(service.base, prompt=preset.prompt(subject or ""), strength=strength,
+                           steps=steps, seed=seed, bank=bank, ea=ea, ff=ff)
+
+    # -- handlers ---------------------------------------------------------
+    def on_snapshot(payload, subject, preset_name, strength, steps, seed, bank, ea, ff, request: gr.Request):
+        """Render the canvas snapshot just sent by the page (the live path)."""
+        if not payload:
+            return gr.skip()
+        try:
+            snapshot = parse_snapshot(payload)
+            config = config_for(subject, preset_name, strength, steps, seed, bank, ea, ff)
+            rendered = service.render(request.session_hash, snapshot.image, config,
+                                      stamp=snapshot.stamp, end=snapshot.end, cut=snapshot.cut)
+        except (ValueError, OSError) as error:
+            gr.Warning(str(error))
+            return gr.skip()
+        return render_html(rendered.image, rendered.stamp, service.recorded(request.session_hash))
+
+    def on_settings(payload, subject, preset_name, strength, steps, seed, bank, ea, ff, request: gr.Request):
+        """Re-render the last snapshot with new settings (no latency stamp)."""
+        if not payload:
+            return gr.skip()
+        try:
+            snapshot = parse_snapshot(payload)
+            config = config_for(subject, preset_name, strength, steps, seed, bank, ea, ff)
+            rendered = service.render(request.session_hash, snapshot.image, config, stamp=0.0, end=True)
+        except (ValueError, OSError) as error:
+            gr.Warning(str(error))
+            return gr.skip()
+        return render_html(rendered.image, 0.0, service.recorded(request.session_hash))
+
+    def on_preset(preset_name):
+        preset = presets.get(preset_name, default)
+        return preset.strength, preset.steps
+
+    def render(image, prompt, strength, steps, seed, bank, ea, ff, request: gr.Request):
+        """Render one canvas image for this session; returns the rendered image."""
+        if image is None:
+            raise gr.Error("no image was given")
+        try:
+            config = make_config(service.base, prompt=prompt, strength=strength, steps=steps, seed=seed,
+                                 bank=bank, ea=ea, ff=ff)
+            frame = load_image_file(image)
+            return service.render(request.session_hash, frame, config, end=True).image
+        except (ValueError, OSError) as error:
+            raise gr.Error(str(error)) from None
+
+    def reset_bank(request: gr.Request):
+        """Empty this session's feature bank; returns a status line."""
+        if service.reset_bank(request.session_hash):
+            return "Feature bank emptied: the next frame starts afresh."
+        return "Nothing rendered yet: the bank is already empty."
+
+    def export(fmt, pace, side_by_side, request: gr.Request):
+        """This session's recording as a video file (mp4 or gif)."""
+        try:
+            return str(service.export(request.session_hash, fmt, pace, bool(side_by_side)))
+        except (ValueError, OSError) as error:
+            raise gr.Error(str(error)) from None
+
+    def clear_recording(request: gr.Request):
+        service.clear_recording(request.session_hash)
+        return "Recording cleared."
+
+    def on_webcam(frame, subject, preset_name, strength, steps, seed, bank, ea, ff, request: gr.Request):
+        if frame is None:
+            return gr.skip()
+        try:
+            config = config_for(subject, preset_name, strength, steps, seed, bank, ea, ff)
+            # A still camera sends near-identical frames: let the engine re-emit instead of re-render.
+            config = config.replace(similarity_skip=StreamConfig.similarity_skip)
+            return service.render(request.session_hash, frame, config, end=False).image
+        except (ValueError, OSError) as error:
+            gr.Warning(str(error))
+            return gr.skip()
+
+    def translate(video, subject, preset_name, strength, steps, seed, bank, ea, ff, request: gr.Request,
+                  progress=gr.Progress()):
+        if not video:
+            raise gr.Error("upload a video first")
+        try:
+            config = config_for(subject, preset_name, strength, steps, seed, bank, ea, ff)
+            folder = service.registry.get(request.session_hash).recorder.folder / "videos"
+            folder.mkdir(exist_ok=True)
+            destination = folder / f"translated-{uuid.uuid4().hex[:12]}.mp4"
+            progress(0, desc="Translating")
+            service.translate_video(video, config, destination,
+                                    lambda done, total: progress((done, max(done, total)), desc="Translating"))
+        except (ValueError, OSError) as error:
+            raise gr.Error(str(error)) from None
+        return str(destination)
+
+    def unload(request: gr.Request):
+        service.registry.close(request.session_hash)
+
+    # -- the page -----------------------------------------------------------
+    # delete_cache: Gradio's copies of renders and exports older than an hour go, checked every 30 min.
+    with gr.Blocks(title=title, delete_cache=(1800, 3600)) as demo:
+        gr.Markdown(f"# {title}\nDraw on the left; the StreamV2V render follows live on the right.")
+        if notice:
+            gr.Markdown(f"⚠️ {notice}", elem_id="sv2v-notice")
+        with gr.Tab("Canvas"):
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=1, min_width=360):
+                    canvas = canvas_component()
+                with gr.Column(scale=1, min_width=360):
+                    view = render_component()
+            with gr.Row():
+                subject = gr.Textbox(label="Subject (prompt)", placeholder="e.g. a house on a hill at sunset",
+                                     max_length=500, scale=3)
+                preset = gr.Dropdown(preset_names, value=preset_names[0], label="Style preset", scale=2)
+            with gr.Row():
+                strength = gr.Slider(0.05, 1.0, value=default.strength, step=0.05, label="Strength")
+                steps = gr.Slider(1, 4, value=default.steps, step=1, label="Steps")
+                seed = gr.Number(value=service.base.seed, precision=0, minimum=0, label="Seed")
+            with gr.Row():
+                bank = gr.Radio(list(BANK_MODES), value=service.base.bank.mode, label="Feature bank")
+                ea = gr.Checkbox(value=service.base.bank.extended_attention, label="EA (extended attention)")
+                ff = gr.Checkbox(value=service.base.bank.feature_fusion, label="FF (feature fusion)")
+                reset_btn = gr.Button("Reset bank")
+            status = gr.Markdown()
+            with gr.Accordion("Export the render as a video", open=True):
+                with gr.Row():
+                    fmt = gr.Radio(list(EXPORT_FORMATS), value="mp4", label="Format")
+                    pace = gr.Radio(list(EXPORT_PACES), value="timelapse", label="Pace")
+                    side_by_side = gr.Checkbox(value=True, label="Side by side with the sketch")
+                with gr.Row():
+                    export_btn = gr.Button("Export", variant="primary")
+                    clear_rec_btn = gr.Button("Clear recording")
+                export_file = gr.File(label="Download", interactive=False, height=90, elem_id="sv2v-export")
+        with gr.Tab("Video"):
+            gr.Markdown("Translate a short video (up to 20 s) with the same model and settings as the canvas.")
+            with gr.Row():
+                video_in = gr.Video(label="Input video", sources=["upload"])
+                video_out = gr.Video(label="Translated video", interactive=False)
+            translate_btn = gr.Button("Translate", variant="primary")
+        with gr.Tab("Webcam"):
+            gr.Markdown("Your webcam, rendered live through your own stream (same settings as the canvas).")
+            with gr.Row():
+                cam = gr.Image(label="Webcam", sources=["webcam"], streaming=True, type="numpy")
+                cam_out = gr.Image(label="Render", interactive=False, streaming=True)
+        # Inputs of the /render API only (the page sends its canvas through the snapshot event).
+        # Plain types (a File, not an Image; Numbers, not Sliders) so that every value reaches
+        # `render` unchecked and a bad one gets a message naming the setting.
+        api_image = gr.File(type="filepath", file_types=["image"], visible=False, label="image")
+        api_prompt = gr.Textbox(visible=False, label="prompt")
+        api_strength = gr.Number(visible=False, label="strength")
+        api_steps = gr.Number(visible=False, label="steps")
+        api_seed = gr.Number(visible=False, label="seed")
+        api_bank = gr.Textbox(visible=False, label="bank")
+        api_ea = gr.Checkbox(visible=False, label="ea")
+        api_ff = gr.Checkbox(visible=False, label="ff")
+        api_output = gr.Image(type="numpy", format="png", visible=False, label="render")
+        api_button = gr.Button(visible=False)
+
+        settings = [subject, preset, strength, steps, seed, bank, ea, ff]
+        canvas.snapshot(on_snapshot, inputs=[canvas, *settings], outputs=view, trigger_mode="always_last",
+                        show_progress="hidden", api_visibility="private", **GPU)
+        rerender = dict(fn=on_settings, inputs=[canvas, *settings], outputs=view, trigger_mode="always_last",
+                        show_progress="hidden", api_visibility="private", **GPU)
+        subject.submit(**rerender)
+        preset.input(on_preset, inputs=preset, outputs=[strength, steps], api_visibility="private").then(**rerender)
+        for control in (strength, steps):
+            control.release(**rerender)
+        seed.submit(**rerender)
+        for control in (bank, ea, ff):
+            control.input(**rerender)
+
+        api_button.click(render, inputs=[api_image, api_prompt, api_strength, api_steps, api_seed, api_bank, api_ea, api_ff],
+                         outputs=api_output, api_name="render", **GPU)
+        reset_btn.click(reset_bank, outputs=status, api_name="reset_bank")
+        export_btn.click(export, inputs=[fmt, pace, side_by_side], outputs=export_file, api_name="export")
+        clear_rec_btn.click(clear_recording, outputs=status, api_visibility="private")
+        translate_btn.click(translate, inputs=[video_in, *settings], outputs=video_out,
+                            api_visibility="private", concurrency_id="video", concurrency_limit=1)
+        cam.stream(on_webcam, inputs=[cam, *settings], outputs=cam_out, stream_every=0.15, time_limit=120,
+                   api_visibility="private", **GPU)
+        demo.unload(unload)
+    return demo
+

@@ -1,0 +1,235 @@
+// The drawing canvas.  Runs as gr.HTML's js_on_load: `element` is the
+// component, `props.value` its value, `trigger(name)` fires a Gradio event.
+//
+// Two layers are composited into the visible canvas: a background (a colour
+// or a start image) and the ink (strokes; the eraser cuts holes in the ink,
+// showing the background again).  While a stroke is drawn, a snapshot of the
+// composite is sent at most every INTERVAL_MS (and once more when the
+// pointer pauses), plus one at the end of the stroke: the PNG data URL goes
+// into props.value as JSON, then trigger('snapshot') runs the server's render
+// (queued with trigger_mode="always_last", so stale snapshots are dropped).
+(() => {
+  const SIZE = 512;
+  const INTERVAL_MS = 100;
+  const MAX_HISTORY = 30;
+
+  const view = element.querySelector("canvas.sv2v-canvas");
+  const viewCtx = view.getContext("2d");
+  const layer = () => {
+    const c = document.createElement("canvas");
+    c.width = SIZE;
+    c.height = SIZE;
+    return [c, c.getContext("2d", { willReadFrequently: true })];
+  };
+  const [ink, inkCtx] = layer();
+  const [bg, bgCtx] = layer();
+  const colorInput = element.querySelector(".sv2v-color");
+  const sizeInput = element.querySelector(".sv2v-size");
+  const bgInput = element.querySelector(".sv2v-bg");
+  const fileInput = element.querySelector(".sv2v-file");
+
+  let tool = "brush";
+  let drawing = false;
+  let last = null;
+  let lastSent = -Infinity;
+  let timer = null;
+  let seq = 0;
+  const history = [];
+  const future = [];
+
+  // -- layers -----------------------------------------------------------
+  function compose() {
+    viewCtx.globalCompositeOperation = "source-over";
+    viewCtx.drawImage(bg, 0, 0);
+    viewCtx.drawImage(ink, 0, 0);
+  }
+  function fillBackground(colour) {
+    bgCtx.fillStyle = colour;
+    bgCtx.fillRect(0, 0, SIZE, SIZE);
+  }
+  function current() {
+    return { bg: bgCtx.getImageData(0, 0, SIZE, SIZE), ink: inkCtx.getImageData(0, 0, SIZE, SIZE) };
+  }
+  function restore(saved) {
+    bgCtx.putImageData(saved.bg, 0, 0);
+    inkCtx.putImageData(saved.ink, 0, 0);
+    compose();
+  }
+  function remember() {
+    history.push(current());
+    if (history.length > MAX_HISTORY) history.shift();
+    future.length = 0;
+  }
+  function undo() {
+    if (!history.length) return;
+    future.push(current());
+    restore(history.pop());
+    send(true, false);
+  }
+  function redo() {
+    if (!future.length) return;
+    history.push(current());
+    restore(future.pop());
+    send(true, false);
+  }
+
+  // -- snapshots --------------------------------------------------------
+  function send(end, cut) {
+    if (timer !== null) {
+      clearTimeout(timer);
+      timer = null;
+    }
+    const t = performance.now();
+    lastSent = t;
+    seq += 1;
+    element.dataset.seq = String(seq);
+    props.value = JSON.stringify({ image: view.toDataURL("image/png"), t, end, cut, seq });
+    trigger("snapshot");
+  }
+  function sendSoon() {
+    const wait = lastSent + INTERVAL_MS - performance.now();
+    if (wait <= 0) {
+      send(false, false);
+    } else if (timer === null) {
+      timer = setTimeout(() => {
+        timer = null;
+        if (drawing) send(false, false);
+      }, wait);
+    }
+  }
+
+  // -- drawing ------------------------------------------------------------
+  function point(event) {
+    const box = view.getBoundingClientRect();
+    return {
+      x: ((event.clientX - box.left) * SIZE) / box.width,
+      y: ((event.clientY - box.top) * SIZE) / box.height,
+      // Pens report pressure; mouse and touch report 0.5 (or 0) — full width.
+      w: event.pointerType === "pen" && event.pressure > 0 ? Math.max(0.15, event.pressure) * 1.6 : 1,
+    };
+  }
+  function segment(a, b) {
+    inkCtx.globalCompositeOperation = tool === "eraser" ? "destination-out" : "source-over";
+    inkCtx.strokeStyle = colorInput.value;
+    inkCtx.lineCap = "round";
+    inkCtx.lineJoin = "round";
+    inkCtx.lineWidth = Number(sizeInput.value) * b.w;
+    inkCtx.beginPath();
+    inkCtx.moveTo(a.x, a.y);
+    inkCtx.lineTo(b.x, b.y);
+    inkCtx.stroke();
+  }
+  view.addEventListener("pointerdown", (event) => {
+    if (event.pointerType === "mouse" && event.button !== 0) return;
+    event.preventDefault();
+    view.focus();
+    view.setPointerCapture(event.pointerId);
+    remember();
+    drawing = true;
+    last = point(event);
+    segment(last, last);
+    compose();
+    sendSoon();
+  });
+  view.addEventListener("pointermove", (event) => {
+    if (!drawing) return;
+    const events = event.getCoalescedEvents ? event.getCoalescedEvents() : [];
+    for (const e of events.length ? events : [event]) {
+      const p = point(e);
+      segment(last, p);
+      last = p;
+    }
+    compose();
+    sendSoon();
+  });
+  const finish = () => {
+    if (!drawing) return;
+    drawing = false;
+    compose();
+    send(true, false);
+  };
+  view.addEventListener("pointerup", finish);
+  view.addEventListener("pointercancel", finish);
+  view.addEventListener("contextmenu", (event) => event.preventDefault());
+
+  // -- tools and actions ----------------------------------------------------
+  function setTool(name) {
+    tool = name;
+    element.querySelectorAll("[data-tool]").forEach((b) => b.classList.toggle("sv2v-active", b.dataset.tool === name));
+  }
+  function clearAll() {
+    remember();
+    inkCtx.clearRect(0, 0, SIZE, SIZE);
+    fillBackground(bgInput.value);
+    compose();
+    send(true, true);
+  }
+  function fill() {
+    remember();
+    fillBackground(bgInput.value);
+    compose();
+    send(true, true);
+  }
+  function startFrom(source) {
+    const image = new Image();
+    image.onload = () => {
+      remember();
+      const scale = Math.max(SIZE / image.width, SIZE / image.height);
+      const w = image.width * scale;
+      const h = image.height * scale;
+      fillBackground("#ffffff");
+      bgCtx.drawImage(image, (SIZE - w) / 2, (SIZE - h) / 2, w, h);
+      inkCtx.clearRect(0, 0, SIZE, SIZE);
+      compose();
+      send(true, true);
+      if (source.startsWith("blob:")) URL.revokeObjectURL(source);
+    };
+    image.onerror = () => alert("That file is not an image the browser can read.");
+    image.src = source;
+  }
+  const actions = {
+    undo,
+    redo,
+    clear: clearAll,
+    fill,
+    upload: () => fileInput.click(),
+    demo: () => props.demo_image && startFrom(props.demo_image),
+  };
+  element.querySelectorAll("[data-tool]").forEach((b) => b.addEventListener("click", () => setTool(b.dataset.tool)));
+  element.querySelectorAll("[data-action]").forEach((b) => b.addEventListener("click", () => actions[b.dataset.action]()));
+  fileInput.addEventListener("change", () => {
+    const file = fileInput.files && fileInput.files[0];
+    if (file) startFrom(URL.createObjectURL(file));
+    fileInput.value = "";
+  });
+  document.addEventListener("paste", (event) => {
+    const target = event.target;
+    if (target && target !== view && target.closest && target.closest("input, textarea, [contenteditable]")) return;
+    const item = Array.from(event.clipboardData ? event.clipboardData.items : []).find((i) => i.type.startsWith("image/"));
+    if (!item) return;
+    event.preventDefault();
+    startFrom(URL.createObjectURL(item.getAsFile()));
+  });
+  document.addEventListener("keydown", (event) => {
+    const target = event.target;
+    if (target && target !== view && target.closest && target.closest("input, textarea, select, [contenteditable]")) return;
+    const key = event.key.toLowerCase();
+    const mod = event.ctrlKey || event.metaKey;
+    let handled = true;
+    if (mod && key === "z") (event.shiftKey ? redo : undo)();
+    else if (mod && key === "y") redo();
+    else if (mod) handled = false;
+    else if (key === "b") setTool("brush");
+    else if (key === "e") setTool("eraser");
+    else if (key === "f") fill();
+    else if (key === "[") sizeInput.value = String(Math.max(1, Number(sizeInput.value) - 2));
+    else if (key === "]") sizeInput.value = String(Math.min(96, Number(sizeInput.value) + 2));
+    else if (key === "delete" && event.shiftKey) clearAll();
+    else handled = false;
+    if (handled) event.preventDefault();
+  });
+
+  fillBackground(bgInput.value);
+  compose();
+  element.dataset.ready = "1";
+})();
