@@ -1,0 +1,294 @@
+"""Build the shipped data of the built-in "tiny" model (sv2v_core/data/).
+
+    python tools/fit_tiny_model.py            # tokenizer + autoencoder + UNet
+    python tools/fit_tiny_model.py --only tokenizer
+
+1. Tokenizer: converts open_clip's MIT-licensed CLIP BPE file
+   (bpe_simple_vocab_16e6.txt.gz, shipped in the open_clip_torch wheel) into
+   the vocab.json + merges.txt pair that `CLIPTokenizer.from_pretrained` reads.
+2. Autoencoder: fits the scaled-down AutoencoderTiny to reconstruct
+   procedurally generated sketch-like images (strokes, shapes, flat fills,
+   gradients on a mostly white canvas), keeping its latents near zero mean and
+   unit variance like SD's.
+3. UNet: fits the tiny UNet as an epsilon predictor on those latents (the loss
+   is measured on the implied x0, timesteps mostly 50..450 where SDEdit at
+   strength 0.4 works), under assorted prompts: an img2img step returns a
+   smoothed copy of its input whatever the prompt.
+
+Deterministic (fixed seeds, one thread order); a few minutes on 2 CPU cores.
+Weights are stored as float16 in sv2v_core/data/tiny_model.safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sv2v_core import tiny  # noqa: E402
+
+SEED = 20240611
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable stand-ins for bytes used by CLIP's byte-level BPE, in vocabulary order."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    symbols = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in symbols:
+            symbols[b] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in printable] + [symbols[b] for b in range(256) if b not in printable]
+
+
+def build_tokenizer(out_dir: Path) -> None:
+    import open_clip
+
+    bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(bpe_path, "rt", encoding="utf-8").read().split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]  # line 0 is a header; CLIP uses this many merges
+    symbols = _byte_symbols()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(tokens) == 49408, len(tokens)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False), encoding="utf-8")
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    config = dict(special, model_max_length=77, do_lower_case=True, tokenizer_class="CLIPTokenizer")
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    license_src = next(Path(open_clip.__file__).parent.parent.glob("open_clip_torch-*.dist-info/licenses/LICENSE"))
+    (out_dir / "LICENSE-open_clip.txt").write_text(
+        "vocab.json and merges.txt are converted from open_clip's bpe_simple_vocab_16e6.txt.gz,\n"
+        "distributed under the following licence:\n\n" + license_src.read_text()
+    )
+    print(f"tokenizer: {len(tokens)} tokens, {len(merges)} merges -> {out_dir}")
+
+
+# ----------------------------------------------------------------------------- synthetic sketches
+
+PEN_COLOURS = [(0, 0, 0), (40, 40, 40), (200, 30, 30), (30, 60, 200), (30, 150, 60), (240, 200, 20), (250, 130, 20), (140, 60, 170)]
+
+
+def _colour(rng: random.Random) -> tuple[int, int, int]:
+    if rng.random() < 0.5:
+        return rng.choice(PEN_COLOURS)
+    return tuple(rng.randrange(256) for _ in range(3))
+
+
+def sketch(rng: random.Random, size: int) -> np.ndarray:
+    """One sketch-like RGB image (uint8 HxWx3): a canvas with strokes, shapes, fills, gradients."""
+    kind = rng.random()
+    if kind < 0.6:
+        base = np.full((size, size, 3), 255, np.float32)
+    elif kind < 0.75:
+        base = np.full((size, size, 3), _colour(rng), np.float32)
+    else:
+        a, b = np.array(_colour(rng), np.float32), np.array(_colour(rng), np.float32)
+        angle = rng.uniform(0, 2 * math.pi)
+        yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+        ramp = (np.cos(angle) * xx + np.sin(angle) * yy)
+        ramp = (ramp - ramp.min()) / (np.ptp(ramp) + 1e-6)
+        base = a + (b - a) * ramp[..., None]
+    image = Image.fromarray(base.astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+
+    def point():
+        return (rng.uniform(-0.1, 1.1) * size, rng.uniform(-0.1, 1.1) * size)
+
+    for _ in range(rng.randint(1, 7)):
+        shape = rng.random()
+        colour = _colour(rng)
+        if shape < 0.4:  # a pen stroke: a wobbly polyline
+            x, y = point()
+            pts = [(x, y)]
+            heading = rng.uniform(0, 2 * math.pi)
+            for _ in range(rng.randint(2, 12)):
+                heading += rng.uniform(-0.8, 0.8)
+                step = rng.uniform(0.03, 0.15) * size
+                x, y = x + step * math.cos(heading), y + step * math.sin(heading)
+                pts.append((x, y))
+            draw.line(pts, fill=colour, width=rng.randint(1, max(2, size // 16)), joint="curve")
+        else:
+            (x0, y0), (x1, y1) = point(), point()
+            box = [min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)]
+            filled = rng.random() < 0.6
+            width = rng.randint(1, max(2, size // 24))
+            if shape < 0.65:
+                draw.ellipse(box, fill=colour if filled else None, outline=colour, width=width)
+            elif shape < 0.85:
+                draw.rectangle(box, fill=colour if filled else None, outline=colour, width=width)
+            else:
+                pts = [point() for _ in range(rng.randint(3, 5))]
+                draw.polygon(pts, fill=colour if filled else None, outline=colour, width=width)
+    return np.asarray(image)
+
+
+def sketches(count: int, size: int, seed: int) -> torch.Tensor:
+    """`count` sketches as a float tensor in [-1, 1], shape (count, 3, size, size)."""
+    rng = random.Random(seed)
+    images = np.stack([sketch(rng, size) for _ in range(count)])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+# ----------------------------------------------------------------------------- prompts
+
+NOUNS = ["cat", "house", "tree", "face", "car", "flower", "mountain", "boat", "dog", "city", "bird", "robot"]
+FILLERS = ["", "a drawing of a", "a watercolor of a", "a photo of a", "portrait of a", "a detailed", "cute", "an old"]
+
+
+def training_prompts(rng: random.Random) -> list[str]:
+    """Assorted prompts: the UNet learns to follow the image whatever the (random) text encoder says."""
+    return [""] + [f"{rng.choice(FILLERS)} {rng.choice(NOUNS)}".strip() for _ in range(120)]
+
+
+@torch.no_grad()
+def embed(prompts: list[str], tokenizer, text_encoder) -> torch.Tensor:
+    ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids)[0]
+
+
+# ----------------------------------------------------------------------------- fitting
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = ((a - b) / 2).pow(2).mean().item()
+    return 10 * math.log10(1 / max(mse, 1e-10))
+
+
+def warmup_cosine(opt: torch.optim.Optimizer, steps: int, warmup: int = 20):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    k = int(torch.randint(0, 4, (1,), generator=g))
+    x = torch.rot90(x, k, dims=(-2, -1))
+    return x.flip(-1) if torch.rand((), generator=g) < 0.5 else x
+
+
+def fit_vae(vae, images: torch.Tensor, steps: int, batch: int, crop: int) -> None:
+    g = torch.Generator().manual_seed(SEED + 1)
+    opt = torch.optim.Adam(vae.parameters(), lr=1.5e-3)
+    sched = warmup_cosine(opt, steps)
+    vae.train()
+    start = time.time()
+    for step in range(steps):
+        idx = torch.randint(0, len(images), (batch,), generator=g)
+        off = torch.randint(0, images.shape[-1] - crop + 1, (2,), generator=g)
+        x = augment(images[idx, :, off[0] : off[0] + crop, off[1] : off[1] + crop], g)
+        z = vae.encode(x).latents
+        # keep latents SD-like (about zero mean, unit variance per channel) so the
+        # scheduler's noise levels mean what they mean for a real model
+        mean, std = z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3))
+        reg = mean.pow(2).mean() + (std - 1).pow(2).mean()
+        noisy = z + 0.1 * torch.randn(z.shape, generator=g)  # decoder tolerates imperfect latents
+        y = vae.decode(noisy).sample
+        loss = (y - x).abs().mean() + (y - x).pow(2).mean() + 0.05 * reg
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"  vae step {step:5d} loss {loss.item():.4f} psnr {psnr(y.detach(), x):5.2f} "
+                  f"latent std {std.mean().item():.2f} ({time.time() - start:.0f}s)", flush=True)
+    vae.eval()
+
+
+def fit_unet(unet, latents: torch.Tensor, embeds: torch.Tensor, scheduler, steps: int, batch: int) -> None:
+    """Fit `unet` as an epsilon predictor on `latents` (N, 4, h, w), measuring the loss on the implied x0."""
+    g = torch.Generator().manual_seed(SEED + 2)
+    alphas = scheduler.alphas_cumprod
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = warmup_cosine(opt, steps)
+    unet.train()
+    start = time.time()
+    for step in range(steps):
+        z = augment(latents[torch.randint(0, len(latents), (batch,), generator=g)], g)
+        prompt = embeds[torch.randint(0, len(embeds), (batch,), generator=g)]
+        # timesteps: mostly the SDEdit range (strength <= 0.5), some everywhere
+        t = torch.where(torch.rand(batch, generator=g) < 0.8,
+                        torch.randint(20, 500, (batch,), generator=g),
+                        torch.randint(0, 1000, (batch,), generator=g))
+        a = alphas[t].view(-1, 1, 1, 1)
+        noise = torch.randn(z.shape, generator=g)
+        x_t = a.sqrt() * z + (1 - a).sqrt() * noise
+        eps = unet(x_t, t, prompt).sample
+        x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+        loss = (x0 - z).pow(2).mean() + 0.1 * (eps - noise).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"  unet step {step:5d} loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
+    unet.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=["tokenizer", "models"], help="build only this part")
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--unet-steps", type=int, default=700)
+    parser.add_argument("--out", type=Path, default=tiny.WEIGHTS_FILE)
+    parser.add_argument("--reuse-vae", type=Path, help="take the autoencoder from this weights file; fit only the UNet")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # a shared 2-core machine: one thread wastes no time spinning
+    if args.only != "models":
+        build_tokenizer(tiny.TOKENIZER_DIR)
+    if args.only == "tokenizer":
+        return
+
+    started = time.time()
+    torch.manual_seed(SEED)  # the modules' own init
+    unet, vae = tiny.make_unet(), tiny.make_vae()
+    if args.reuse_vae:
+        tiny.load_weights(tiny.make_unet(), vae, args.reuse_vae)
+    else:
+        print("autoencoder: fitting on synthetic sketches", flush=True)
+        fit_vae(vae, sketches(1500, 96, SEED), args.vae_steps, batch=4, crop=64)
+    test = sketches(64, 96, SEED + 99)
+    with torch.no_grad():
+        print(f"  held-out psnr {psnr(vae.decode(vae.encode(test).latents).sample, test):.2f} dB")
+
+    print("unet: encoding latents", flush=True)
+    with torch.no_grad():  # 128 px -> 16x16 latents, so attention sees more than a handful of tokens
+        latents = torch.cat([vae.encode(chunk).latents for chunk in sketches(320, 128, SEED + 5).split(40)])
+    print(f"  latents {tuple(latents.shape)} std {latents.std().item():.2f} ({time.time() - started:.0f}s)")
+    embeds = embed(training_prompts(random.Random(SEED)), tiny.load_tokenizer(), tiny.make_text_encoder())
+    fit_unet(unet, latents, embeds, tiny.make_scheduler(), args.unet_steps, batch=8)
+
+    state = {f"unet.{k}": v.half().contiguous() for k, v in unet.state_dict().items()}
+    state.update({f"vae.{k}": v.half().contiguous() for k, v in vae.state_dict().items()})
+    from safetensors.torch import save_file
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    elapsed = time.time() - started
+    save_file(state, str(args.out), metadata={
+        "format": "pt", "made_by": "tools/fit_tiny_model.py", "seed": str(SEED),
+        "vae_steps": str(args.vae_steps), "unet_steps": str(args.unet_steps), "fit_seconds": f"{elapsed:.0f}"})
+    args.out.chmod(0o644)
+    print(f"saved {args.out} ({args.out.stat().st_size / 1e6:.2f} MB) after {elapsed:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
