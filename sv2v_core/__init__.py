@@ -9,6 +9,10 @@
 from .config import BankConfig, StreamConfig
 from .engine import StreamV2V
 from .images import ImageError
+from .models import BUILTIN_MODELS, Components, ModelLoadError, load_components
 from .stream import Output, StreamState
 
-__all__ = ["BankConfig", "ImageError", "Output", "StreamConfig", "StreamState", "StreamV2V"]
+__all__ = [
+    "BUILTIN_MODELS", "BankConfig", "Components", "ImageError", "ModelLoadError", "Output",
+    "StreamConfig", "StreamState", "StreamV2V", "load_components",
+]
