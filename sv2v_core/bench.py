@@ -234,7 +234,7 @@ def peer_problem() -> str | None:
     try:
         import streamdiffusion  # noqa: F401
         from streamdiffusion import StreamDiffusion  # noqa: F401
-    except Exception as err:  # ImportError, or an incompatibility at import time
+    except (ImportError, AttributeError, TypeError) as err:  # missing, or built for another diffusers
         return (f"the peer `streamdiffusion` is not usable here ({type(err).__name__}: {err}); "
                 "install it with: pip install --no-deps streamdiffusion")
     return None
@@ -393,7 +393,7 @@ def _fmt(value, pattern="{:.1f}", none="n/a") -> str:
 def markdown(result: dict) -> str:
     env = result["environment"]
     lines = [
-        f"# StreamV2V Canvas benchmark",
+        "# StreamV2V Canvas benchmark",
         "",
         f"{env['device_name']} · model {env['model']} · {env['size']}×{env['size']} · {env['dtype']} · "
         f"{env['accel']}",
@@ -409,7 +409,7 @@ def markdown(result: dict) -> str:
         lines += [
             f"## {steps}-step LCM, {'stream batch' if mode == 'stream' else 'latency mode'}",
             "",
-            f"| bank | fps | latency median (ms) | latency p95 (ms) | memory (GiB) | bank (MiB) | time / no bank | memory / no bank |",
+            "| bank | fps | latency median (ms) | latency p95 (ms) | memory (GiB) | bank (MiB) | time / no bank | memory / no bank |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for row in rows:
@@ -631,7 +631,7 @@ def run(args: argparse.Namespace) -> int:
                 try:
                     rows.append(bench_peer(components, args.size, steps, mode, dtype, frames, count, args.warmup,
                                            args.compile_mode if args.compile else None))
-                except Exception as err:  # report, don't hide: the table says why the row is missing
+                except (RuntimeError, TypeError, ValueError, AttributeError) as err:  # the table says why
                     peer_note = f"the peer failed: {type(err).__name__}: {err}"
                     print(f"peer: {peer_note}", file=sys.stderr)
                     break

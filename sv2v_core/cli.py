@@ -25,6 +25,7 @@ from tqdm import tqdm
 from sv2v_core import bench
 from sv2v_core.config import BANK_MODES, RENDER_MODES, BankConfig, StreamConfig
 from sv2v_core.engine import StreamV2V
+from sv2v_core.images import fit_size
 from sv2v_core.metrics import MetricUnavailable, clip_consistency, compute_warp_error
 from sv2v_core.models import ModelLoadError, load_components
 from sv2v_core.video import OUTPUT_EXTENSIONS, VideoError, VideoWriter, read_video
@@ -121,8 +122,7 @@ def output_size(in_width: int, in_height: int, width: int | None, height: int | 
 
     aspect = in_width / in_height
     if width is None and height is None:
-        scale = DEFAULT_LONG_SIDE / max(in_width, in_height)
-        return rounded(in_width * scale), rounded(in_height * scale)
+        return fit_size(in_width, in_height, DEFAULT_LONG_SIDE, multiple)
     if width is None:
         return rounded(height * aspect), height
     if height is None:

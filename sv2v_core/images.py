@@ -8,6 +8,7 @@ bool or float in [0, 1]), and paths to image files.  Everything else raises
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -88,6 +89,14 @@ def resize(array: np.ndarray, width: int, height: int) -> np.ndarray:
     if array.shape[1] == width and array.shape[0] == height:
         return array
     return np.array(Image.fromarray(array).resize((width, height), Image.Resampling.BILINEAR))
+
+
+def fit_size(width: int, height: int, longest: int, multiple: int) -> tuple[int, int]:
+    """A render size with the aspect of width×height, its longer side about
+    `longest`, both sides rounded to a multiple of `multiple` (at least one)."""
+    scale = longest / max(width, height)
+    snap = lambda side: max(multiple, math.floor(side * scale / multiple + 0.5) * multiple)  # noqa: E731
+    return snap(width), snap(height)
 
 
 def thumbnail(array: np.ndarray) -> np.ndarray:

@@ -7,3 +7,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # cores; OpenMP worker threads spinning against each other there made small
 # convolutions 50× slower than one thread (measured), so each process gets one.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """The built-in tiny model in a StreamV2V engine, one per test module."""
+    from sv2v_core import StreamV2V, load_components
+
+    engine = StreamV2V(load_components("tiny"))
+    yield engine
+    engine.close()

@@ -33,13 +33,6 @@ def render(engine, cfg, count=5):
     return [engine(state, frame).image.astype(int) for frame in frames(count)], state
 
 
-@pytest.fixture(scope="module")
-def engine():
-    engine = StreamV2V(load_components("tiny"))
-    yield engine
-    engine.close()
-
-
 @pytest.mark.parametrize("mode", ["stream", "latency"])
 @pytest.mark.parametrize("bank", [BankConfig(mode="dyme", merge_every=2), BankConfig(mode="queue", size=2, merge_every=1),
                                   BankConfig(mode="none")], ids=["dyme", "queue2", "none"])

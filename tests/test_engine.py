@@ -12,13 +12,6 @@ from sv2v_core.models import load_components
 SIZE = 64
 
 
-@pytest.fixture(scope="module")
-def engine():
-    engine = StreamV2V(load_components("tiny"))
-    yield engine
-    engine.close()
-
-
 def sketch(step: int, size: int = SIZE) -> np.ndarray:
     """A white canvas with a dark stroke that grows with `step` and a blue disc."""
     image = np.full((size, size, 3), 255, np.uint8)

@@ -5,21 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from sv2v_core import BankConfig, StreamConfig, StreamV2V
-from sv2v_core.models import load_components
+from sv2v_core import BankConfig, StreamConfig
 from sv2v_core.onnx_export import TensorRTBackend, check_onnx, export_onnx, next_call, require_tensorrt
 
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 SIZE = 64
-
-
-@pytest.fixture(scope="module")
-def engine():
-    engine = StreamV2V(load_components("tiny"))
-    yield engine
-    engine.close()
 
 
 def _filled_state(engine, mode: str):

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from sv2v_core.config import StreamConfig
+from sv2v_core.images import fit_size
 from sv2v_core.video import VideoWriter, probe_video, read_video
 
 from .gpu import ZERO_GPU, on_gpu
@@ -73,13 +74,6 @@ def _whole(name: str, value) -> int:
     if not math.isfinite(number) or number != int(number):
         raise ValueError(f"{name} must be a whole number, got {value!r}")
     return int(number)
-
-
-def video_size(width: int, height: int, longest: int, multiple: int) -> tuple[int, int]:
-    """A render size with the video's aspect ratio, longest side `longest`."""
-    scale = longest / max(width, height)
-    snap = lambda n: max(multiple, round(n * scale / multiple) * multiple)  # noqa: E731
-    return snap(width), snap(height)
 
 
 class CanvasService:
@@ -179,7 +173,7 @@ class CanvasService:
                 f"the video is {seconds:.1f} s ({info.frame_count} frames); the limit is "
                 f"{MAX_VIDEO_SECONDS:.0f} s and {MAX_VIDEO_FRAMES} frames"
             )
-        width, height = video_size(info.width, info.height, max(self.base.width, self.base.height),
+        width, height = fit_size(info.width, info.height, max(self.base.width, self.base.height),
                                    self.engine.size_multiple)
         config = dataclasses.replace(config, width=width, height=height, mode="stream")
         with VideoWriter(destination, fps=info.fps) as writer:
