@@ -114,9 +114,9 @@ def test_autoencoder_is_taesd_shaped_and_reconstructs(comps):
         out = comps.vae.decode(z).sample
     assert z.shape == (1, 4, 16, 16)  # 4 channels, downscale 8, like TAESD
     assert out.shape == image.shape
-    assert _psnr(out, image) > 15  # fitted: ~17 dB; random weights: ~1 dB
+    assert _psnr(out, image) > 15  # fitted: ~20-25 dB; random weights: ~1 dB
     rgb = (out[0] + 1) / 2
-    red = rgb[:, 40:60, 40:60].mean(dim=(1, 2))  # (220, 20, 20) comes back orange-red, ~(0.72, 0.38, 0.09)
+    red = rgb[:, 40:60, 40:60].mean(dim=(1, 2))  # (220, 20, 20) comes back red
     assert red[0] > 0.55 and red[1] < 0.5 and red[2] < 0.3 and red[0] - red[1] > 0.2, red
     white = rgb[:, 2:12, 100:126].mean(dim=(1, 2))
     assert (white > 0.75).all(), white

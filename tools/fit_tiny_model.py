@@ -7,15 +7,18 @@
    (bpe_simple_vocab_16e6.txt.gz, shipped in the open_clip_torch wheel) into
    the vocab.json + merges.txt pair that `CLIPTokenizer.from_pretrained` reads.
 2. Autoencoder: fits the scaled-down AutoencoderTiny to reconstruct
-   procedurally generated sketch-like images (strokes, shapes, flat fills,
-   gradients on a mostly white canvas), keeping its latents near zero mean and
-   unit variance like SD's.
+   procedurally generated sketch-like images (strokes thin to thick, shapes,
+   flat fills in saturated colours, gradients, landscape-like scenes with sky,
+   hills, sun and houses, some photo-like texture), with an extra term on the
+   8x8-block colour means so flat regions keep their hue, keeping its latents
+   near zero mean and unit variance like SD's.
 3. UNet: fits the tiny UNet as an epsilon predictor on those latents (the loss
-   is measured on the implied x0, timesteps mostly 50..450 where SDEdit at
-   strength 0.4 works), under assorted prompts: an img2img step returns a
+   is measured on the implied x0), at the timesteps the engine visits at
+   strength <= 0.4 (80..420; lcm_timesteps gives 399/299/199/99) with the
+   engine's noising, under assorted prompts: an img2img step returns a
    smoothed copy of its input whatever the prompt.
 
-Deterministic (fixed seeds, one thread order); a few minutes on 2 CPU cores.
+Deterministic for a given --threads (fixed seeds); about 15 minutes on 2 CPU cores.
 Weights are stored as float16 in sv2v_core/data/tiny_model.safetensors.
 """
 
@@ -40,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from sv2v_core import tiny  # noqa: E402
 
 SEED = 20240611
+T_MIN, T_MAX = 80, 420  # the UNet is fitted where the engine uses it: lcm_timesteps(0.4, 1..4) lie in 99..399
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -83,39 +87,113 @@ def build_tokenizer(out_dir: Path) -> None:
 
 # ----------------------------------------------------------------------------- synthetic sketches
 
-PEN_COLOURS = [(0, 0, 0), (40, 40, 40), (200, 30, 30), (30, 60, 200), (30, 150, 60), (240, 200, 20), (250, 130, 20), (140, 60, 170)]
+PEN_COLOURS = [(0, 0, 0), (40, 40, 40), (200, 30, 30), (30, 60, 200), (30, 150, 60), (240, 200, 20), (250, 130, 20),
+               (140, 60, 170), (220, 20, 20), (120, 70, 40), (255, 255, 255), (20, 180, 200), (230, 80, 160)]
+SKY_COLOURS = [(130, 190, 240), (90, 150, 230), (40, 90, 200), (180, 220, 250), (250, 200, 150), (60, 60, 120)]
+GROUND_COLOURS = [(80, 160, 70), (40, 130, 50), (100, 190, 60), (150, 120, 70), (200, 180, 120), (30, 100, 140)]
+
+
+def _jitter(rng: random.Random, colour, amount: int = 25) -> tuple[int, int, int]:
+    return tuple(min(255, max(0, c + rng.randint(-amount, amount))) for c in colour)
 
 
 def _colour(rng: random.Random) -> tuple[int, int, int]:
-    if rng.random() < 0.5:
+    r = rng.random()
+    if r < 0.45:
         return rng.choice(PEN_COLOURS)
+    if r < 0.75:  # a saturated colour: one channel high, one low
+        hi, lo = rng.sample(range(3), 2)
+        c = [rng.randrange(256) for _ in range(3)]
+        c[hi], c[lo] = rng.randint(170, 255), rng.randint(0, 70)
+        return tuple(c)
     return tuple(rng.randrange(256) for _ in range(3))
 
 
+def _gradient(rng: random.Random, size: int, a, b, angle: float | None = None) -> np.ndarray:
+    a, b = np.array(a, np.float32), np.array(b, np.float32)
+    angle = rng.uniform(0, 2 * math.pi) if angle is None else angle
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+    ramp = (np.cos(angle) * xx + np.sin(angle) * yy)
+    ramp = (ramp - ramp.min()) / (np.ptp(ramp) + 1e-6)
+    return a + (b - a) * ramp[..., None]
+
+
+def _texture(rng: random.Random, size: int, base: np.ndarray) -> np.ndarray:
+    """Photo-like variation: smooth low-frequency colour noise plus some grain."""
+    cells = rng.choice([2, 3, 4, 6, 8])
+    low = np.array([[[rng.gauss(0, 1) for _ in range(3)] for _ in range(cells)] for _ in range(cells)], np.float32)
+    low = np.asarray(Image.fromarray(((low - low.min()) / (np.ptp(low) + 1e-6) * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC), np.float32)
+    out = base + (low - 127.5) * rng.uniform(0.1, 0.5)
+    if rng.random() < 0.5:
+        grain = np.array([rng.gauss(0, 1) for _ in range(size * size)], np.float32).reshape(size, size, 1)
+        out = out + grain * rng.uniform(3, 15)
+    return np.clip(out, 0, 255)
+
+
+def _scene(rng: random.Random, size: int, draw: ImageDraw.ImageDraw) -> None:
+    """A landscape-like picture: hill(s), sun, maybe a house or a tree (the sky is the background)."""
+    s = size
+    for _ in range(rng.randint(1, 2)):
+        ground = _jitter(rng, rng.choice(GROUND_COLOURS))
+        top = rng.uniform(0.45, 0.8) * s
+        if rng.random() < 0.5:
+            w = rng.uniform(0.8, 2.0) * s
+            cx = rng.uniform(0, s)
+            draw.ellipse([cx - w / 2, top, cx + w / 2, top + rng.uniform(0.6, 1.5) * s], fill=ground)
+        else:
+            pts = [(-5, s + 5)] + [(x * s / 4, top + rng.uniform(-0.15, 0.15) * s) for x in range(5)] + [(s + 5, s + 5)]
+            draw.polygon(pts, fill=ground)
+    if rng.random() < 0.7:
+        r = rng.uniform(0.06, 0.14) * s
+        cx, cy = rng.uniform(0.1, 0.9) * s, rng.uniform(0.05, 0.35) * s
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=_jitter(rng, rng.choice([(250, 210, 30), (255, 240, 120), (250, 150, 30)])))
+    if rng.random() < 0.6:  # a house: walls, roof, door, windows
+        w = rng.uniform(0.2, 0.45) * s
+        h = w * rng.uniform(0.6, 1.0)
+        x0, y1 = rng.uniform(0, s - w), rng.uniform(0.6, 0.85) * s
+        y0 = y1 - h
+        outline = (60, 30, 20) if rng.random() < 0.5 else None
+        draw.rectangle([x0, y0, x0 + w, y1], fill=_colour(rng), outline=outline, width=max(1, s // 96))
+        draw.polygon([(x0 - 0.1 * w, y0), (x0 + w / 2, y0 - 0.5 * h), (x0 + 1.1 * w, y0)], fill=_colour(rng))
+        dw = w * 0.2
+        draw.rectangle([x0 + w / 2 - dw / 2, y1 - 0.5 * h, x0 + w / 2 + dw / 2, y1], fill=_colour(rng))
+        for wx in (x0 + 0.12 * w, x0 + 0.72 * w):
+            draw.rectangle([wx, y0 + 0.2 * h, wx + 0.16 * w, y0 + 0.38 * h], fill=_jitter(rng, (240, 230, 180)))
+    if rng.random() < 0.4:  # a tree
+        x, y = rng.uniform(0.05, 0.95) * s, rng.uniform(0.55, 0.85) * s
+        tw, r = rng.uniform(0.02, 0.05) * s, rng.uniform(0.08, 0.16) * s
+        draw.rectangle([x - tw, y - 2 * r, x + tw, y], fill=_jitter(rng, (110, 70, 40)))
+        draw.ellipse([x - r, y - 3.2 * r, x + r, y - 1.4 * r], fill=_jitter(rng, (40, 140, 50)))
+
+
 def sketch(rng: random.Random, size: int) -> np.ndarray:
-    """One sketch-like RGB image (uint8 HxWx3): a canvas with strokes, shapes, fills, gradients."""
+    """One sketch-like RGB image (uint8 HxWx3): a canvas with strokes, shapes, fills, gradients, or a scene."""
     kind = rng.random()
-    if kind < 0.6:
+    scene = False
+    if kind < 0.3:
         base = np.full((size, size, 3), 255, np.float32)
-    elif kind < 0.75:
+    elif kind < 0.45:
         base = np.full((size, size, 3), _colour(rng), np.float32)
-    else:
-        a, b = np.array(_colour(rng), np.float32), np.array(_colour(rng), np.float32)
-        angle = rng.uniform(0, 2 * math.pi)
-        yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
-        ramp = (np.cos(angle) * xx + np.sin(angle) * yy)
-        ramp = (ramp - ramp.min()) / (np.ptp(ramp) + 1e-6)
-        base = a + (b - a) * ramp[..., None]
+    elif kind < 0.6:
+        base = _gradient(rng, size, _colour(rng), _colour(rng))
+    else:  # a scene: sky (flat or a vertical gradient) with landscape shapes
+        sky = _jitter(rng, rng.choice(SKY_COLOURS))
+        base = _gradient(rng, size, sky, _jitter(rng, sky, 50), angle=math.pi / 2) if rng.random() < 0.5 else np.full((size, size, 3), sky, np.float32)
+        scene = True
+    if rng.random() < 0.2:
+        base = _texture(rng, size, base)
     image = Image.fromarray(base.astype(np.uint8))
     draw = ImageDraw.Draw(image)
+    if scene:
+        _scene(rng, size, draw)
 
     def point():
         return (rng.uniform(-0.1, 1.1) * size, rng.uniform(-0.1, 1.1) * size)
 
-    for _ in range(rng.randint(1, 7)):
+    for _ in range(rng.randint(0 if scene else 1, 3 if scene else 7)):
         shape = rng.random()
         colour = _colour(rng)
-        if shape < 0.4:  # a pen stroke: a wobbly polyline
+        if shape < 0.45:  # a pen stroke: a wobbly polyline, thin to thick
             x, y = point()
             pts = [(x, y)]
             heading = rng.uniform(0, 2 * math.pi)
@@ -124,12 +202,12 @@ def sketch(rng: random.Random, size: int) -> np.ndarray:
                 step = rng.uniform(0.03, 0.15) * size
                 x, y = x + step * math.cos(heading), y + step * math.sin(heading)
                 pts.append((x, y))
-            draw.line(pts, fill=colour, width=rng.randint(1, max(2, size // 16)), joint="curve")
+            draw.line(pts, fill=colour, width=rng.randint(1, max(2, size // 8)), joint="curve")
         else:
             (x0, y0), (x1, y1) = point(), point()
             box = [min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)]
             filled = rng.random() < 0.6
-            width = rng.randint(1, max(2, size // 24))
+            width = rng.randint(1, max(2, size // 16))
             if shape < 0.65:
                 draw.ellipse(box, fill=colour if filled else None, outline=colour, width=width)
             elif shape < 0.85:
@@ -202,7 +280,10 @@ def fit_vae(vae, images: torch.Tensor, steps: int, batch: int, crop: int) -> Non
         reg = mean.pow(2).mean() + (std - 1).pow(2).mean()
         noisy = z + 0.1 * torch.randn(z.shape, generator=g)  # decoder tolerates imperfect latents
         y = vae.decode(noisy).sample
-        loss = (y - x).abs().mean() + (y - x).pow(2).mean() + 0.05 * reg
+        # colour term: the 8x8-block means (what a latent pixel stands for) must come back exactly,
+        # so flat regions keep their hue (blue sky stays blue, green hill stays green)
+        low = torch.nn.functional.avg_pool2d(y - x, 8)
+        loss = (y - x).abs().mean() + (y - x).pow(2).mean() + low.abs().mean() + 2 * low.pow(2).mean() + 0.05 * reg
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -213,8 +294,13 @@ def fit_vae(vae, images: torch.Tensor, steps: int, batch: int, crop: int) -> Non
     vae.eval()
 
 
-def fit_unet(unet, latents: torch.Tensor, embeds: torch.Tensor, scheduler, steps: int, batch: int) -> None:
-    """Fit `unet` as an epsilon predictor on `latents` (N, 4, h, w), measuring the loss on the implied x0."""
+def fit_unet(unet, latent_sets: list[torch.Tensor], embeds: torch.Tensor, scheduler, steps: int, batches: list[int]) -> None:
+    """Fit `unet` as an epsilon predictor on latents (N, 4, h, w), measuring the loss on the implied x0.
+
+    Steps cycle through `latent_sets` (one latent size each, `batches[i]` at a time).  Timesteps are
+    drawn from the range the engine visits at strength <= 0.4 (lcm_timesteps: 399, 299, 199, 99),
+    noised as the engine noises: x_t = sqrt(a) z + sqrt(1 - a) eps.
+    """
     g = torch.Generator().manual_seed(SEED + 2)
     alphas = scheduler.alphas_cumprod
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
@@ -222,12 +308,10 @@ def fit_unet(unet, latents: torch.Tensor, embeds: torch.Tensor, scheduler, steps
     unet.train()
     start = time.time()
     for step in range(steps):
+        latents, batch = latent_sets[step % len(latent_sets)], batches[step % len(latent_sets)]
         z = augment(latents[torch.randint(0, len(latents), (batch,), generator=g)], g)
         prompt = embeds[torch.randint(0, len(embeds), (batch,), generator=g)]
-        # timesteps: mostly the SDEdit range (strength <= 0.5), some everywhere
-        t = torch.where(torch.rand(batch, generator=g) < 0.8,
-                        torch.randint(20, 500, (batch,), generator=g),
-                        torch.randint(0, 1000, (batch,), generator=g))
+        t = torch.randint(T_MIN, T_MAX + 1, (batch,), generator=g)
         a = alphas[t].view(-1, 1, 1, 1)
         noise = torch.randn(z.shape, generator=g)
         x_t = a.sqrt() * z + (1 - a).sqrt() * noise
@@ -247,12 +331,13 @@ def fit_unet(unet, latents: torch.Tensor, embeds: torch.Tensor, scheduler, steps
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=["tokenizer", "models"], help="build only this part")
-    parser.add_argument("--vae-steps", type=int, default=1500)
-    parser.add_argument("--unet-steps", type=int, default=700)
+    parser.add_argument("--vae-steps", type=int, default=1800)
+    parser.add_argument("--unet-steps", type=int, default=1500)
     parser.add_argument("--out", type=Path, default=tiny.WEIGHTS_FILE)
     parser.add_argument("--reuse-vae", type=Path, help="take the autoencoder from this weights file; fit only the UNet")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(1)  # a shared 2-core machine: one thread wastes no time spinning
+    torch.set_num_threads(args.threads)  # results are reproducible for a given thread count
     if args.only != "models":
         build_tokenizer(tiny.TOKENIZER_DIR)
     if args.only == "tokenizer":
@@ -265,17 +350,19 @@ def main() -> None:
         tiny.load_weights(tiny.make_unet(), vae, args.reuse_vae)
     else:
         print("autoencoder: fitting on synthetic sketches", flush=True)
-        fit_vae(vae, sketches(1500, 96, SEED), args.vae_steps, batch=4, crop=64)
+        fit_vae(vae, sketches(2000, 96, SEED), args.vae_steps, batch=8, crop=64)
     test = sketches(64, 96, SEED + 99)
     with torch.no_grad():
         print(f"  held-out psnr {psnr(vae.decode(vae.encode(test).latents).sample, test):.2f} dB")
 
     print("unet: encoding latents", flush=True)
     with torch.no_grad():  # 128 px -> 16x16 latents, so attention sees more than a handful of tokens
-        latents = torch.cat([vae.encode(chunk).latents for chunk in sketches(320, 128, SEED + 5).split(40)])
-    print(f"  latents {tuple(latents.shape)} std {latents.std().item():.2f} ({time.time() - started:.0f}s)")
+        latent_sets = [torch.cat([vae.encode(chunk).latents for chunk in sketches(count, size, SEED + size).split(40)])
+                       for count, size in ((640, 128),)]
+    for latents in latent_sets:
+        print(f"  latents {tuple(latents.shape)} std {latents.std().item():.2f} ({time.time() - started:.0f}s)")
     embeds = embed(training_prompts(random.Random(SEED)), tiny.load_tokenizer(), tiny.make_text_encoder())
-    fit_unet(unet, latents, embeds, tiny.make_scheduler(), args.unet_steps, batch=8)
+    fit_unet(unet, latent_sets, embeds, tiny.make_scheduler(), args.unet_steps, batches=[8])
 
     state = {f"unet.{k}": v.half().contiguous() for k, v in unet.state_dict().items()}
     state.update({f"vae.{k}": v.half().contiguous() for k, v in vae.state_dict().items()})
