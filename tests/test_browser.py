@@ -3,7 +3,9 @@
 Draws a stroke and checks that the render changes *before* the mouse button
 is released (live rendering, not only at stroke end), undoes it, exports and
 downloads a video that PyAV decodes, and saves a screenshot of the page in
-the middle of a stroke to docs/screenshot.png (used by the README).
+the middle of a stroke (with SV2V_UPDATE_SCREENSHOT=1 into docs/screenshot.png,
+the README's picture; otherwise into the test's temporary folder). The Webcam tab
+is driven by Chromium's synthetic camera (--use-fake-device-for-media-stream).
 
 Software WebGL makes every pointer move slow (0.2–0.4 s), so strokes are
 short and nothing here asserts on latency; the measured latency is printed.
@@ -11,6 +13,7 @@ short and nothing here asserts on latency; the measured latency is printed.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from pathlib import Path
@@ -25,7 +28,7 @@ from test_app_api import start_app, stop_app  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
-SCREENSHOT = ROOT / "docs" / "screenshot.png"
+README_SCREENSHOT = ROOT / "docs" / "screenshot.png"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
 
@@ -91,8 +94,8 @@ def test_draw_live_undo_and_export(page, tmp_path):
         time.sleep(0.1)
     assert shown() != shown_before, "the render did not change while the stroke was still being drawn"
     assert renders(page) > count_before
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT))
+    update_readme = os.environ.get("SV2V_UPDATE_SCREENSHOT") == "1"
+    page.screenshot(path=str(README_SCREENSHOT if update_readme else tmp_path / "screenshot.png"))
     page.mouse.up()
     after_stroke = canvas_pixels(page)
     assert after_stroke != before_stroke
@@ -134,3 +137,31 @@ def test_tools_shortcuts_and_upload(page):
     assert wait_for(lambda: renders(page) >= 1, 60), "the uploaded image was not rendered"
     page.keyboard.press("Shift+Delete")
     assert wait_for(lambda: canvas_pixels(page) == blank, 10), "clear did not blank the canvas"
+
+
+def test_webcam_streams_renders(app_url):
+    """Chromium's synthetic camera streamed through the Webcam tab comes back rendered."""
+    fake_camera = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS + fake_camera)
+        try:
+            context = browser.new_context(viewport={"width": 1280, "height": 1100}, permissions=["camera"])
+            page = context.new_page()
+            page.goto(app_url)
+            page.get_by_role("tab", name="Webcam").click()
+            page.get_by_role("button", name="Click to Access Webcam").click()
+            page.wait_for_function("() => { const v = document.querySelector('video');"
+                                   " return v && v.readyState >= 2 && v.videoWidth > 0; }", timeout=30_000)
+            render = page.locator(".block:visible", has=page.get_by_text("Render", exact=True)).locator("img")
+            assert render.count() == 0, "the render showed a picture before the webcam streamed"
+            # Gradio's streaming webcam: a "Record" button (aria-label "capture photo") starts the stream.
+            page.locator("button:visible", has_text="Record").click()
+            shown = lambda: render.first.get_attribute("src") if render.count() else None  # noqa: E731
+            assert wait_for(lambda: shown() is not None, 60), "no webcam render appeared"
+            first = shown()
+            assert wait_for(lambda: shown() not in (None, first), 60), "the webcam render never updated"
+            assert wait_for(lambda: render.first.evaluate("img => img.complete && img.naturalWidth > 0"), 10), \
+                "the webcam render is not a loadable image"
+            print(f"webcam render {render.first.evaluate('img => [img.naturalWidth, img.naturalHeight]')}")
+        finally:
+            browser.close()
