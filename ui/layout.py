@@ -49,32 +49,33 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
                            steps=steps, seed=seed, bank=bank, ea=ea, ff=ff)
 
     # -- handlers ---------------------------------------------------------
+    def render_snapshot(payload, settings: tuple, session_id: str, live: bool):
+        """Render a canvas snapshot: `live` as just sent by the page (timed), or
+        again after a settings change (no latency stamp; counts as stroke end)."""
+        if not payload:
+            return gr.skip()
+        try:
+            snapshot = parse_snapshot(payload)
+            config = config_for(*settings)
+            if live:
+                rendered = service.render(session_id, snapshot.image, config,
+                                          stamp=snapshot.stamp, end=snapshot.end, cut=snapshot.cut)
+            else:
+                rendered = service.render(session_id, snapshot.image, config, stamp=0.0, end=True)
+        except (ValueError, OSError) as error:
+            gr.Warning(str(error))
+            return gr.skip()
+        return render_html(rendered.image, rendered.stamp if live else 0.0, service.recorded(session_id))
+
     def on_snapshot(payload, subject, preset_name, strength, steps, seed, bank, ea, ff, request: gr.Request):
         """Render the canvas snapshot just sent by the page (the live path)."""
-        if not payload:
-            return gr.skip()
-        try:
-            snapshot = parse_snapshot(payload)
-            config = config_for(subject, preset_name, strength, steps, seed, bank, ea, ff)
-            rendered = service.render(request.session_hash, snapshot.image, config,
-                                      stamp=snapshot.stamp, end=snapshot.end, cut=snapshot.cut)
-        except (ValueError, OSError) as error:
-            gr.Warning(str(error))
-            return gr.skip()
-        return render_html(rendered.image, rendered.stamp, service.recorded(request.session_hash))
+        settings = (subject, preset_name, strength, steps, seed, bank, ea, ff)
+        return render_snapshot(payload, settings, request.session_hash, live=True)
 
     def on_settings(payload, subject, preset_name, strength, steps, seed, bank, ea, ff, request: gr.Request):
-        """Re-render the last snapshot with new settings (no latency stamp)."""
-        if not payload:
-            return gr.skip()
-        try:
-            snapshot = parse_snapshot(payload)
-            config = config_for(subject, preset_name, strength, steps, seed, bank, ea, ff)
-            rendered = service.render(request.session_hash, snapshot.image, config, stamp=0.0, end=True)
-        except (ValueError, OSError) as error:
-            gr.Warning(str(error))
-            return gr.skip()
-        return render_html(rendered.image, 0.0, service.recorded(request.session_hash))
+        """Re-render the last snapshot with new settings."""
+        settings = (subject, preset_name, strength, steps, seed, bank, ea, ff)
+        return render_snapshot(payload, settings, request.session_hash, live=False)
 
     def on_preset(preset_name):
         preset = presets.get(preset_name, default)
