@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 
 from .attention import BankAttnProcessor
-from .bank import fusion_block
 from .config import BankConfig
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -111,7 +110,7 @@ def bank_spec(view, layers: list[str]) -> tuple[BankSpec, list[torch.Tensor]]:
     if config.mode != "none":
         for layer in layers:
             outputs += [(layer, "k"), (layer, "v")]
-            if fusion_block(layer) in config.fusion_blocks:
+            if view.bank.fuses(layer):
                 outputs.append((layer, "o"))
     spec = BankSpec(tuple(inputs), tuple(tuple(t.shape) for t in tensors), tuple(outputs), config)
     return spec, tensors

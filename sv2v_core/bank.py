@@ -29,9 +29,6 @@ import torch
 from .config import BankConfig
 from .merging import random_bipartite_match
 
-FEATURES = ("k", "v", "o")
-
-
 def as_index(slots) -> slice | list[int]:
     """`slots` as a slice where they are consecutive: indexing with it gives a
     view (no copy, no host-to-device index transfer); else as a list."""
@@ -143,8 +140,7 @@ class BankView:
         return self.bank.config
 
     def _rows(self, stored: torch.Tensor) -> torch.Tensor:
-        if self.slots != list(range(stored.shape[0])):
-            stored = stored[as_index(self.slots)]
+        stored = stored[as_index(self.slots)]
         return stored.repeat(self.copies, 1, 1) if self.copies > 1 else stored
 
     def _own(self, features: torch.Tensor) -> torch.Tensor:

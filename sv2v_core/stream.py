@@ -54,10 +54,6 @@ class StreamState:
         self.last_fed = -1                      # index of the newest input given to the model
         self.last_output: Output | None = None
 
-    @property
-    def device(self) -> torch.device:
-        return self.noise.device
-
     def caught_up(self) -> bool:
         """True once the newest input given to the model has been rendered."""
         return self.last_output is None or self.last_output.source_index >= self.last_fed

@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-from PIL import Image
 
 from sv2v_core.config import StreamConfig
-from sv2v_core.images import fit_size
+from sv2v_core.images import fit_size, resize
 from sv2v_core.video import VideoWriter, probe_video, read_video
 
 from .gpu import ZERO_GPU, on_gpu
@@ -131,8 +130,7 @@ class CanvasService:
             session.state, output = self._step(session.state, config, image, end, cut)
         session.remember_stamp(session.state.frames_in - 1, stamp)
         shown_stamp = session.stamps.get(output.source_index, stamp)
-        sketch = np.asarray(Image.fromarray(image).resize(
-            (output.image.shape[1], output.image.shape[0]), Image.Resampling.BILINEAR))
+        sketch = resize(image, output.image.shape[1], output.image.shape[0])
         session.recorder.add(output.image, sketch)
         return Rendered(output.image, shown_stamp, output.skipped)
 
