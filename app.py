@@ -48,21 +48,17 @@ import os
 
 import torch
 
-from sv2v_core.config import RENDER_MODES, StreamConfig
+from sv2v_core.config import RENDER_MODES
 from sv2v_core.engine import StreamV2V
 from ui.gpu import ZERO_GPU
-from ui.layout import PAGE_CSS, build_app
 from ui.presets import load_presets
-from ui.recording import Recorder
-from ui.service import CanvasService
-from ui.sessions import SessionRegistry
+from ui.server import create_service, serve
 
 DEFAULT_MODEL = "SimianLuo/LCM_Dreamshaper_v7"
 DEFAULT_VAE = "madebyollin/taesd"
 HOW_TO_REAL = (f"To use real weights, run on a GPU with Hub access, or set SV2V_MODEL (default {DEFAULT_MODEL}) "
                "or start it with `python app.py --model HUB_ID_OR_PATH`.")
 BUILTIN_NOTICE = f"Running the built-in offline model — its pictures are not art. {HOW_TO_REAL}"
-MAX_UPLOAD = "20mb"
 REAL_SIZE = 512
 # The built-in model's attention at 512² costs seconds per frame on a CPU
 # (measured 7-17 s on 2 busy cores, vs 1.5 s at 256² and 0.4 s at 128²), so it
@@ -85,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--render-mode", choices=RENDER_MODES, default="latency",
                         help="how canvas frames are rendered (see ui/service.py for why latency is the default)")
     parser.add_argument("--idle-timeout", type=float, default=1800.0, help="seconds before an unused session is freed")
+    parser.add_argument("--no-fast-channel", dest="fast_channel", action="store_false",
+                        help="serve no WebSocket channel: pages use Gradio's events only (it is off on ZeroGPU anyway)")
     return parser.parse_args(argv)
 
 
@@ -126,25 +124,20 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     engine, notice = load_engine(args.model, args.vae)
     size = args.size or (TINY_SIZE if engine.components.name == "tiny" else REAL_SIZE)
-    registry = SessionRegistry(Recorder, idle_timeout=args.idle_timeout)
     try:
-        # No similarity skip for the canvas: it sends a snapshot only when the drawing
-        # changed, and a small stroke (an eye, a dot) must still be rendered.  Webcam
-        # frames turn the skip back on (ui/layout.py).
-        base = StreamConfig(width=size, height=size, mode=args.render_mode, similarity_skip=None)
-        service = CanvasService(engine, registry, base)
-        if not ZERO_GPU:  # on ZeroGPU the GPU exists only inside requests
-            service.warm_up()
-    except ValueError as error:  # e.g. a --size the model cannot render
+        service = create_service(engine, size=size, render_mode=args.render_mode, idle_timeout=args.idle_timeout)
+    except ValueError as error:  # e.g. a --size out of range
         raise SystemExit(f"cannot start: {error}") from error
-    demo = build_app(service, load_presets(), notice=notice)
     try:
-        demo.queue(default_concurrency_limit=4).launch(
-            server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, css=PAGE_CSS,
-            show_error=True,
-        )
+        if not ZERO_GPU:  # on ZeroGPU the GPU exists only inside requests
+            try:
+                service.warm_up()
+            except ValueError as error:  # e.g. a --size the model cannot render
+                raise SystemExit(f"cannot start: {error}") from error
+        serve(service, load_presets(), notice=notice, host=args.host, port=args.port,
+              fast_channel=args.fast_channel)
     finally:
-        registry.close_all()
+        service.close()
         engine.close()
 
 

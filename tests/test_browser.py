@@ -1,11 +1,18 @@
 """The canvas in a real browser: Debian chromium driven by Playwright's Python API.
 
-Draws a stroke and checks that the render changes *before* the mouse button
-is released (live rendering, not only at stroke end), undoes it, exports and
-downloads a video that PyAV decodes, and saves a screenshot of the page in
-the middle of a stroke (with SV2V_UPDATE_SCREENSHOT=1 into docs/screenshot.png,
-the README's picture; otherwise into the test's temporary folder). The Webcam tab
-is driven by Chromium's synthetic camera (--use-fake-device-for-media-stream).
+With the built-in model (`python app.py --model tiny`): draws a stroke and
+checks that the render changes *before* the mouse button is released (live
+rendering, not only at stroke end), undoes it, exports and downloads a video
+that PyAV decodes, and saves a screenshot of the page in the middle of a
+stroke (with SV2V_UPDATE_SCREENSHOT=1 into docs/screenshot.png, the README's
+picture; otherwise into the test's temporary folder). The Webcam tab is
+driven by Chromium's synthetic camera (--use-fake-device-for-media-stream).
+
+With the echo engine (ui.echo: the render is the snapshot itself), served in
+this process: both channels (the fast WebSocket channel, and the Gradio
+event path forced with ?channel=gradio) render mid-stroke and end on a
+render of the final canvas; two pages drawing different colours never see
+each other's renders; a dropped connection falls back and reconnects.
 
 Software WebGL makes every pointer move slow (0.2–0.4 s), so strokes are
 short and nothing here asserts on latency; the measured latency is printed.
@@ -13,15 +20,19 @@ short and nothing here asserts on latency; the measured latency is printed.
 
 from __future__ import annotations
 
+import base64
+import io
 import os
+import socket
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import sys
-
 import av
+import numpy as np
 import pytest
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the app launcher lives beside this file
 from test_app_api import start_app, stop_app  # noqa: E402
@@ -60,6 +71,11 @@ def renders(page) -> int:
     return page.evaluate("() => (window.sv2vStats || {renders: 0}).renders")
 
 
+def shown_render(page) -> str:
+    """The render view's picture, as a data URL."""
+    return page.evaluate("() => document.querySelector('canvas.sv2v-render-canvas').toDataURL()")
+
+
 def wait_for(condition, timeout: float, interval: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -74,15 +90,17 @@ def canvas_pixels(page) -> str:
 
 
 def test_draw_live_undo_and_export(page, tmp_path):
+    assert wait_for(lambda: page.evaluate("() => window.sv2vStats.channel") == "ws", 30), \
+        "the page did not connect to the fast channel"
     page.get_by_role("button", name="Demo picture").click()
     assert wait_for(lambda: renders(page) >= 1, 60), "the demo picture was never rendered"
     before_stroke = canvas_pixels(page)
-    shown_before = page.locator("img.sv2v-render-img").get_attribute("src")
+    shown_before = shown_render(page)
     count_before = renders(page)
 
     box = page.locator("canvas.sv2v-canvas").bounding_box()
     x, y = box["x"] + 120, box["y"] + 140
-    shown = lambda: page.locator("img.sv2v-render-img").get_attribute("src")  # noqa: E731
+    shown = lambda: shown_render(page)  # noqa: E731
     page.mouse.move(x, y)
     page.mouse.down()
     # Draw with the button held until a changed render arrives (a few moves normally do).
@@ -165,3 +183,140 @@ def test_webcam_streams_renders(app_url):
             print(f"webcam render {render.first.evaluate('img => [img.naturalWidth, img.naturalHeight]')}")
         finally:
             browser.close()
+
+
+# -- both channels, with the echo engine -------------------------------------------------
+ECHO_SIZE = 128
+ECHO_MS = 20  # per frame: renders take a little while, as with a fast GPU
+NO_RENDERS_BEFORE = "the page drew no render while the stroke was still being drawn"
+
+
+@pytest.fixture(scope="module")
+def echo_url():
+    from ui.echo import EchoEngine
+    from ui.presets import load_presets
+    from ui.server import create_service, serve
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    service = create_service(EchoEngine(ECHO_MS), size=ECHO_SIZE)
+    running = serve(service, load_presets(), port=port, block=False)
+    yield running.url
+    running.close()
+    service.close()
+
+
+@pytest.fixture()
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def open_page(browser, url: str, channel: str):
+    page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    page.goto(url + ("?channel=gradio" if channel == "gradio" else ""))
+    page.wait_for_selector("#sv2v-canvas [data-ready='1']", timeout=60_000)
+    assert wait_for(lambda: page.evaluate("() => window.sv2vStats && window.sv2vStats.channel") == channel, 30), \
+        f"the page did not settle on the {channel} channel"
+    return page
+
+
+def picture(data_url: str, size: int | None = None) -> np.ndarray:
+    with Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))) as image:
+        image = image.convert("RGB")
+        return np.asarray(image if size is None else image.resize((size, size), Image.Resampling.BILINEAR),
+                          dtype=np.float32)
+
+
+def set_colour(page, colour: str) -> None:
+    page.evaluate("(c) => { const i = document.querySelector('input.sv2v-color'); i.value = c; }", colour)
+
+
+def stroke_until_rendered(page, moves: int = 6) -> None:
+    """Press, move, and keep the button down until a render of the stroke was drawn."""
+    box = page.locator("canvas.sv2v-canvas").bounding_box()
+    x, y = box["x"] + 100, box["y"] + 200
+    page.mouse.move(x, y)
+    page.mouse.down()
+    count = renders(page)
+    for step in range(1, moves + 1):
+        page.mouse.move(x + 40 * step, y + 20 * (step % 3))
+    assert wait_for(lambda: renders(page) > count, 30), NO_RENDERS_BEFORE
+    page.mouse.up()
+
+
+def final_render_matches_canvas(page) -> None:
+    last = int(page.locator("canvas.sv2v-canvas").get_attribute("data-seq"))
+    assert wait_for(lambda: page.evaluate("() => window.sv2vStats.shownSeq") >= last, 30), \
+        "the last snapshot (the stroke's end) was never rendered"
+    drawn = picture(canvas_pixels(page), ECHO_SIZE)
+    shown = picture(shown_render(page))
+    assert shown.shape == drawn.shape
+    assert np.abs(shown - drawn).mean() < 6, "the last render does not show the final canvas"
+
+
+@pytest.mark.parametrize("channel", ["ws", "gradio"])
+def test_both_channels_render_mid_stroke_and_end_on_the_final_canvas(browser, echo_url, channel):
+    page = open_page(browser, echo_url, channel)
+    stroke_until_rendered(page)
+    final_render_matches_canvas(page)
+    label = page.locator("#sv2v-render .sv2v-stats").text_content()
+    assert ("WebSocket" in label) == (channel == "ws") and ("Gradio" in label) == (channel == "gradio"), label
+    print(f"{channel}: {renders(page)} renders, latencies (ms) "
+          f"{[round(v) for v in page.evaluate('() => window.sv2vStats.latencies')]}")
+
+
+# Counts the pixels of every render drawn on this page that are close to `colour`.
+WATCH_FOREIGN = """(colour) => {
+  window.foreignPixels = 0;
+  window.rendersSeen = 0;
+  const canvas = new OffscreenCanvas(1, 1);
+  const ctx = canvas.getContext('2d', {willReadFrequently: true});
+  document.addEventListener('sv2v:render', async (event) => {
+    const bitmap = await createImageBitmap(event.detail.blob);
+    canvas.width = bitmap.width; canvas.height = bitmap.height;
+    ctx.drawImage(bitmap, 0, 0);
+    const data = ctx.getImageData(0, 0, bitmap.width, bitmap.height).data;
+    for (let i = 0; i < data.length; i += 4) {
+      if (Math.abs(data[i] - colour[0]) + Math.abs(data[i + 1] - colour[1]) + Math.abs(data[i + 2] - colour[2]) < 60)
+        window.foreignPixels += 1;
+    }
+    window.rendersSeen += 1;
+  });
+}"""
+
+
+def test_two_pages_drawing_at_once_only_ever_see_their_own_renders(browser, echo_url):
+    red, blue = open_page(browser, echo_url, "ws"), open_page(browser, echo_url, "ws")
+    set_colour(red, "#dc1414")
+    set_colour(blue, "#1414dc")
+    red.evaluate(WATCH_FOREIGN, [20, 20, 220])
+    blue.evaluate(WATCH_FOREIGN, [220, 20, 20])
+    for page in (red, blue):
+        box = page.locator("canvas.sv2v-canvas").bounding_box()
+        page.mouse.move(box["x"] + 100, box["y"] + 100)
+        page.mouse.down()
+    for step in range(1, 6):  # interleaved strokes: both pages render at the same time
+        for page in (red, blue):
+            box = page.locator("canvas.sv2v-canvas").bounding_box()
+            page.mouse.move(box["x"] + 100 + 50 * step, box["y"] + 100 + 30 * step)
+    for page in (red, blue):
+        page.mouse.up()
+    for page in (red, blue):
+        final_render_matches_canvas(page)
+        assert page.evaluate("() => window.rendersSeen") >= 2
+        assert page.evaluate("() => window.foreignPixels") == 0, "a page got a render of the other page's drawing"
+
+
+def test_a_dropped_connection_falls_back_and_reconnects(browser, echo_url):
+    page = open_page(browser, echo_url, "ws")
+    stroke_until_rendered(page, moves=3)
+    page.evaluate("() => document.querySelector(\"#sv2v-canvas [data-ready='1']\").sv2vLive.dropConnection()")
+    assert wait_for(lambda: page.evaluate("() => window.sv2vStats.channel") == "gradio", 10)
+    stroke_until_rendered(page, moves=3)  # drawn meanwhile: rendered through the Gradio path
+    assert wait_for(lambda: page.evaluate("() => window.sv2vStats.channel") == "ws", 30), "no reconnect"
+    stroke_until_rendered(page, moves=3)
+    final_render_matches_canvas(page)

@@ -1,30 +1,45 @@
 """The drawing canvas and the live render view, as two `gr.HTML` components.
 
-The canvas is a static HTML template with its behaviour in
-static/canvas.js (run by gr.HTML's `js_on_load`).  Its value is the latest
-snapshot as JSON ({"image": PNG data URL, "t": page clock in ms, "end",
-"cut", "seq"}) and it fires a custom "snapshot" event, which the app listens
-to with `canvas.snapshot(...)` (see ui.layout).  Its template never changes,
-so setting the value never re-renders the drawing.
+Both are static HTML templates with their behaviour in static/*.js (run by
+gr.HTML's `js_on_load`); their templates never change, so a new value never
+re-renders the drawing or the render.
 
-The render view's value is an <img> carrying the render as a JPEG data URL
-and the snapshot's page clock, from which static/render.js shows frames per
-second and snapshot-to-render latency.
+The canvas (static/live.js + static/canvas.js) sends snapshots on one of two
+channels and paces them by flow control (see live.js):
+- the fast channel (ui.channel): binary JPEG snapshots over a WebSocket,
+  renders back the same way, drawn onto the render view's <canvas>;
+- the Gradio event path (the fallback, e.g. on ZeroGPU, behind a proxy that
+  blocks WebSockets, or forced with the page URL's `?channel=gradio`): the
+  snapshot goes into the canvas's value as JSON ({"image": JPEG data URL,
+  "t": page clock in ms, "end", "cut", "seq"}) and a custom "snapshot"
+  event fires, which the app listens to with `canvas.snapshot(...)`.
+
+The render view's value (Gradio path only) is JSON too: {"image": JPEG data
+URL, "t": the page clock of the snapshot shown, "seq": that snapshot's
+number, "reply": the snapshot this answers (0: none, a settings change)}, or
+{"reply", "error": message} / {"reply", "dropped": true} when there is no
+render for it, so the page's flow control always gets its answer.  static/render.js draws renders
+from both channels in order (never an older one after a newer one) and
+shows renders per second, snapshot-to-render latency and the channel.
 """
 
 from __future__ import annotations
 
 import base64
-import io
+import json
 from pathlib import Path
 
 import gradio as gr
-import numpy as np
-from PIL import Image
 
 STATIC = Path(__file__).resolve().parent / "static"
 DEMO_IMAGE = Path(__file__).resolve().parent.parent / "assets" / "start.png"
-RENDER_PLACEHOLDER = '<div class="sv2v-render-empty">Draw on the canvas: the render appears here.</div>'
+RENDER_TEMPLATE = (
+    '<div class="sv2v-stats" aria-live="polite"></div>'
+    '<div class="sv2v-render-box"><canvas class="sv2v-render-canvas" width="512" height="512" role="img"'
+    ' aria-label="live render"></canvas>'
+    '<div class="sv2v-render-empty">Draw on the canvas: the render appears here.</div></div>'
+    '<div class="sv2v-message" role="status"></div>'
+)
 
 
 def _static(name: str) -> str:
@@ -35,37 +50,44 @@ def _data_url(path: Path, mime: str) -> str:
     return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def canvas_component() -> gr.HTML:
-    """The 512×512 drawing canvas with its toolbar; fires "snapshot"."""
+def canvas_component(channel_path: str, size: int, quality: float) -> gr.HTML:
+    """The 512×512 drawing canvas with its toolbar; fires "snapshot" on the Gradio path.
+
+    channel_path: the fast channel's path relative to the page ("" when the
+    server has none); size, quality: snapshots on the Gradio path are JPEGs
+    of size×size at this quality (the fast channel's server says its own).
+    """
     return gr.HTML(
         value="",
         html_template=_static("canvas.html"),
         css_template=_static("canvas.css"),
-        js_on_load=_static("canvas.js"),
+        js_on_load=_static("live.js") + "\n" + _static("canvas.js"),
         elem_id="sv2v-canvas",
         demo_image=_data_url(DEMO_IMAGE, "image/png"),
+        channel_path=channel_path,
+        snapshot_size=size,
+        snapshot_quality=quality,
     )
 
 
 def render_component() -> gr.HTML:
-    """The live render with its fps / latency readout."""
+    """The live render (a <canvas>) with its renders-per-second / latency / channel readout."""
     return gr.HTML(
-        value=RENDER_PLACEHOLDER,
-        html_template='<div class="sv2v-stats"></div>${value}',
+        value="",
+        html_template=RENDER_TEMPLATE,
         css_template=_static("render.css"),
         js_on_load=_static("render.js"),
         elem_id="sv2v-render",
     )
 
 
-def render_html(image: np.ndarray, stamp: float, seq: int) -> str:
-    """The render view's value for one rendered frame."""
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=90)
-    source = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-    height, width = image.shape[:2]
-    return (
-        f'<img class="sv2v-render-img" alt="live render" src="{source}" width="{width}" height="{height}"'
-        f' data-t="{float(stamp):.3f}" data-seq="{int(seq)}">'
-    )
+def render_value(jpeg: bytes, stamp: float, seq: int, reply: int) -> str:
+    """The render view's value for one frame rendered on the Gradio path."""
+    return json.dumps({"image": "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii"),
+                       "t": float(stamp), "seq": int(seq), "reply": int(reply)})
+
+
+def no_render_value(reply: int, error: str | None = None) -> str:
+    """The render view's value when snapshot `reply` got no render: an error, or dropped for a newer one."""
+    return json.dumps({"reply": int(reply), "error": error} if error else {"reply": int(reply), "dropped": True})
 

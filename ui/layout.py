@@ -6,14 +6,17 @@ in one process share nothing.  Handlers here only turn widget values into
 service calls and expected errors into messages: `ValueError` (bad settings,
 `ImageError`, `VideoError`) and `OSError` become a `gr.Error` (or, on the
 live path, a `gr.Warning` that leaves the last render in place); the session
-keeps working and other sessions are untouched.
+keeps working and other sessions are untouched.  Every render goes through
+the service's scheduler (one model thread, newest frame wins per session).
 
 Event wiring:
-- canvas "snapshot" (custom gr.HTML event) -> render, queued with
-  trigger_mode="always_last" in the "gpu" concurrency group (limit 1), so a
+- canvas "snapshot" (custom gr.HTML event; the Gradio fallback of the fast
+  channel, ui.channel) -> render, with trigger_mode="always_last" so a
   snapshot arriving while one renders replaces any waiting one;
-- settings changes re-render the last snapshot (a prompt or preset change
-  shows on the next frame; the engine swaps embeddings without a restart);
+- every settings control's change -> the session's settings on the server
+  (what the fast channel renders with), and on page load too;
+- a settings change that should show at once (Enter in the prompt, a slider
+  released, a preset, the bank controls) re-renders the newest snapshot;
 - named API endpoints: /render, /reset_bank, /export (see app.py).
 """
 
@@ -25,19 +28,29 @@ import gradio as gr
 
 from sv2v_core.config import BANK_MODES, StreamConfig
 
-from .canvas import canvas_component, render_component, render_html
+from .canvas import canvas_component, no_render_value, render_component, render_value
+from .channel import PATH as CHANNEL_PATH
 from .inputs import load_image_file, parse_snapshot
 from .presets import Preset
 from .recording import EXPORT_FORMATS, EXPORT_PACES
-from .service import CanvasService, make_config
+from .scheduler import SchedulerClosed, Superseded
+from .service import CanvasService, Rendered, make_config
+from .wire import SNAPSHOT_QUALITY
 
-GPU = dict(concurrency_id="gpu", concurrency_limit=1)
+# Render events wait on the scheduler, which runs one frame at a time; more
+# than one at once lets a waiting event be replaced (always_last) while its
+# predecessor renders, and lets other sessions queue their frames meanwhile.
+GPU = dict(concurrency_id="gpu", concurrency_limit=8)
 PAGE_CSS = "#sv2v-notice { background: #fff4d6; border: 1px solid #e0b84c; border-radius: 6px; padding: 4px 12px; }"
 
 
 def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str | None = None,
-              title: str = "StreamV2V Canvas") -> gr.Blocks:
-    """The whole page around `service` (one engine, one session registry)."""
+              title: str = "StreamV2V Canvas", fast_channel: bool = True) -> gr.Blocks:
+    """The whole page around `service` (one engine, one session registry).
+
+    fast_channel: the server serves ui.channel's WebSocket route, so the page
+    may use it (it falls back to the Gradio events when it cannot connect).
+    """
     preset_names = list(presets)
     default = presets[preset_names[0]]
 
@@ -49,33 +62,49 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
                            steps=steps, seed=seed, bank=bank, ea=ea, ff=ff)
 
     # -- handlers ---------------------------------------------------------
-    def render_snapshot(payload, settings: tuple, session_id: str, live: bool):
-        """Render a canvas snapshot: `live` as just sent by the page (timed), or
-        again after a settings change (no latency stamp; counts as stroke end)."""
+    def view_value(rendered: Rendered, reply: int) -> str:
+        return render_value(rendered.jpeg, rendered.stamp, rendered.seq, reply)
+
+    def on_snapshot(payload, subject, preset_name, strength, steps, seed, bank, ea, ff, request: gr.Request):
+        """Render the canvas snapshot just sent by the page (the Gradio path of the live canvas)."""
         if not payload:
             return gr.skip()
         try:
             snapshot = parse_snapshot(payload)
-            config = config_for(*settings)
-            if live:
-                rendered = service.render(session_id, snapshot.image, config,
-                                          stamp=snapshot.stamp, end=snapshot.end, cut=snapshot.cut)
-            else:
-                rendered = service.render(session_id, snapshot.image, config, stamp=0.0, end=True)
-        except (ValueError, OSError) as error:
+        except ValueError as error:
             gr.Warning(str(error))
             return gr.skip()
-        return render_html(rendered.image, rendered.stamp if live else 0.0, service.recorded(session_id))
+        try:
+            config = config_for(subject, preset_name, strength, steps, seed, bank, ea, ff)
+            service.set_config(request.session_hash, config)
+            rendered = service.render(request.session_hash, snapshot.image, config, stamp=snapshot.stamp,
+                                      seq=snapshot.seq, end=snapshot.end, cut=snapshot.cut)
+        except Superseded:
+            return no_render_value(snapshot.seq)  # a newer snapshot of this page is on its way
+        except (ValueError, OSError, SchedulerClosed) as error:
+            return no_render_value(snapshot.seq, str(error))
+        return view_value(rendered, snapshot.seq)
 
-    def on_snapshot(payload, subject, preset_name, strength, steps, seed, bank, ea, ff, request: gr.Request):
-        """Render the canvas snapshot just sent by the page (the live path)."""
-        settings = (subject, preset_name, strength, steps, seed, bank, ea, ff)
-        return render_snapshot(payload, settings, request.session_hash, live=True)
+    def store_settings(subject, preset_name, strength, steps, seed, bank, ea, ff, request: gr.Request):
+        """Keep the page's settings on the server, for the fast channel's next frame."""
+        try:
+            service.set_config(request.session_hash, config_for(subject, preset_name, strength, steps, seed,
+                                                                bank, ea, ff))
+        except ValueError as error:
+            gr.Warning(str(error))
 
-    def on_settings(payload, subject, preset_name, strength, steps, seed, bank, ea, ff, request: gr.Request):
-        """Re-render the last snapshot with new settings."""
-        settings = (subject, preset_name, strength, steps, seed, bank, ea, ff)
-        return render_snapshot(payload, settings, request.session_hash, live=False)
+    def on_settings(subject, preset_name, strength, steps, seed, bank, ea, ff, request: gr.Request):
+        """Re-render the newest snapshot with new settings."""
+        try:
+            service.set_config(request.session_hash, config_for(subject, preset_name, strength, steps, seed,
+                                                                bank, ea, ff))
+            rendered = service.rerender(request.session_hash)
+        except Superseded:
+            return gr.skip()
+        except (ValueError, OSError, SchedulerClosed) as error:
+            gr.Warning(str(error))
+            return gr.skip()
+        return gr.skip() if rendered is None else view_value(rendered, 0)
 
     def on_preset(preset_name):
         preset = presets.get(preset_name, default)
@@ -90,7 +119,9 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
                                  bank=bank, ea=ea, ff=ff)
             frame = load_image_file(image)
             return service.render(request.session_hash, frame, config, end=True).image
-        except (ValueError, OSError) as error:
+        except Superseded:
+            raise gr.Error("a newer /render call of this session replaced this one") from None
+        except (ValueError, OSError, SchedulerClosed) as error:
             raise gr.Error(str(error)) from None
 
     def reset_bank(request: gr.Request):
@@ -118,7 +149,9 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
             # A still camera sends near-identical frames: let the engine re-emit instead of re-render.
             config = config.replace(similarity_skip=StreamConfig.similarity_skip)
             return service.render(request.session_hash, frame, config, end=False).image
-        except (ValueError, OSError) as error:
+        except Superseded:
+            return gr.skip()
+        except (ValueError, OSError, SchedulerClosed) as error:
             gr.Warning(str(error))
             return gr.skip()
 
@@ -139,7 +172,7 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
         return str(destination)
 
     def unload(request: gr.Request):
-        service.registry.close(request.session_hash)
+        service.close_session(request.session_hash)
 
     # -- the page -----------------------------------------------------------
     # delete_cache: Gradio's copies of renders and exports older than an hour go, checked every 30 min.
@@ -150,7 +183,8 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
         with gr.Tab("Canvas"):
             with gr.Row(equal_height=False):
                 with gr.Column(scale=1, min_width=360):
-                    canvas = canvas_component()
+                    canvas = canvas_component(CHANNEL_PATH.lstrip("/") if fast_channel else "",
+                                              service.base.width, SNAPSHOT_QUALITY)
                 with gr.Column(scale=1, min_width=360):
                     view = render_component()
             with gr.Row():
@@ -204,7 +238,11 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
         settings = [subject, preset, strength, steps, seed, bank, ea, ff]
         canvas.snapshot(on_snapshot, inputs=[canvas, *settings], outputs=view, trigger_mode="always_last",
                         show_progress="hidden", api_visibility="private", **GPU)
-        rerender = dict(fn=on_settings, inputs=[canvas, *settings], outputs=view, trigger_mode="always_last",
+        for control in settings:
+            control.change(store_settings, inputs=settings, show_progress="hidden", api_visibility="private",
+                           queue=False)
+        demo.load(store_settings, inputs=settings, show_progress="hidden", api_visibility="private", queue=False)
+        rerender = dict(fn=on_settings, inputs=settings, outputs=view, trigger_mode="always_last",
                         show_progress="hidden", api_visibility="private", **GPU)
         subject.submit(**rerender)
         preset.input(on_preset, inputs=preset, outputs=[strength, steps], api_visibility="private").then(**rerender)

@@ -1,9 +1,12 @@
 """Recording a session's renders and exporting them as a video.
 
 `Recorder` keeps every rendered frame (and the sketch it was rendered from)
-with the time it was made.  Only the newest `keep_in_memory` frames stay in
-RAM; older ones are spilled to JPEG files in the recorder's own temporary
-folder, so a long session costs disk, not memory.  Reading the recording back
+with the time it was made, each as an RGB array or as JPEG bytes (the live
+path records the very JPEGs it sends and receives, so recording costs no
+encoding).  Only the newest `keep_in_memory` frames stay in RAM; older ones
+are spilled to JPEG files in the recorder's own temporary folder (arrays are
+encoded then, bytes written as they are), so a long session costs disk, not
+memory.  Reading the recording back
 (`frames()`) yields every frame in order, from disk and memory alike, so an
 export never loses frames.  `close()` deletes the folder.
 
@@ -15,6 +18,7 @@ sketch.
 
 from __future__ import annotations
 
+import io
 import math
 import shutil
 import tempfile
@@ -47,18 +51,34 @@ class RecordedFrame:
     sketch: np.ndarray | None
 
 
+Picture = np.ndarray | bytes  # an RGB array, or JPEG bytes
+
+
 @dataclass(frozen=True)
 class _Entry:
     t: float
-    render: np.ndarray | Path
-    sketch: np.ndarray | Path | None
+    render: Picture | Path
+    sketch: Picture | Path | None
 
 
-def _load(item: np.ndarray | Path | None) -> np.ndarray | None:
+def _load(item: Picture | Path | None) -> np.ndarray | None:
     if item is None or isinstance(item, np.ndarray):
         return item
-    with Image.open(item) as image:
+    with Image.open(io.BytesIO(item) if isinstance(item, bytes) else item) as image:
         return np.asarray(image.convert("RGB"))
+
+
+def _keep(item: Picture | None) -> Picture | None:
+    """A private copy of a picture handed to `add` (bytes are immutable already)."""
+    return item if item is None or isinstance(item, bytes) else np.array(item, np.uint8)
+
+
+def _write(item: Picture, path: Path) -> Path:
+    if isinstance(item, bytes):
+        path.write_bytes(item)
+    else:
+        Image.fromarray(item).save(path, quality=SPILL_QUALITY)
+    return path
 
 
 class Recorder:
@@ -83,10 +103,9 @@ class Recorder:
     def full(self) -> bool:
         return len(self) >= self.max_frames
 
-    def add(self, render: np.ndarray, sketch: np.ndarray | None = None, t: float | None = None) -> bool:
-        """Record one frame; False when the recording is full or closed."""
-        entry = _Entry(time.monotonic() if t is None else t, np.array(render, np.uint8),
-                       None if sketch is None else np.array(sketch, np.uint8))
+    def add(self, render: Picture, sketch: Picture | None = None, t: float | None = None) -> bool:
+        """Record one frame (arrays or JPEG bytes); False when the recording is full or closed."""
+        entry = _Entry(time.monotonic() if t is None else t, _keep(render), _keep(sketch))
         with self._lock:
             if self._closed or len(self._entries) >= self.max_frames:
                 return False
@@ -98,12 +117,8 @@ class Recorder:
 
     def _spill(self, index: int) -> None:
         entry = self._entries[index]
-        render_path = self.folder / f"{index:07d}-render.jpg"
-        Image.fromarray(entry.render).save(render_path, quality=SPILL_QUALITY)
-        sketch_path = None
-        if entry.sketch is not None:
-            sketch_path = self.folder / f"{index:07d}-sketch.jpg"
-            Image.fromarray(entry.sketch).save(sketch_path, quality=SPILL_QUALITY)
+        render_path = _write(entry.render, self.folder / f"{index:07d}-render.jpg")
+        sketch_path = None if entry.sketch is None else _write(entry.sketch, self.folder / f"{index:07d}-sketch.jpg")
         self._entries[index] = _Entry(entry.t, render_path, sketch_path)
 
     def frames(self) -> Iterator[RecordedFrame]:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -33,7 +35,9 @@ from sv2v_core.video import VideoWriter, probe_video, read_video
 
 from .gpu import ZERO_GPU, on_gpu
 from .recording import EXPORT_FORMATS, EXPORT_PACES, export_video
-from .sessions import SessionRegistry
+from .scheduler import Job, RenderScheduler
+from .wire import encode_render
+from .sessions import Session, SessionRegistry
 
 MAX_VIDEO_SECONDS = 20.0
 MAX_VIDEO_FRAMES = 600
@@ -42,11 +46,48 @@ VIDEO_GPU_SECONDS = 120
 
 @dataclass(frozen=True)
 class Rendered:
-    """A render for the page: the picture and the stamp of the snapshot it shows."""
+    """A render for the page.
+
+    image: the picture, and `jpeg` the same as JPEG (what both channels send
+    and the recording keeps); stamp, seq: the page clock and sequence number
+    of the snapshot it shows (an older one than the one just sent, in stream
+    mode); skipped: the previous render re-emitted; model_seconds: time on
+    the model's thread; encode_seconds: time making the JPEG.
+    """
 
     image: np.ndarray
     stamp: float
+    seq: int
     skipped: bool
+    model_seconds: float = 0.0
+    jpeg: bytes = b""
+    encode_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class FrameRequest:
+    """One frame for the scheduler: already decoded and at the render size.
+
+    sketch: what to record as the sketch beside the render: the frame itself,
+    or the JPEG it was decoded from (no encoding needed then).
+    """
+
+    session: Session
+    image: np.ndarray
+    config: StreamConfig
+    stamp: float
+    seq: int
+    end: bool
+    sketch: np.ndarray | bytes
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A queued frame: its scheduler `job` (wait and model times) and the
+    `future` of the finished `Rendered` (encoded and recorded)."""
+
+    job: Job
+    future: Future
 
 
 def make_config(base: StreamConfig, *, prompt, strength, steps, seed, bank, ea, ff) -> StreamConfig:
@@ -76,7 +117,13 @@ def _whole(name: str, value) -> int:
 
 
 class CanvasService:
-    """The app's behaviour for every visitor, around one shared engine."""
+    """The app's behaviour for every visitor, around one shared engine.
+
+    All model work goes through `scheduler` (one worker thread).  Frames are
+    decoded and resized by the calling thread before they are queued; each
+    render is encoded to JPEG once and recorded for export on a separate
+    "finishing" thread.  So neither holds up the model.
+    """
 
     def __init__(self, engine, registry: SessionRegistry, base: StreamConfig):
         self.engine = engine
@@ -84,8 +131,17 @@ class CanvasService:
         self.base = base
         self._step = on_gpu(self._step_on_device)
         self._translate = on_gpu(self._translate_on_device, duration=VIDEO_GPU_SECONDS)
+        self.scheduler = RenderScheduler(self._render_frame)
+        # One thread, so each session's frames are recorded in render order.
+        self._finishing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sv2v-finish")
 
-    # -- the model work (on the GPU under ZeroGPU) --------------------------------
+    def close(self) -> None:
+        """Stop the worker threads (what they are doing finishes first) and free every session."""
+        self.scheduler.close()
+        self._finishing.shutdown(wait=True)
+        self.registry.close_all()
+
+    # -- the model work (on the scheduler's thread; on the GPU under ZeroGPU) -------
     def _step_on_device(self, state, config: StreamConfig, frame: np.ndarray, end: bool, cut: bool):
         """Render `frame` for `state` (created or reconfigured as needed); returns (state, output)."""
         if state is None:
@@ -102,52 +158,110 @@ class CanvasService:
             state.to("cpu")  # the GPU is gone between calls; the state comes back pickled
         return state, output
 
+    def _render_frame(self, request: FrameRequest) -> Rendered:
+        """Render one queued frame (the scheduler's `run_frame`)."""
+        session = request.session
+        cut, session.cut_pending = session.cut_pending, False
+        started = time.monotonic()
+        session.state, output = self._step(session.state, request.config, request.image, request.end, cut)
+        model_seconds = time.monotonic() - started
+        session.remember_source(session.state.frames_in - 1, request.stamp, request.seq)
+        stamp, seq = session.sources.get(output.source_index, (request.stamp, request.seq))
+        return Rendered(output.image, stamp, seq, output.skipped, model_seconds)
+
+    def _finish(self, ticket: Ticket, request: FrameRequest) -> None:
+        """Encode a finished render and record it (on the finishing thread)."""
+        job = ticket.job
+        error = job.future.exception()
+        if error is not None:
+            ticket.future.set_exception(error)
+            return
+        rendered = job.future.result()
+        started = time.monotonic()
+        jpeg = encode_render(rendered.image)
+        encoded = dataclasses.replace(rendered, jpeg=jpeg, encode_seconds=time.monotonic() - started)
+        request.session.recorder.add(jpeg, request.sketch, job.finished)
+        ticket.future.set_result(encoded)
+
     def _translate_on_device(self, config: StreamConfig, source: str) -> Iterator[np.ndarray]:
         """Renders of the first MAX_VIDEO_FRAMES frames of `source` (a path: it pickles)."""
         frames, _ = read_video(source)
         limited = (frame for _, frame in zip(range(MAX_VIDEO_FRAMES), frames))
-        state = self.engine.new_stream(config)
-        renders = self.engine.translate(state, limited)
-        while True:
-            with self.registry.gpu_lock:  # one frame at a time: others' canvases keep moving
-                image = next(renders, None)
-            if image is None:
-                return
-            yield image
+        yield from self.engine.translate(self.engine.new_stream(config), limited)
 
     def warm_up(self) -> None:
         """Render one blank frame on a throwaway stream, so the first visitor does not wait."""
         blank = np.full((self.base.height, self.base.width, 3), 255, np.uint8)
-        with self.registry.gpu_lock:
-            self._step(None, self.base, blank, True, False)
+        self.scheduler.call(lambda: self._step(None, self.base, blank, True, False)).result()
 
     # -- per-visitor operations ---------------------------------------------
-    def render(self, session_id: str, image: np.ndarray, config: StreamConfig, *,
-               stamp: float = 0.0, end: bool = True, cut: bool = False) -> Rendered:
-        """Render one canvas frame for a visitor and record it."""
+    def submit(self, session_id: str, image: np.ndarray, config: StreamConfig, *, stamp: float = 0.0,
+               seq: int = 0, end: bool = True, cut: bool = False, jpeg: bytes | None = None) -> Ticket:
+        """Queue one canvas frame of a visitor (newest wins); the ticket's future gives a `Rendered`.
+
+        The frame is resized here, on the caller's thread, while the model may
+        still be busy with the previous one.  jpeg: the JPEG `image` was decoded
+        from, if it came as one (recorded as the sketch as it is).
+        """
         session = self.registry.get(session_id)
-        with self.registry.gpu_lock:
-            session.state, output = self._step(session.state, config, image, end, cut)
-        session.remember_stamp(session.state.frames_in - 1, stamp)
-        shown_stamp = session.stamps.get(output.source_index, stamp)
-        sketch = resize(image, output.image.shape[1], output.image.shape[0])
-        session.recorder.add(output.image, sketch)
-        return Rendered(output.image, shown_stamp, output.skipped)
+        frame = resize(image, config.width, config.height)
+        session.last_frame, session.last_seq = frame, seq
+        if cut:
+            session.cut_pending = True
+        sketch = frame if jpeg is None else jpeg
+        request = FrameRequest(session, frame, config, stamp, seq, end, sketch)
+        ticket = Ticket(self.scheduler.submit(session_id, request), Future())
+        ticket.job.future.add_done_callback(lambda _: self._finishing.submit(self._finish, ticket, request))
+        return ticket
+
+    def render(self, session_id: str, image: np.ndarray, config: StreamConfig, *,
+               stamp: float = 0.0, seq: int = 0, end: bool = True, cut: bool = False) -> Rendered:
+        """Render one canvas frame for a visitor and record it.
+
+        Raises `Superseded` when a newer frame of the same visitor replaced it first.
+        """
+        return self.submit(session_id, image, config, stamp=stamp, seq=seq, end=end, cut=cut).future.result()
+
+    def rerender(self, session_id: str) -> Rendered | None:
+        """Render the visitor's newest frame again with their current settings (None: nothing drawn)."""
+        session = self.registry.get(session_id)
+        if session.last_frame is None:
+            return None
+        return self.render(session_id, session.last_frame, self.config_of(session_id), seq=session.last_seq)
+
+    def set_config(self, session_id: str, config: StreamConfig) -> None:
+        """The settings the visitor's page shows now (used by the fast channel)."""
+        self.registry.get(session_id).config = config
+
+    def config_of(self, session_id: str) -> StreamConfig:
+        return self.registry.get(session_id).config or self.base
 
     def reset_bank(self, session_id: str) -> bool:
         """Empty the visitor's feature bank; False when nothing was rendered yet."""
         session = self.registry.get(session_id)
-        with self.registry.gpu_lock:
+
+        def reset() -> bool:
             if session.state is None:
                 return False
             session.state.reset_bank()
-        return True
+            return True
+
+        return self.scheduler.call(reset).result()
+
+    def close_session(self, session_id: str | None) -> None:
+        """The visitor left: drop their waiting frame and free their stream and recording."""
+        if session_id:
+            self.scheduler.cancel(session_id)
+        self.registry.close(session_id)
 
     def recorded(self, session_id: str) -> int:
-        return len(self.registry.get(session_id).recorder)
+        recorder = self.registry.get(session_id).recorder
+        self._finishing.submit(lambda: None).result()  # frames rendered so far are in
+        return len(recorder)
 
     def clear_recording(self, session_id: str) -> None:
-        self.registry.get(session_id).recorder.clear()
+        recorder = self.registry.get(session_id).recorder
+        self._finishing.submit(recorder.clear).result()
 
     def export(self, session_id: str, fmt: str, pace: str, side_by_side: bool) -> Path:
         """The visitor's recording as a video file in the session's folder."""
@@ -156,14 +270,19 @@ class CanvasService:
         if pace not in EXPORT_PACES:
             raise ValueError(f"pace must be one of {', '.join(EXPORT_PACES)}, got {pace!r}")
         recorder = self.registry.get(session_id).recorder
+        count = self.recorded(session_id)
         folder = recorder.folder / "exports"
         folder.mkdir(exist_ok=True)
-        name = f"streamv2v-{pace}{'-side-by-side' if side_by_side else ''}-{len(recorder)}.{fmt}"
+        name = f"streamv2v-{pace}{'-side-by-side' if side_by_side else ''}-{count}.{fmt}"
         return export_video(recorder, folder / name, pace=pace, side_by_side=bool(side_by_side))
 
     def translate_video(self, source: str, config: StreamConfig, destination: Path,
                         progress: Callable[[int, int], None] = lambda done, total: None) -> Path:
-        """Translate a short video file with a fresh stream; VideoError/ValueError on bad input."""
+        """Translate a short video file with a fresh stream; VideoError/ValueError on bad input.
+
+        Each frame is one task on the scheduler, so canvases keep rendering
+        between the video's frames.
+        """
         info = probe_video(source)
         seconds = info.frame_count / float(info.fps)
         if seconds > MAX_VIDEO_SECONDS or info.frame_count > MAX_VIDEO_FRAMES:
@@ -174,8 +293,14 @@ class CanvasService:
         width, height = fit_size(info.width, info.height, max(self.base.width, self.base.height),
                                    self.engine.size_multiple)
         config = dataclasses.replace(config, width=width, height=height, mode="stream")
-        with VideoWriter(destination, fps=info.fps) as writer:
-            for done, image in enumerate(self._translate(config, source), start=1):
-                writer.write(image)
-                progress(done, info.frame_count)
+        renders = self._translate(config, source)
+        try:
+            with VideoWriter(destination, fps=info.fps) as writer:
+                done = 0
+                while (image := self.scheduler.call(lambda: next(renders, None)).result()) is not None:
+                    writer.write(image)
+                    done += 1
+                    progress(done, info.frame_count)
+        finally:
+            self.scheduler.call(renders.close).result()
         return destination

@@ -2,15 +2,13 @@
 
 A `SessionRegistry` belongs to one app instance (no module-level state).
 Sessions are created lazily on a visitor's first render, keyed by Gradio's
-session hash, closed when the page unloads (`close`) and evicted after
-`idle_timeout` seconds without use (checked on every access), so an
-abandoned tab does not hold memory forever.
+session hash (the fast channel connects with the same hash, so both channels
+share one stream, bank and recording), closed when the page unloads
+(`close`) and evicted after `idle_timeout` seconds without use (checked on
+every access), so an abandoned tab does not hold memory forever.
 
-The registry also owns the GPU lock: every piece of model work takes it for
-one frame at a time, so a long video translation interleaves with other
-visitors' canvas frames instead of shutting them out.  (The Gradio queue
-already runs render events one at a time, first come first served; the lock
-covers the work that runs outside that queue group.)
+Only the render scheduler's worker thread touches a session's `state` (see
+ui.scheduler); the other fields are set by request threads and read there.
 """
 
 from __future__ import annotations
@@ -32,28 +30,39 @@ class Session:
 
     state: the core's StreamState (None until the first frame is rendered).
     recorder: every frame rendered for this visitor, for export.
-    stamps: page timestamp of recent inputs, by the stream's input index, so
-        a render can be matched to the snapshot it shows.
+    config: the settings the page last reported (None until it did); the
+        fast channel renders with these.
+    last_frame, last_seq: the newest canvas frame submitted and its page
+        sequence number, re-rendered when a setting changes.
+    cut_pending: a submitted frame replaced the picture; the next frame that
+        runs empties the bank (even if a newer frame replaced that one).
+    sources: (page stamp, page seq) of recent inputs, by the stream's input
+        index, so a render can be matched to the snapshot it shows.
     """
 
     session_id: str
     recorder: Recorder
     state: Any = None
+    config: Any = None
+    last_frame: Any = None
+    last_seq: int = 0
+    cut_pending: bool = False
     last_used: float = field(default_factory=time.monotonic)
-    stamps: OrderedDict = field(default_factory=OrderedDict)
+    sources: OrderedDict = field(default_factory=OrderedDict)
 
-    def remember_stamp(self, index: int, stamp: float) -> None:
-        self.stamps[index] = stamp
-        while len(self.stamps) > MAX_STAMPS:
-            self.stamps.popitem(last=False)
+    def remember_source(self, index: int, stamp: float, seq: int) -> None:
+        self.sources[index] = (stamp, seq)
+        while len(self.sources) > MAX_STAMPS:
+            self.sources.popitem(last=False)
 
     def close(self) -> None:
         self.state = None
+        self.last_frame = None
         self.recorder.close()
 
 
 class SessionRegistry:
-    """Sessions by id, with idle eviction and a shared GPU lock."""
+    """Sessions by id, with idle eviction."""
 
     def __init__(self, make_recorder: Callable[[], Recorder], idle_timeout: float = 1800.0,
                  clock: Callable[[], float] = time.monotonic):
@@ -62,7 +71,6 @@ class SessionRegistry:
         self._clock = clock
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
-        self.gpu_lock = threading.Lock()
 
     def __len__(self) -> int:
         with self._lock:

@@ -1,16 +1,16 @@
-// The drawing canvas.  Runs as gr.HTML's js_on_load: `element` is the
-// component, `props.value` its value, `trigger(name)` fires a Gradio event.
+// The drawing canvas.  Runs as gr.HTML's js_on_load (after live.js):
+// `element` is the component, `props` its props, `trigger(name)` fires a
+// Gradio event.
 //
 // Two layers are composited into the visible canvas: a background (a colour
 // or a start image) and the ink (strokes; the eraser cuts holes in the ink,
-// showing the background again).  While a stroke is drawn, a snapshot of the
-// composite is sent at most every INTERVAL_MS (and once more when the
-// pointer pauses), plus one at the end of the stroke: the PNG data URL goes
-// into props.value as JSON, then trigger('snapshot') runs the server's render
-// (queued with trigger_mode="always_last", so stale snapshots are dropped).
+// showing the background again).  Every change of the composite is reported
+// to live.js (`live.changed(end, cut)`), which decides when to send a
+// snapshot: while a stroke is drawn as often as the model keeps up, and
+// always once more at the end of the stroke (end) or after an edit that
+// replaces the picture (cut: the feature bank no longer describes it).
 (() => {
   const SIZE = 512;
-  const INTERVAL_MS = 100;
   const MAX_HISTORY = 30;
 
   const view = element.querySelector("canvas.sv2v-canvas");
@@ -31,9 +31,6 @@
   let tool = "brush";
   let drawing = false;
   let last = null;
-  let lastSent = -Infinity;
-  let timer = null;
-  let seq = 0;
   const history = [];
   const future = [];
 
@@ -74,29 +71,9 @@
   }
 
   // -- snapshots --------------------------------------------------------
-  function send(end, cut) {
-    if (timer !== null) {
-      clearTimeout(timer);
-      timer = null;
-    }
-    const t = performance.now();
-    lastSent = t;
-    seq += 1;
-    element.dataset.seq = String(seq);
-    props.value = JSON.stringify({ image: view.toDataURL("image/png"), t, end, cut, seq });
-    trigger("snapshot");
-  }
-  function sendSoon() {
-    const wait = lastSent + INTERVAL_MS - performance.now();
-    if (wait <= 0) {
-      send(false, false);
-    } else if (timer === null) {
-      timer = setTimeout(() => {
-        timer = null;
-        if (drawing) send(false, false);
-      }, wait);
-    }
-  }
+  const live = startLive(view, props, trigger);
+  const send = (end, cut) => live.changed(end, cut);
+  element.sv2vLive = live;  // for tests and the benchmark
 
   // -- drawing ------------------------------------------------------------
   function point(event) {
@@ -129,7 +106,7 @@
     last = point(event);
     segment(last, last);
     compose();
-    sendSoon();
+    send(false, false);
   });
   view.addEventListener("pointermove", (event) => {
     if (!drawing) return;
@@ -140,7 +117,7 @@
       last = p;
     }
     compose();
-    sendSoon();
+    send(false, false);
   });
   const finish = () => {
     if (!drawing) return;

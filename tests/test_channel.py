@@ -1,0 +1,206 @@
+"""The fast channel (ui.channel) through a real server and a Python WebSocket client.
+
+The app runs in this process with the echo engine (ui.echo), whose render is
+the snapshot itself, so a render's colour tells whose snapshot it shows.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import struct
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+websockets = pytest.importorskip("websockets")
+from websockets.exceptions import ConnectionClosed  # noqa: E402
+from websockets.sync.client import connect  # noqa: E402
+
+from ui import wire  # noqa: E402
+from ui.echo import EchoEngine  # noqa: E402
+from ui.presets import load_presets  # noqa: E402
+from ui.server import create_service, serve  # noqa: E402
+
+SIZE = 64
+TIMEOUT = 20
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app():
+    service = create_service(EchoEngine(0), size=SIZE)
+    running = serve(service, load_presets(), port=free_port(), block=False)
+    yield service, running.url.replace("http://", "ws://") + "sv2v/ws"
+    running.close()
+    service.close()
+
+
+def jpeg(colour, size=128) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def open_channel(url: str, session: str):
+    ws = connect(f"{url}?session={session}", open_timeout=TIMEOUT)
+    ready = json.loads(ws.recv(TIMEOUT))
+    assert ready["type"] == "ready" and (ready["width"], ready["height"]) == (SIZE, SIZE)
+    return ws
+
+
+def render(ws, seq: int, colour, **flags):
+    """Send one snapshot; the decoded render and its header fields."""
+    ws.send(wire.pack_snapshot(seq, 1000.0 + seq, jpeg(colour), **flags))
+    message = ws.recv(TIMEOUT)
+    assert isinstance(message, bytes), f"expected a render, got {message!r}"
+    reply, shows, stamp, timings, skipped, picture = wire.unpack_render(message)
+    with Image.open(io.BytesIO(picture)) as image:
+        return np.asarray(image.convert("RGB")), reply, shows, stamp, timings
+
+
+def near(pixels: np.ndarray, colour) -> bool:
+    return np.abs(pixels.reshape(-1, 3).mean(axis=0) - np.array(colour)).max() < 12
+
+
+def error_of(ws) -> dict:
+    message = json.loads(ws.recv(TIMEOUT))
+    assert message["type"] == "error", message
+    return message
+
+
+def test_a_snapshot_comes_back_as_its_render_with_timings(app):
+    service, url = app
+    with open_channel(url, "roundtrip") as ws:
+        for seq, colour in enumerate([(200, 30, 30), (30, 200, 30)], start=1):
+            picture, reply, shows, stamp, timings = render(ws, seq, colour, end=True)
+            assert picture.shape == (SIZE, SIZE, 3) and near(picture, colour)
+            assert (reply, shows, stamp) == (seq, seq, 1000.0 + seq)
+            assert timings.total >= timings.model >= 0 and timings.decode >= 0
+    session = service.registry.get("roundtrip")
+    assert session.state.frames_in == 2
+    assert service.recorded("roundtrip") == 2  # the channel records like the Gradio path
+
+
+def test_settings_from_the_page_reach_the_fast_channel(app):
+    service, url = app
+    service.set_config("settings", service.base.replace(prompt="a watercolor", steps=2, strength=0.6))
+    with open_channel(url, "settings") as ws:
+        render(ws, 1, (10, 10, 200))
+    config = service.registry.get("settings").state.config
+    assert (config.prompt, config.steps, config.strength) == ("a watercolor", 2, 0.6)
+
+
+def test_bad_pictures_and_order_get_an_error_and_the_connection_goes_on(app):
+    _, url = app
+    with open_channel(url, "bad-input") as ws:
+        ws.send(wire.pack_snapshot(1, 0.0, b"not a picture at all"))
+        assert "not a readable image" in error_of(ws)["message"]
+        ws.send(wire.pack_snapshot(5, 0.0, jpeg((0, 0, 0))))
+        assert isinstance(ws.recv(TIMEOUT), bytes)
+        ws.send(wire.pack_snapshot(4, 0.0, jpeg((0, 0, 0))))
+        error = error_of(ws)
+        assert error["seq"] == 4 and "must increase" in error["message"]
+        oversized = wire.pack_snapshot(6, 0.0, os.urandom(wire.MAX_SNAPSHOT_BYTES + 1))
+        ws.send(oversized)
+        error = error_of(ws)
+        assert error["seq"] == 6 and "limit is 2 MB" in error["message"]
+        picture, *_ = render(ws, 7, (250, 250, 0))
+        assert near(picture, (250, 250, 0))
+
+
+@pytest.mark.parametrize("message, code, text", [
+    (b"GARBAGE" * 4, 1002, "bad magic"),
+    (b"SV", 1002, "header"),
+    (struct.pack("<2sBBId", b"SV", 9, 0, 1, 0.0) + b"x", 1002, "version 9"),
+    ("hello", 1003, "binary"),
+])
+def test_a_malformed_message_is_refused_with_a_reason_and_a_clean_close(app, message, code, text):
+    _, url = app
+    ws = open_channel(url, "malformed")
+    ws.send(message)
+    assert text in error_of(ws)["message"]
+    with pytest.raises(ConnectionClosed) as closed:
+        ws.recv(TIMEOUT)
+    assert closed.value.rcvd.code == code
+    with open_channel(url, "malformed") as again:  # the server, and the session, carry on
+        assert near(render(again, 1, (0, 0, 250))[0], (0, 0, 250))
+
+
+def test_a_message_beyond_the_websocket_limit_closes_the_connection(app):
+    _, url = app
+    ws = open_channel(url, "huge")
+    with pytest.raises(ConnectionClosed) as closed:
+        ws.send(wire.pack_snapshot(1, 0.0, bytes(2 * wire.MAX_SNAPSHOT_BYTES + 10)))
+        ws.recv(TIMEOUT)
+    assert closed.value.rcvd.code == 1009  # message too big
+
+
+def test_a_bad_session_id_is_refused(app):
+    _, url = app
+    ws = connect(f"{url}?session=../../etc", open_timeout=TIMEOUT)
+    assert "session" in error_of(ws)["message"]
+    with pytest.raises(ConnectionClosed) as closed:
+        ws.recv(TIMEOUT)
+    assert closed.value.rcvd.code == 1008
+
+
+def test_a_connection_dropped_mid_frame_harms_nobody(app):
+    """Another page keeps rendering while a client vanishes halfway through a frame."""
+    _, url = app
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    with open_channel(url, "bystander") as bystander:
+        render(bystander, 1, (0, 180, 0))
+        raw = socket.create_connection((host, int(port)), timeout=TIMEOUT)
+        key = base64.b64encode(os.urandom(16)).decode()
+        raw.sendall((f"GET /sv2v/ws?session=dropper HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                     f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        assert raw.recv(4096).startswith(b"HTTP/1.1 101")
+        # A masked binary frame announcing 1000 bytes, of which only 100 are sent.
+        raw.sendall(bytes([0x82, 0x80 | 126]) + struct.pack(">H", 1000) + os.urandom(4) + os.urandom(100))
+        raw.close()
+        assert near(render(bystander, 2, (0, 0, 180))[0], (0, 0, 180))
+    with open_channel(url, "dropper") as again:
+        assert near(render(again, 1, (180, 0, 0))[0], (180, 0, 0))
+
+
+def test_a_reconnect_continues_the_same_stream(app):
+    service, url = app
+    with open_channel(url, "reconnect") as ws:
+        render(ws, 1, (100, 0, 0))
+        render(ws, 2, (0, 100, 0))
+    state = service.registry.get("reconnect").state
+    with open_channel(url, "reconnect") as ws:  # a new connection starts its sequence afresh
+        render(ws, 1, (0, 0, 100))
+    assert service.registry.get("reconnect").state is state and state.frames_in == 3
+    assert service.recorded("reconnect") == 3
+
+
+def test_two_pages_drawing_at_once_never_get_each_others_renders(app):
+    _, url = app
+    colours = {"red-page": (220, 20, 20), "blue-page": (20, 20, 220)}
+    wrong: list = []
+
+    def draw(session, colour):
+        with open_channel(url, session) as ws:
+            for seq in range(1, 16):
+                picture, reply, *_ = render(ws, seq, colour)
+                if not near(picture, colour) or reply != seq:
+                    wrong.append((session, seq))
+
+    threads = [threading.Thread(target=draw, args=item) for item in colours.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT * 2)
+    assert not wrong

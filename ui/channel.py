@@ -1,0 +1,181 @@
+"""The fast channel: canvas snapshots in, renders out, over one WebSocket per page.
+
+Route: ``/sv2v/ws?session=<Gradio session hash>``.  The page connects with
+its Gradio session hash, so the fast channel and the Gradio events of one
+page share one session: one stream, feature bank, recording and settings
+(the settings themselves arrive through Gradio events, ui.layout).  Message
+format: ui.wire.
+
+Per connection, a receiving loop parses each snapshot, decodes and resizes it
+on a worker thread and queues it on the render scheduler (newest wins), then
+goes straight back to receiving: the next snapshot is decoded while the model
+renders this one.  A sending loop takes finished renders in order (encoded
+to JPEG by the service's finishing thread, not the model's) and sends them
+with the server's timings.  Every message the page gets back answers one snapshot (a
+render, "dropped" or "error"), which is what the page's flow control counts.
+
+Bad input never reaches the model and never affects another connection:
+- a message that breaks the format (too short, bad magic or version,
+  unknown flags, text instead of binary): an error message, then the
+  connection is closed (1002 protocol error / 1003 unsupported data);
+- an oversized snapshot, a sequence number that does not increase, an image
+  that cannot be decoded: an error message naming the snapshot; the
+  connection stays open;
+- a connection dropped at any point: its waiting snapshot is dropped; the
+  session (stream, bank, recording) stays for a reconnect until the page
+  unloads or the idle timeout frees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
+
+from sv2v_core.images import ImageError
+
+from .inputs import decode_image_bytes
+from .scheduler import SchedulerClosed, Superseded
+from .service import CanvasService, Ticket
+from .wire import (
+    MAX_SNAPSHOT_BYTES, SNAPSHOT_HEADER, ProtocolError, ServerTimings, dropped_message, error_message,
+    pack_render, ready_message, unpack_snapshot,
+)
+
+PATH = "/sv2v/ws"
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+PROTOCOL_ERROR, UNSUPPORTED_DATA, POLICY_VIOLATION = 1002, 1003, 1008
+
+log = logging.getLogger("sv2v.channel")
+
+
+def channel_route(service: CanvasService) -> WebSocketRoute:
+    """The WebSocket route serving `service` (added to the app's server by ui.server)."""
+
+    async def endpoint(websocket: WebSocket) -> None:
+        await Connection(service, websocket).run()
+
+    return WebSocketRoute(PATH, endpoint)
+
+
+class _Close(Exception):
+    """End the connection after telling the page why."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Connection:
+    """One page's WebSocket: a receiving loop and a sending loop."""
+
+    def __init__(self, service: CanvasService, websocket: WebSocket) -> None:
+        self.service = service
+        self.websocket = websocket
+        self.session_id = websocket.query_params.get("session", "")
+        self.outbox: asyncio.Queue = asyncio.Queue()
+        self.last_seq = -1
+
+    async def run(self) -> None:
+        await self.websocket.accept()
+        if not SESSION_ID.fullmatch(self.session_id):
+            await self._close(POLICY_VIOLATION, "connect with ?session=<the page's session id>")
+            return
+        config = self.service.config_of(self.session_id)
+        sender = asyncio.create_task(self._send_loop())
+        try:
+            await self.websocket.send_text(ready_message(config.width, config.height))
+            await self._receive_loop()
+        except _Close as close:
+            self.outbox.put_nowait(None)
+            await sender  # what was already answered goes out first
+            await self._close(close.code, str(close))
+            log.info("closed a fast-channel connection: %s", close)
+        except (WebSocketDisconnect, WebSocketDisconnected):
+            pass
+        finally:
+            sender.cancel()
+            self.service.scheduler.cancel(self.session_id)
+
+    async def _close(self, code: int, message: str) -> None:
+        try:
+            await self.websocket.send_text(error_message(message))
+            await self.websocket.close(code, reason=message[:120])
+        except (WebSocketDisconnect, WebSocketDisconnected):
+            pass
+
+    # -- receiving ------------------------------------------------------------------
+    async def _receive_loop(self) -> None:
+        while True:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            data = message.get("bytes")
+            if data is None:
+                raise _Close(UNSUPPORTED_DATA, "this channel takes binary canvas snapshots only")
+            await self._snapshot(data)
+
+    async def _snapshot(self, data: bytes) -> None:
+        received = time.monotonic()
+        if len(data) > SNAPSHOT_HEADER.size + MAX_SNAPSHOT_BYTES:
+            seq = SNAPSHOT_HEADER.unpack_from(data)[3]
+            self.outbox.put_nowait(error_message(
+                f"the snapshot is {len(data) / 2**20:.1f} MB; the limit is {MAX_SNAPSHOT_BYTES // 2**20} MB", seq))
+            return
+        try:
+            snapshot = unpack_snapshot(data)
+        except ProtocolError as error:
+            raise _Close(PROTOCOL_ERROR, str(error)) from None
+        if snapshot.seq <= self.last_seq:
+            self.outbox.put_nowait(error_message(
+                f"snapshot {snapshot.seq} arrived after snapshot {self.last_seq}; sequence numbers must increase",
+                snapshot.seq))
+            return
+        self.last_seq = snapshot.seq
+        config = self.service.config_of(self.session_id)
+        try:
+            frame = await asyncio.to_thread(decode_image_bytes, snapshot.image, (config.width, config.height))
+        except ImageError as error:
+            self.outbox.put_nowait(error_message(str(error), snapshot.seq))
+            return
+        decode_ms = (time.monotonic() - received) * 1000
+        try:
+            ticket = self.service.submit(self.session_id, frame, config, stamp=snapshot.stamp, seq=snapshot.seq,
+                                         end=snapshot.end, cut=snapshot.cut, jpeg=snapshot.image)
+        except (ValueError, SchedulerClosed) as error:
+            self.outbox.put_nowait(error_message(str(error), snapshot.seq))
+            return
+        loop = asyncio.get_running_loop()
+        item = (snapshot.seq, ticket, received, decode_ms)
+        ticket.future.add_done_callback(lambda _: loop.call_soon_threadsafe(self.outbox.put_nowait, item))
+
+    # -- sending ----------------------------------------------------------------------
+    async def _send_loop(self) -> None:
+        try:
+            while (item := await self.outbox.get()) is not None:
+                if isinstance(item, str):
+                    await self.websocket.send_text(item)
+                else:
+                    await self._send_render(*item)
+        except (WebSocketDisconnect, WebSocketDisconnected):
+            pass  # the page went away; the receiving loop sees it too
+
+    async def _send_render(self, seq: int, ticket: Ticket, received: float, decode_ms: float) -> None:
+        try:
+            rendered = ticket.future.result()
+        except Superseded:
+            await self.websocket.send_text(dropped_message(seq))
+            return
+        except (ValueError, OSError, RuntimeError) as error:  # bad frame or settings; a failing device
+            log.warning("render of snapshot %d failed: %s", seq, error)
+            await self.websocket.send_text(error_message(str(error), seq))
+            return
+        timings = ServerTimings(decode=decode_ms, wait=ticket.job.wait_seconds * 1000,
+                                model=rendered.model_seconds * 1000, encode=rendered.encode_seconds * 1000,
+                                total=(time.monotonic() - received) * 1000)
+        await self.websocket.send_bytes(pack_render(seq, rendered.seq, rendered.stamp, rendered.jpeg, timings,
+                                                    skipped=rendered.skipped))

@@ -1,0 +1,150 @@
+"""Serving the app: the Gradio page and the fast channel on one server.
+
+`create_service` puts an engine behind a `CanvasService` with the canvas's
+render settings; `serve` builds the page around it and runs it.
+
+With the fast channel (the default), the page is mounted into a FastAPI app
+(`gr.mount_gradio_app`) next to the channel's WebSocket route (ui.channel),
+and uvicorn is run here, because Gradio's own `launch` starts uvicorn with
+per-message compression on: zlib over every JPEG in both directions, which
+cannot shrink them and measured 10.1 ms instead of 4.7 ms per loopback round
+trip (and half again the CPU).  The host and port follow Gradio's rules
+(`--host`/`--port`, else `GRADIO_SERVER_NAME`/`GRADIO_SERVER_PORT`, else
+127.0.0.1 and the first free port from 7860), so `python app.py` on a
+Hugging Face Space listens on 0.0.0.0:7860 as the Space expects.
+
+Without it (`--no-fast-channel`, or on ZeroGPU, where the GPU exists only
+inside a `spaces.GPU` call made from a Gradio request, which a WebSocket
+handler is not; or when no WebSocket library is installed) the page is
+served by Gradio's own `launch`, exactly as a plain Gradio app, and uses
+the Gradio event path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import fastapi
+import gradio as gr
+import uvicorn
+
+from sv2v_core.config import StreamConfig
+
+from .channel import channel_route
+from .gpu import ZERO_GPU
+from .layout import PAGE_CSS, build_app
+from .presets import Preset
+from .recording import Recorder
+from .service import CanvasService
+from .sessions import SessionRegistry
+from .wire import MAX_SNAPSHOT_BYTES
+
+# Messages beyond this are refused by the WebSocket layer itself (close 1009);
+# between MAX_SNAPSHOT_BYTES and this the channel answers with an error message.
+WS_MAX_SIZE = 2 * MAX_SNAPSHOT_BYTES
+
+MAX_UPLOAD = "20mb"
+QUEUE_CONCURRENCY = 4
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+PORTS_TO_TRY = 100
+
+log = logging.getLogger("sv2v.server")
+
+
+def create_service(engine, *, size: int, render_mode: str = "latency", idle_timeout: float = 1800.0) -> CanvasService:
+    """The app's service around `engine`, rendering the canvas at size×size.
+
+    ValueError for settings the config rejects (e.g. a size out of range).
+    """
+    # No similarity skip for the canvas: it sends a snapshot only when the drawing
+    # changed, and a small stroke (an eye, a dot) must still be rendered.  Webcam
+    # frames turn the skip back on (ui/layout.py).
+    base = StreamConfig(width=size, height=size, mode=render_mode, similarity_skip=None)
+    return CanvasService(engine, SessionRegistry(Recorder, idle_timeout=idle_timeout), base)
+
+
+def fast_channel_available() -> tuple[bool, str]:
+    """Whether this host can serve the fast channel, and why not."""
+    if ZERO_GPU:
+        return False, "ZeroGPU: GPU work must run inside Gradio requests"
+    if not any(importlib.util.find_spec(name) for name in ("websockets", "wsproto")):
+        return False, "no WebSocket library for uvicorn (pip install websockets)"
+    return True, ""
+
+
+@dataclass
+class RunningApp:
+    """A server started with `serve(..., block=False)`."""
+
+    demo: gr.Blocks
+    url: str
+    fast_channel: bool
+    stop: Callable[[], None]
+
+    def close(self) -> None:
+        self.stop()
+
+
+def serve(service: CanvasService, presets: dict[str, Preset], *, notice: str | None = None,
+          host: str | None = None, port: int | None = None, fast_channel: bool = True,
+          block: bool = True) -> RunningApp | None:
+    """Serve the page (and the fast channel, where possible).
+
+    block: run until the server stops (returns None); False: start it in
+    the background and return a `RunningApp` (stop it with `.close()`).
+    """
+    if fast_channel:
+        fast_channel, why = fast_channel_available()
+        if not fast_channel:
+            log.warning("fast channel off (%s): pages use the Gradio event path", why)
+    demo = build_app(service, presets, notice=notice, fast_channel=fast_channel)
+    demo.queue(default_concurrency_limit=QUEUE_CONCURRENCY)
+    if not fast_channel:
+        demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, css=PAGE_CSS, show_error=True,
+                    prevent_thread_lock=not block, quiet=not block)
+        return None if block else RunningApp(demo, demo.local_url, False, demo.close)
+
+    app = fastapi.FastAPI(routes=[channel_route(service)], docs_url=None, redoc_url=None, openapi_url=None)
+    gr.mount_gradio_app(app, demo, path="/", max_file_size=MAX_UPLOAD, css=PAGE_CSS, show_error=True)
+    host = host or os.environ.get("GRADIO_SERVER_NAME") or DEFAULT_HOST
+    port = port or _free_port(host, int(os.environ.get("GRADIO_SERVER_PORT") or DEFAULT_PORT))
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=host, port=port, log_level="warning", ws_per_message_deflate=False, ws_max_size=WS_MAX_SIZE,
+    ))
+    url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/"
+    if block:
+        log.info("running on %s", url)
+        server.run()
+        return None
+    thread = threading.Thread(target=server.run, name="sv2v-server", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"the server could not start on {host}:{port}")
+        time.sleep(0.05)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+    return RunningApp(demo, url, True, stop)
+
+
+def _free_port(host: str, start: int) -> int:
+    """The first port from `start` that `host` can listen on (as Gradio's launch picks one)."""
+    for port in range(start, start + PORTS_TO_TRY):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port in {start}-{start + PORTS_TO_TRY - 1} on {host}; pass --port")

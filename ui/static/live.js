@@ -1,0 +1,249 @@
+// Live rendering: send canvas snapshots to the server, as fast as the model
+// takes them and no faster, and hand the renders to the render view.
+//
+// Prepended to canvas.js in the canvas component's js_on_load; canvas.js calls
+// startLive(...) once and then live.changed(end, cut) whenever the drawing
+// changes.  The render view (render.js) draws what arrives; the two talk
+// through DOM events on `document`:
+//   "sv2v:render"  live -> view  a render to draw: {blob, seq, reply, stamp, channel, ...timings}
+//   "sv2v:answer"  view -> live  the Gradio path answered snapshot `reply`
+//   "sv2v:channel" live -> view  which channel is in use, and why
+//   "sv2v:message" live -> view  an error about a snapshot, for the person drawing
+//
+// Channels: the fast channel is a WebSocket (ui/channel.py, format in
+// ui/wire.py) carrying JPEG snapshots and renders as binary messages; the
+// fallback is the Gradio event ("snapshot" -> props.value JSON), used when the
+// server has no fast channel (ZeroGPU), when the WebSocket cannot connect, or
+// when the page URL says ?channel=gradio.
+//
+// Flow control: a snapshot is only sent when the drawing changed since the
+// last one, never sooner than FLOOR_MS after it, and with at most one
+// snapshot unanswered, or two on the fast channel when the model is the
+// slow stage (its time per render at least the page's own work per render:
+// encoding the snapshot and drawing the render).  Then one renders while the
+// next travels and waits on the server, so the model never idles for the
+// transfer; the second is timed to reach the server when the model is
+// predicted to finish the first (from the model time and the overheads the
+// server reports), so it waits as little as possible and shows the freshest
+// drawing.  When the page is the slow stage a second snapshot would only
+// queue behind the first on the page's own thread.  The end of a stroke
+// always sends a final snapshot ("end": the server renders it to convergence).
+function startLive(source, props, trigger) {
+  const FLOOR_MS = 10;
+  const HEADER = 16;       // snapshot header bytes (ui/wire.py)
+  const RENDER_HEADER = 40;
+  const MAGIC0 = 0x53, MAGIC1 = 0x56, VERSION = 1;
+  const EMA = 0.2;
+  const params = new URLSearchParams(window.location.search);
+  const forcedGradio = params.get("channel") === "gradio";
+
+  let channel = "gradio";
+  let ws = null;
+  let connectedOnce = false;
+  let attempts = 0;
+  let size = Number(props.snapshot_size) || 512;
+  let quality = Number(props.snapshot_quality) || 0.85;
+  let seq = 0;
+  let dirty = false, pendingEnd = false, pendingCut = false;
+  let timer = null;
+  let lastSentAt = -Infinity;
+  let busyUntil = 0;                       // predicted time the model is free
+  const est = { model: 0, pre: 5, post: 5, encode: 3, roundtrip: 200 };  // ms, running averages
+  const inflight = new Map();              // seq -> {sentAt, encodeMs, end, cut, channel}
+  const scratch = document.createElement("canvas");
+  const scratchCtx = scratch.getContext("2d");
+
+  const emit = (name, detail) => document.dispatchEvent(new CustomEvent(name, { detail }));
+  const average = (key, value) => { if (isFinite(value)) est[key] += EMA * (value - est[key]); };
+  const setChannel = (name, why) => {
+    channel = name;
+    source.dataset.channel = name;
+    emit("sv2v:channel", { channel: name, why });
+  };
+
+  // -- sending ---------------------------------------------------------------
+  function changed(end, cut) {
+    dirty = true;
+    pendingEnd = pendingEnd || end;
+    pendingCut = pendingCut || cut;
+    pump();
+  }
+
+  function pump() {
+    if (timer !== null) { clearTimeout(timer); timer = null; }
+    if (!dirty || inflight.size >= limit()) return;  // an answer calls pump again
+    let at = lastSentAt + FLOOR_MS;
+    // Aim a little early (transfer and model times vary): a moment's wait beats an idle model.
+    if (inflight.size > 0) at = Math.max(at, busyUntil - est.pre - Math.min(0.25 * est.model, 2 * est.pre + 2));
+    const wait = at - performance.now();
+    if (wait > 0) { timer = setTimeout(pump, wait); return; }
+    send();
+  }
+
+  // Two snapshots unanswered only on the fast channel and when the model is the slow stage.
+  const limit = () => (channel === "ws" && est.model >= 2 * est.encode ? 2 : 1);
+
+  // The drawing as a JPEG data URL at the render size.  toDataURL is
+  // synchronous (1.5-4 ms for 512²); toBlob measured 15 ms here while drawing,
+  // its callback waiting for an idle moment.
+  function snapshotUrl() {
+    let target = source;
+    if (size !== source.width) {
+      scratch.width = size;
+      scratch.height = size;
+      scratchCtx.drawImage(source, 0, 0, size, size);
+      target = scratch;
+    }
+    return target.toDataURL("image/jpeg", quality);
+  }
+
+  // A snapshot message (ui/wire.py): header, then the JPEG bytes of `url`.
+  function snapshotMessage(url, id, stamp, end, cut) {
+    const bytes = atob(url.slice(url.indexOf(",") + 1));
+    const buffer = new ArrayBuffer(HEADER + bytes.length);
+    const header = new DataView(buffer);
+    header.setUint8(0, MAGIC0); header.setUint8(1, MAGIC1); header.setUint8(2, VERSION);
+    header.setUint8(3, (end ? 1 : 0) | (cut ? 2 : 0));
+    header.setUint32(4, id, true);
+    header.setFloat64(8, stamp, true);
+    const body = new Uint8Array(buffer, HEADER);
+    for (let i = 0; i < bytes.length; i++) body[i] = bytes.charCodeAt(i);
+    return buffer;
+  }
+
+  function send() {
+    const end = pendingEnd, cut = pendingCut;
+    dirty = pendingEnd = pendingCut = false;
+    const stamp = performance.now();
+    lastSentAt = stamp;
+    seq += 1;
+    const id = seq;
+    source.dataset.seq = String(id);
+    const url = snapshotUrl();
+    const entry = { sentAt: stamp, encodeMs: performance.now() - stamp, end, cut, channel };
+    average("encode", entry.encodeMs);
+    inflight.set(id, entry);
+    if (channel === "ws" && ws && ws.readyState === WebSocket.OPEN) {
+      ws.send(snapshotMessage(url, id, stamp, end, cut));
+      // The model takes this one when it is free, after the transfer.
+      busyUntil = Math.max(stamp + est.pre, busyUntil) + est.model;
+    } else {
+      entry.channel = "gradio";
+      entry.timeout = setTimeout(() => answered(id), Math.max(2000, 4 * est.roundtrip));
+      props.value = JSON.stringify({ image: url, t: stamp, end, cut, seq: id });
+      trigger("snapshot");
+    }
+    pump();
+  }
+
+  // An answer (render, dropped, error or timeout) for snapshot `id`.
+  function answered(id) {
+    const entry = inflight.get(id);
+    if (!entry) return null;
+    if (entry.timeout) clearTimeout(entry.timeout);
+    inflight.delete(id);
+    average("roundtrip", performance.now() - entry.sentAt);
+    pump();
+    return entry;
+  }
+
+  // -- the fast channel ----------------------------------------------------------
+  function onRender(buffer) {
+    const receivedAt = performance.now();
+    const view = new DataView(buffer);
+    if (buffer.byteLength < RENDER_HEADER || view.getUint8(0) !== MAGIC0 || view.getUint8(1) !== MAGIC1) return;
+    const reply = view.getUint32(4, true);
+    const server = {
+      decode: view.getFloat32(20, true), wait: view.getFloat32(24, true), model: view.getFloat32(28, true),
+      encode: view.getFloat32(32, true), total: view.getFloat32(36, true),
+    };
+    const entry = inflight.get(reply);
+    // Draw first: the decode starts off the main thread before the next snapshot is encoded on it.
+    emit("sv2v:render", {
+      blob: new Blob([new Uint8Array(buffer, RENDER_HEADER)], { type: "image/jpeg" }),
+      reply, seq: view.getUint32(8, true), stamp: view.getFloat64(12, true), skipped: (view.getUint8(3) & 1) === 1,
+      channel: "ws", receivedAt, encodeMs: entry ? entry.encodeMs : NaN, sentAt: entry ? entry.sentAt : NaN, server,
+    });
+    if (entry) {
+      const roundtrip = receivedAt - entry.sentAt;
+      const transfer = Math.max(0, roundtrip - entry.encodeMs - server.total);
+      average("model", server.model);
+      average("pre", entry.encodeMs + server.decode + transfer / 2);
+      average("post", server.encode + transfer / 2);
+      // The model finished this one about `post` ago and went on with the next, if one was waiting.
+      const finished = receivedAt - est.post;
+      busyUntil = finished;
+      for (const [id, other] of inflight) {
+        if (id !== reply) busyUntil = Math.max(finished, other.sentAt + est.pre) + est.model;
+      }
+      answered(reply);
+    }
+  }
+
+  function onText(text) {
+    let message;
+    try { message = JSON.parse(text); } catch (error) { return; }
+    if (message.type === "ready") {
+      size = Math.min(source.width, Number(message.width) || size);
+      quality = Number(message.quality) || quality;
+      connectedOnce = true;
+      attempts = 0;
+      setChannel("ws", "");
+      pump();
+    } else if (message.type === "dropped") {
+      answered(message.seq);
+    } else if (message.type === "error") {
+      if (message.seq !== null && message.seq !== undefined) answered(message.seq);
+      emit("sv2v:message", { text: message.message });
+    }
+  }
+
+  function requeue() {
+    // Snapshots lost with the connection: send the newest drawing again (keeping a stroke end).
+    for (const [id, entry] of inflight) {
+      if (entry.channel !== "ws") continue;
+      inflight.delete(id);
+      dirty = true;
+      pendingEnd = pendingEnd || entry.end;
+      pendingCut = pendingCut || entry.cut;
+    }
+  }
+
+  function connect() {
+    const session = window.__gradio_session_hash__;
+    if (!props.channel_path) { setChannel("gradio", "the server has no fast channel"); return; }
+    if (forcedGradio) { setChannel("gradio", "forced by ?channel=gradio"); return; }
+    if (!session) { setChannel("gradio", "no session id yet"); setTimeout(connect, 500); return; }
+    const root = (window.gradio_config && window.gradio_config.root) || window.location.href;
+    const url = new URL(props.channel_path, root.endsWith("/") ? root : root + "/");
+    url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+    url.search = "?session=" + encodeURIComponent(session);
+    attempts += 1;
+    const socket = new WebSocket(url.href);
+    socket.binaryType = "arraybuffer";
+    ws = socket;
+    socket.onmessage = (event) => {
+      if (typeof event.data === "string") onText(event.data);
+      else onRender(event.data);
+    };
+    socket.onclose = (event) => {
+      if (ws !== socket) return;
+      ws = null;
+      const why = connectedOnce ? `WebSocket closed (${event.code}); reconnecting` : "WebSocket refused";
+      setChannel("gradio", why);
+      requeue();
+      pump();
+      // Reconnect with backoff; give up after a few failures if it never worked.
+      if (connectedOnce || attempts < 3) setTimeout(connect, Math.min(30000, 1000 * 2 ** Math.min(attempts, 5)));
+    };
+  }
+
+  document.addEventListener("sv2v:answer", (event) => answered(event.detail.reply));
+  connect();
+  return {
+    changed,
+    // For tests and the benchmark: close the socket as a network failure would.
+    dropConnection: () => ws && ws.close(4000, "dropped by the page"),
+    state: () => ({ channel, inflight: inflight.size, seq, estimates: { ...est } }),
+  };
+}

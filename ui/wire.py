@@ -1,0 +1,145 @@
+"""The fast channel's message format (WebSocket, binary, little-endian).
+
+Page -> server, one binary message per canvas snapshot:
+
+    offset  size  field
+    0       2     magic b"SV"
+    2       1     version (1)
+    3       1     flags: 1 = end of a stroke (render to convergence), 2 = cut
+                  (the picture was replaced: empty the feature bank)
+    4       4     seq: uint32, strictly increasing per connection
+    8       8     stamp: float64, the page clock (ms) when the snapshot was taken
+    16      ...   the image: JPEG (what the page sends), PNG or WebP
+
+Server -> page, one binary message per render:
+
+    0       2     magic b"SV"
+    2       1     version (1)
+    3       1     flags: 1 = skipped (the previous render re-emitted)
+    4       4     reply: the seq of the snapshot this message answers
+    8       4     shows: the seq of the snapshot the picture shows (older than
+                  `reply` in stream mode, which lags by steps - 1 frames)
+    12      8     stamp: float64, the page clock of the snapshot shown
+    20      5x4   float32 server timings, ms: decode, wait (mailbox), model,
+                  encode, total (message received -> render sent)
+    40      ...   the render, JPEG
+
+Server -> page text messages are JSON objects with a "type":
+``{"type": "ready", "width": W, "height": H, "max_bytes": N}`` once the
+connection is accepted (W×H is the render size: the page sends snapshots at
+that size), ``{"type": "error", "seq": n or null, "message": "..."}`` for a
+snapshot that could not be used, and ``{"type": "dropped", "seq": n}`` when
+a newer snapshot replaced one before the model got to it.  The page sends no
+text messages; render settings reach the server through the Gradio page's
+own events (see ui.layout).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+MAGIC = b"SV"
+VERSION = 1
+END, CUT = 1, 2
+SKIPPED = 1
+SNAPSHOT_HEADER = struct.Struct("<2sBBId")
+RENDER_HEADER = struct.Struct("<2sBBIId5f")
+MAX_SNAPSHOT_BYTES = 2 * 1024 * 1024  # a 512² JPEG from the page is 10-60 KB
+# Measured (ui.bench --codecs): Chromium encodes a 512² canvas as JPEG in
+# 1.5-2 ms, WebP in 16-20 ms; PIL decodes either in 1-2 ms.  Quality 0.85
+# keeps strokes clean at 10-30 KB; the model adds noise at strength 0.4 anyway.
+SNAPSHOT_QUALITY = 0.85
+RENDER_QUALITY = 85
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this format (not a bad picture: a bad client)."""
+
+
+@dataclass(frozen=True)
+class SnapshotMessage:
+    seq: int
+    stamp: float
+    end: bool
+    cut: bool
+    image: bytes
+
+
+@dataclass(frozen=True)
+class ServerTimings:
+    """Milliseconds spent on one render on the server."""
+
+    decode: float = 0.0
+    wait: float = 0.0
+    model: float = 0.0
+    encode: float = 0.0
+    total: float = 0.0
+
+
+def pack_snapshot(seq: int, stamp: float, image: bytes, *, end: bool = False, cut: bool = False) -> bytes:
+    """A snapshot message (what the page sends; used by tests and load clients)."""
+    flags = (END if end else 0) | (CUT if cut else 0)
+    return SNAPSHOT_HEADER.pack(MAGIC, VERSION, flags, seq, stamp) + image
+
+
+def unpack_snapshot(message: bytes) -> SnapshotMessage:
+    """Parse a snapshot message; `ProtocolError` naming what is wrong."""
+    if len(message) > SNAPSHOT_HEADER.size + MAX_SNAPSHOT_BYTES:
+        raise ProtocolError(f"the snapshot is {len(message) / 2**20:.1f} MB; the limit is "
+                            f"{MAX_SNAPSHOT_BYTES // 2**20} MB")
+    if len(message) <= SNAPSHOT_HEADER.size:
+        raise ProtocolError(f"a snapshot message needs a {SNAPSHOT_HEADER.size}-byte header and an image; "
+                            f"got {len(message)} bytes")
+    magic, version, flags, seq, stamp = SNAPSHOT_HEADER.unpack_from(message)
+    if magic != MAGIC:
+        raise ProtocolError("not a canvas snapshot (bad magic bytes)")
+    if version != VERSION:
+        raise ProtocolError(f"snapshot format version {version} is not supported (expected {VERSION}); reload the page")
+    if flags & ~(END | CUT):
+        raise ProtocolError(f"unknown snapshot flags {flags:#x}")
+    if stamp != stamp or stamp in (float("inf"), float("-inf")):
+        raise ProtocolError("the snapshot's time stamp is not a number")
+    return SnapshotMessage(seq, stamp, bool(flags & END), bool(flags & CUT), bytes(message[SNAPSHOT_HEADER.size:]))
+
+
+def pack_render(reply: int, shows: int, stamp: float, image: bytes, timings: ServerTimings,
+                *, skipped: bool = False) -> bytes:
+    header = RENDER_HEADER.pack(MAGIC, VERSION, SKIPPED if skipped else 0, reply, shows, stamp,
+                                timings.decode, timings.wait, timings.model, timings.encode, timings.total)
+    return header + image
+
+
+def unpack_render(message: bytes) -> tuple[int, int, float, ServerTimings, bool, bytes]:
+    """(reply, shows, stamp, timings, skipped, jpeg) of a render message (for clients and tests)."""
+    if len(message) < RENDER_HEADER.size:
+        raise ProtocolError("a render message is shorter than its header")
+    magic, version, flags, reply, shows, stamp, *times = RENDER_HEADER.unpack_from(message)
+    if magic != MAGIC or version != VERSION:
+        raise ProtocolError("not a render message of this version")
+    return reply, shows, stamp, ServerTimings(*times), bool(flags & SKIPPED), bytes(message[RENDER_HEADER.size:])
+
+
+def encode_render(image: np.ndarray) -> bytes:
+    """A render as JPEG bytes (both channels send renders this way)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=RENDER_QUALITY)
+    return buffer.getvalue()
+
+
+def ready_message(width: int, height: int) -> str:
+    return json.dumps({"type": "ready", "width": width, "height": height, "max_bytes": MAX_SNAPSHOT_BYTES,
+                       "quality": SNAPSHOT_QUALITY})
+
+
+def error_message(message: str, seq: int | None = None) -> str:
+    return json.dumps({"type": "error", "seq": seq, "message": message})
+
+
+def dropped_message(seq: int) -> str:
+    return json.dumps({"type": "dropped", "seq": seq})
