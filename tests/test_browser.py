@@ -202,7 +202,7 @@ def echo_url():
         port = sock.getsockname()[1]
     service = create_service(EchoEngine(ECHO_MS), size=ECHO_SIZE)
     running = serve(service, load_presets(), port=port, block=False)
-    yield running.url
+    yield running.url, service
     running.close()
     service.close()
 
@@ -260,7 +260,7 @@ def final_render_matches_canvas(page) -> None:
 
 @pytest.mark.parametrize("channel", ["ws", "gradio"])
 def test_both_channels_render_mid_stroke_and_end_on_the_final_canvas(browser, echo_url, channel):
-    page = open_page(browser, echo_url, channel)
+    page = open_page(browser, echo_url[0], channel)
     stroke_until_rendered(page)
     final_render_matches_canvas(page)
     label = page.locator("#sv2v-render .sv2v-stats").text_content()
@@ -290,7 +290,7 @@ WATCH_FOREIGN = """(colour) => {
 
 
 def test_two_pages_drawing_at_once_only_ever_see_their_own_renders(browser, echo_url):
-    red, blue = open_page(browser, echo_url, "ws"), open_page(browser, echo_url, "ws")
+    red, blue = open_page(browser, echo_url[0], "ws"), open_page(browser, echo_url[0], "ws")
     set_colour(red, "#dc1414")
     set_colour(blue, "#1414dc")
     red.evaluate(WATCH_FOREIGN, [20, 20, 220])
@@ -312,7 +312,7 @@ def test_two_pages_drawing_at_once_only_ever_see_their_own_renders(browser, echo
 
 
 def test_a_dropped_connection_falls_back_and_reconnects(browser, echo_url):
-    page = open_page(browser, echo_url, "ws")
+    page = open_page(browser, echo_url[0], "ws")
     stroke_until_rendered(page, moves=3)
     page.evaluate("() => document.querySelector(\"#sv2v-canvas [data-ready='1']\").sv2vLive.dropConnection()")
     assert wait_for(lambda: page.evaluate("() => window.sv2vStats.channel") == "gradio", 10)
@@ -320,3 +320,18 @@ def test_a_dropped_connection_falls_back_and_reconnects(browser, echo_url):
     assert wait_for(lambda: page.evaluate("() => window.sv2vStats.channel") == "ws", 30), "no reconnect"
     stroke_until_rendered(page, moves=3)
     final_render_matches_canvas(page)
+
+
+def test_settings_typed_on_the_page_reach_the_fast_channel(browser, echo_url):
+    url, service = echo_url
+    page = open_page(browser, url, "ws")
+    page.get_by_label("Subject (prompt)").fill("a lighthouse at dusk")  # no Enter: still used by the next frame
+    page.get_by_label("Style preset").click()
+    page.get_by_role("option", name="Watercolor").click()
+    session = page.evaluate("() => window.__gradio_session_hash__")
+    prompt = lambda: service.config_of(session).prompt  # noqa: E731
+    assert wait_for(lambda: "a lighthouse at dusk" in prompt() and "watercolor" in prompt(), 15), prompt()
+    stroke_until_rendered(page, moves=2)
+    final_render_matches_canvas(page)
+    state = service.registry.get(session).state
+    assert state.config.prompt == prompt() and state.config.strength == 0.5  # the preset's strength

@@ -25,8 +25,9 @@ warm-up:
 Cases: `echo:MS` is ui.echo.EchoEngine (the input comes back as the render
 after MS per frame: 0 shows the path's own cost, 15 a fast GPU, 40 a slower
 one) at 512²; `tiny:SIZE` is the built-in model, which is also run alone in
-the same mode on similar frames right before its row, so its renders/s can
-be compared with what the engine can do at all.  Rows never share a server
+the same mode on similar frames right before and right after its row (the
+mean is the reference), so its renders/s can be compared with what the
+engine can do at all.  Rows never share a server
 or a browser, so a row does not depend on which others run with it.
 
 Results go to OUT/live.json and OUT/live.md (default bench_results/).
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import statistics
 import sys
@@ -55,6 +57,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
 WARMUP_SECONDS = 1.0
+SETTLE_SECONDS = 1.0
 FINAL_TIMEOUT = 30.0
 BREAKDOWN = ("encode", "transfer", "decode", "wait", "model", "serverEncode", "display")
 TARGETS = {  # the targets for this machine: (renders/s at least, busy at least, p50 at most, overhead p50 at most)
@@ -102,6 +105,7 @@ class Row:
     snapshots: int = 0
     breakdown: dict = field(default_factory=dict)
     engine_alone_fps: float | None = None
+    engine_alone_runs: list = field(default_factory=list)
     server_cpu: float = float("nan")
 
 
@@ -163,8 +167,10 @@ def run_row(playwright, case: str, mode: str, channel: str, seconds: float, tiny
 
     engine, size = make_engine(case, tiny_cache)
     row = Row(case, mode, channel, seconds)
-    if case.startswith("tiny"):
-        row.engine_alone_fps = engine_alone_fps(engine, size, mode)
+    alone = case.startswith("tiny")
+    time.sleep(SETTLE_SECONDS)  # the previous row's browser may still be exiting
+    if alone:
+        row.engine_alone_runs.append(engine_alone_fps(engine, size, mode))
     service = create_service(engine, size=size, render_mode=mode)
     service.warm_up()
     app = serve(service, load_presets(), port=_free_port(), block=False)
@@ -198,6 +204,10 @@ def run_row(playwright, case: str, mode: str, channel: str, seconds: float, tiny
         browser.close()
         app.close()
         service.close()
+    if alone:
+        time.sleep(SETTLE_SECONDS)
+        row.engine_alone_runs.append(engine_alone_fps(engine, size, mode))
+        row.engine_alone_fps = statistics.mean(row.engine_alone_runs)
     wall = end_wall - start_wall
     row.renders = len(samples)
     row.renders_per_s = len(samples) / wall
@@ -343,6 +353,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=1, help="runs of every row (the table shows median and spread)")
     parser.add_argument("--out", type=Path, default=Path("bench_results"))
     parser.add_argument("--codecs", action="store_true", help="measure snapshot formats instead")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch intra-op threads for the built-in model (default: torch's own choice)")
     return parser.parse_args(argv)
 
 
@@ -354,6 +366,10 @@ def main(argv=None) -> int:
     from playwright.sync_api import sync_playwright
 
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     with sync_playwright() as playwright:
         if args.codecs:
             rows = measure_codecs(playwright, Path(__file__).resolve().parent.parent / "docs" / "screenshot.png")
@@ -364,6 +380,7 @@ def main(argv=None) -> int:
             return 0
         tiny_cache: dict = {}
         rows: list[Row] = []
+        load_before = os.getloadavg()
         for _ in range(args.repeat):
             for case in args.cases:
                 for mode in args.modes:
@@ -374,10 +391,15 @@ def main(argv=None) -> int:
                               f" p95 {row.latency_p95:.0f} ms, busy {row.model_busy:.0%}, final {row.final_shown}"
                               + (f", engine alone {row.engine_alone_fps:.2f} fps" if row.engine_alone_fps else ""),
                               flush=True)
+    conditions = (f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, load average (1 min) "
+                  f"{load_before[0]:.1f} before and {os.getloadavg()[0]:.1f} after; "
+                  f"{args.seconds:g} s measured per row, {args.repeat} run(s) each (median, and min–max)")
     table = markdown(rows)
     verdicts = check_targets(rows)
-    (args.out / "live.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
-    (args.out / "live.md").write_text(table + "\n" + "\n".join(f"- {line}" for line in verdicts) + "\n")
+    (args.out / "live.json").write_text(json.dumps({"conditions": conditions, "rows": [asdict(r) for r in rows]},
+                                                   indent=2))
+    (args.out / "live.md").write_text(f"{conditions}\n\n{table}\n" + "\n".join(f"- {line}" for line in verdicts) + "\n")
+    print(conditions)
     print(table)
     print("\n".join(verdicts))
     return 0

@@ -5,16 +5,31 @@ with a `SessionRegistry` (one stream and one recording per visitor).  The
 Gradio handlers in `ui.layout` only translate widget values into calls here
 and exceptions into messages.
 
-Render mode.  The canvas sends a snapshot about every 100 ms, and only while
-someone draws.  In the core's stream mode a render lags its input by
-steps − 1 snapshots (300 ms of drawing at 4 steps) and the last stroke needs a
-flush; in latency mode every render shows the snapshot just sent, after
-`steps` UNet calls in a row.  At 10 snapshots a second the model is idle
-between snapshots anyway, so the stream batch's higher throughput buys
-nothing here while its lag is plainly visible: the app renders the canvas in
-latency mode.  It still calls `flush` at the end of every stroke, so running
-it in stream mode (`--render-mode stream`) also converges to the last stroke.
-Whole videos, where throughput is what counts, are translated in stream mode.
+Render mode, decided by measurement (python -m ui.bench --modes latency
+stream; echo engine = a GPU of the given cost per frame, 512², 4 steps, the
+fast channel, headless Chromium drawing at 60 Hz on this 2-core machine):
+
+    case          mode     renders/s  latency p50  model busy
+    echo 15 ms    latency     53         35 ms        92 %
+    echo 15 ms    stream      53         89 ms        47 %
+    echo 40 ms    latency     24         65 ms        98 %
+    echo 40 ms    stream      41        110 ms        90 %
+    tiny, 256²    latency      1.7      0.93 s       100 %
+    tiny, 256²    stream       1.5      2.6 s        100 %
+
+(The echo engine's stream batch costs half of `steps` batch-1 calls, as a
+large GPU's does.)  In stream mode every render shows the snapshot sent
+steps − 1 renders earlier, so under flow control its latency is about
+`steps` × its per-call time plus the path, always more than latency mode's
+`steps` batch-1 calls; it can only win renders per second, and only when the
+model, not the drawing (60 changes a second) nor the page, is what limits
+them (echo 40: 41 vs 24 renders/s, for 45 ms more lag).  People drawing on
+live canvases complain most about lag behind their strokes, so the canvas
+renders in latency mode; `--render-mode stream`
+remains for hosts that prefer smoothness on a slow GPU.  The page still sends
+"end" with the last snapshot of a stroke and the service flushes it, so
+stream mode also converges to the last stroke.  Whole videos, where
+throughput is what counts, are translated in stream mode.
 """
 
 from __future__ import annotations
