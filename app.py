@@ -6,11 +6,24 @@ Run it:
     python app.py --model tiny         # the built-in offline model (its pictures are not art)
 
 Options: --model (or env SV2V_MODEL; default SimianLuo/LCM_Dreamshaper_v7
-with the TAESD autoencoder, env SV2V_VAE), --port, --host, --size (render
-side: 512, or 256 with the built-in model; --size 128 is ~3x faster on a
-CPU), --render-mode latency|stream, --idle-timeout (seconds before an unused
-session is freed).  The model is chosen only here, by whoever runs the app:
-the page never lets a visitor load a model or file.
+with the TAESD autoencoder, env SV2V_VAE), --port, --host (default: Gradio's
+rules, GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, else 127.0.0.1 and the first
+free port from 7860), --size (render side: 512, or 256 with the built-in
+model; --size 128 is ~3x faster on a CPU), --render-mode latency|stream (see
+ui/service.py for why latency is the default), --idle-timeout (seconds
+before an unused session is freed), --no-fast-channel (serve the Gradio page
+only).  The model is chosen only here, by whoever runs the app: the page
+never lets a visitor load a model or file.
+
+The live canvas.  The page sends canvas snapshots while you draw, as fast as
+the model takes them (flow control: at most one rendering and one waiting,
+the newest drawing wins), over a WebSocket on the same port (/sv2v/ws:
+binary JPEG snapshots in, JPEG renders out; ui/channel.py, ui/wire.py), or,
+where that cannot connect (ZeroGPU, a proxy without WebSockets, or the page
+opened with ?channel=gradio), through Gradio's own events.  The line above
+the render says which channel it uses.  Either way one render scheduler
+(ui/scheduler.py) runs all model work on one thread, so every visitor, the
+API, the webcam and video tabs share the GPU frame by frame.
 
 API (gradio_client; each Client is its own session with its own stream,
 feature bank and recording):

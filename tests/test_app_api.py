@@ -34,16 +34,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_app(tmp: Path, size: int | None) -> tuple[subprocess.Popen, str]:
+def start_app(tmp: Path, size: int | None, *extra: str) -> tuple[subprocess.Popen, str]:
     """`python app.py --model tiny` on a free port; returns (process, url) once it answers.
 
-    size: the render size, or None for the app's default.
+    size: the render size, or None for the app's default; extra: more options.
     """
     port = free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", GRADIO_TEMP_DIR=str(tmp / "gradio"))
     log = open(tmp / "app.log", "wb")
     process = subprocess.Popen(
-        [sys.executable, "app.py", "--model", "tiny", "--port", str(port), *(["--size", str(size)] if size else [])],
+        [sys.executable, "app.py", "--model", "tiny", "--port", str(port), *(["--size", str(size)] if size else []),
+         *extra],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}/"
@@ -184,6 +185,22 @@ def test_bad_input_is_an_error_and_the_session_keeps_working(app_url, images, im
     with pytest.raises(Exception, match=f"(?i){message}"):
         render(client, images[image], **changes)
     assert render(client, images["one"]).shape == (SIZE, SIZE, 3)
+
+
+def test_without_the_fast_channel_gradio_serves_the_page_and_the_api(tmp_path, images):
+    """--no-fast-channel (what ZeroGPU gets): Gradio's own server, no WebSocket route, the API as before."""
+    process, url = start_app(tmp_path, 64, "--no-fast-channel")
+    try:
+        with urllib.request.urlopen(url, timeout=10) as page:
+            assert b"StreamV2V Canvas" in page.read()
+        request = urllib.request.Request(url + "sv2v/ws?session=abc", headers={
+            "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+        with pytest.raises(urllib.error.HTTPError):  # no such route: the page falls back to Gradio events
+            urllib.request.urlopen(request, timeout=10)
+        assert render(Client(url, verbose=False), images["one"]).shape == (64, 64, 3)
+    finally:
+        stop_app(process)
 
 
 # -- the pieces behind the endpoints, without a server ---------------------------

@@ -191,8 +191,8 @@ ECHO_MS = 20  # per frame: renders take a little while, as with a fast GPU
 NO_RENDERS_BEFORE = "the page drew no render while the stroke was still being drawn"
 
 
-@pytest.fixture(scope="module")
-def echo_url():
+def serve_echo(mode: str):
+    """An app with the echo engine in this process: (url, service, stop)."""
     from ui.echo import EchoEngine
     from ui.presets import load_presets
     from ui.server import create_service, serve
@@ -200,11 +200,16 @@ def echo_url():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    service = create_service(EchoEngine(ECHO_MS), size=ECHO_SIZE)
+    service = create_service(EchoEngine(ECHO_MS), size=ECHO_SIZE, render_mode=mode)
     running = serve(service, load_presets(), port=port, block=False)
-    yield running.url, service
-    running.close()
-    service.close()
+    return running.url, service, lambda: (running.close(), service.close())
+
+
+@pytest.fixture(scope="module")
+def echo_url():
+    url, service, stop = serve_echo("latency")
+    yield url, service
+    stop()
 
 
 @pytest.fixture()
@@ -219,8 +224,10 @@ def open_page(browser, url: str, channel: str):
     page = browser.new_page(viewport={"width": 1280, "height": 1100})
     page.goto(url + ("?channel=gradio" if channel == "gradio" else ""))
     page.wait_for_selector("#sv2v-canvas [data-ready='1']", timeout=60_000)
-    assert wait_for(lambda: page.evaluate("() => window.sv2vStats && window.sv2vStats.channel") == channel, 30), \
-        f"the page did not settle on the {channel} channel"
+    # The Gradio path until the fast channel says "ready"; with ?channel=gradio, for good (and it says why).
+    settled = "() => window.sv2vStats && [window.sv2vStats.channel, window.sv2vStats.why]"
+    wanted = ["ws", ""] if channel == "ws" else ["gradio", "forced by ?channel=gradio"]
+    assert wait_for(lambda: page.evaluate(settled) == wanted, 30), f"the page did not settle on the {channel} channel"
     return page
 
 
@@ -269,6 +276,17 @@ def test_both_channels_render_mid_stroke_and_end_on_the_final_canvas(browser, ec
           f"{[round(v) for v in page.evaluate('() => window.sv2vStats.latencies')]}")
 
 
+def test_in_stream_mode_the_end_of_a_stroke_flushes_its_last_snapshot(browser):
+    """Stream mode lags by steps - 1 frames: only the stroke's end snapshot (flushed) shows the final canvas."""
+    url, _, stop = serve_echo("stream")
+    try:
+        page = open_page(browser, url, "ws")
+        stroke_until_rendered(page)
+        final_render_matches_canvas(page)
+    finally:
+        stop()
+
+
 # Counts the pixels of every render drawn on this page that are close to `colour`.
 WATCH_FOREIGN = """(colour) => {
   window.foreignPixels = 0;
@@ -289,8 +307,18 @@ WATCH_FOREIGN = """(colour) => {
 }"""
 
 
-def test_two_pages_drawing_at_once_only_ever_see_their_own_renders(browser, echo_url):
-    red, blue = open_page(browser, echo_url[0], "ws"), open_page(browser, echo_url[0], "ws")
+def test_two_pages_drawing_at_once_only_ever_see_their_own_renders(browser):
+    """In stream mode, where a render shows frames earlier in the page's own stream: shared
+    streams would show the other page's strokes."""
+    url, _, stop = serve_echo("stream")
+    try:
+        draw_two_colours(browser, url)
+    finally:
+        stop()
+
+
+def draw_two_colours(browser, url: str) -> None:
+    red, blue = open_page(browser, url, "ws"), open_page(browser, url, "ws")
     set_colour(red, "#dc1414")
     set_colour(blue, "#1414dc")
     red.evaluate(WATCH_FOREIGN, [20, 20, 220])
@@ -335,3 +363,27 @@ def test_settings_typed_on_the_page_reach_the_fast_channel(browser, echo_url):
     final_render_matches_canvas(page)
     state = service.registry.get(session).state
     assert state.config.prompt == prompt() and state.config.strength == 0.5  # the preset's strength
+
+
+def test_a_render_older_than_the_one_shown_is_never_drawn(browser, echo_url):
+    """Renders that arrive out of order (say, a slow decode): the older one is dropped."""
+    page = open_page(browser, echo_url[0], "ws")
+    shown = page.evaluate("""async () => {
+      const blob = async (colour) => {
+        const c = new OffscreenCanvas(16, 16); const x = c.getContext('2d');
+        x.fillStyle = colour; x.fillRect(0, 0, 16, 16);
+        return await c.convertToBlob({type: 'image/jpeg', quality: 0.95});
+      };
+      const send = async (seq, colour) => document.dispatchEvent(new CustomEvent('sv2v:render', {detail:
+        {blob: await blob(colour), seq, reply: seq, stamp: performance.now(), channel: 'ws', receivedAt: performance.now()}}));
+      await send(1000005, '#00ff00');
+      await new Promise((resolve) => setTimeout(resolve, 500));
+      await send(1000003, '#ff0000');
+      await new Promise((resolve) => setTimeout(resolve, 500));
+      return window.sv2vStats.shownSeq;
+    }""")
+    assert shown == 1000005
+    pixels = picture(shown_render(page))
+    assert pixels.shape[:2] == (16, 16) and pixels[..., 1].mean() > 200 and pixels[..., 0].mean() < 60, \
+        "an older render replaced a newer one"
+    assert page.evaluate("() => window.sv2vStats.stale") == 1

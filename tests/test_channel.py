@@ -187,7 +187,7 @@ def test_a_reconnect_continues_the_same_stream(app):
 
 
 def test_two_pages_drawing_at_once_never_get_each_others_renders(app):
-    _, url = app
+    url = app[1]
     colours = {"red-page": (220, 20, 20), "blue-page": (20, 20, 220)}
     wrong: list = []
 
@@ -204,3 +204,6 @@ def test_two_pages_drawing_at_once_never_get_each_others_renders(app):
     for thread in threads:
         thread.join(TIMEOUT * 2)
     assert not wrong
+    service, _ = app
+    for session in colours:  # and each page drew into its own stream
+        assert service.registry.get(session).state.frames_in == 15

@@ -181,7 +181,8 @@ class CanvasService:
         session.state, output = self._step(session.state, request.config, request.image, request.end, cut)
         model_seconds = time.monotonic() - started
         session.remember_source(session.state.frames_in - 1, request.stamp, request.seq)
-        stamp, seq = session.sources.get(output.source_index, (request.stamp, request.seq))
+        # Stream mode's warm-start renders (source −1) show the stream's first frame.
+        stamp, seq = session.sources.get(max(output.source_index, 0), (request.stamp, request.seq))
         return Rendered(output.image, stamp, seq, output.skipped, model_seconds)
 
     def _finish(self, ticket: Ticket, request: FrameRequest) -> None:

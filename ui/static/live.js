@@ -7,7 +7,8 @@
 // through DOM events on `document`:
 //   "sv2v:render"  live -> view  a render to draw: {blob, seq, reply, stamp, channel, ...timings}
 //   "sv2v:answer"  view -> live  the Gradio path answered snapshot `reply`
-//   "sv2v:channel" live -> view  which channel is in use, and why
+//   "sv2v:channel" live -> view  which channel is in use, and why (again on "sv2v:hello",
+//                                which the view sends when it loads: either may load first)
 //   "sv2v:message" live -> view  an error about a snapshot, for the person drawing
 //
 // Channels: the fast channel is a WebSocket (ui/channel.py, format in
@@ -38,6 +39,7 @@ function startLive(source, props, trigger) {
   const forcedGradio = params.get("channel") === "gradio";
 
   let channel = "gradio";
+  let channelWhy = "";
   let ws = null;
   let connectedOnce = false;
   let attempts = 0;
@@ -57,6 +59,7 @@ function startLive(source, props, trigger) {
   const average = (key, value) => { if (isFinite(value)) est[key] += EMA * (value - est[key]); };
   const setChannel = (name, why) => {
     channel = name;
+    channelWhy = why;
     source.dataset.channel = name;
     emit("sv2v:channel", { channel: name, why });
   };
@@ -239,6 +242,7 @@ function startLive(source, props, trigger) {
   }
 
   document.addEventListener("sv2v:answer", (event) => answered(event.detail.reply));
+  document.addEventListener("sv2v:hello", () => emit("sv2v:channel", { channel, why: channelWhy }));
   connect();
   return {
     changed,

@@ -96,4 +96,5 @@
     show({ blob, seq: value.seq, reply: value.reply, stamp: value.t, channel: "gradio", receivedAt });
   });
   showStats(true);
+  document.dispatchEvent(new CustomEvent("sv2v:hello"));  // the canvas says which channel it uses
 })();
