@@ -51,8 +51,8 @@ from sv2v_core.video import VideoWriter, probe_video, read_video
 from .gpu import ZERO_GPU, on_gpu
 from .recording import EXPORT_FORMATS, EXPORT_PACES, export_video
 from .scheduler import Job, RenderScheduler
-from .wire import encode_render
 from .sessions import Session, SessionRegistry
+from .wire import encode_render
 
 MAX_VIDEO_SECONDS = 20.0
 MAX_VIDEO_FRAMES = 600
@@ -194,10 +194,14 @@ class CanvasService:
             return
         rendered = job.future.result()
         started = time.monotonic()
-        jpeg = encode_render(rendered.image)
-        encoded = dataclasses.replace(rendered, jpeg=jpeg, encode_seconds=time.monotonic() - started)
-        request.session.recorder.add(jpeg, request.sketch, job.finished)
-        ticket.future.set_result(encoded)
+        try:
+            jpeg = encode_render(rendered.image)
+            encoded = dataclasses.replace(rendered, jpeg=jpeg, encode_seconds=time.monotonic() - started)
+            request.session.recorder.add(jpeg, request.sketch, job.finished)
+        except Exception as error:  # noqa: BLE001 - not swallowed: whoever waits on the ticket gets it
+            ticket.future.set_exception(error)
+        else:
+            ticket.future.set_result(encoded)
 
     def _translate_on_device(self, config: StreamConfig, source: str) -> Iterator[np.ndarray]:
         """Renders of the first MAX_VIDEO_FRAMES frames of `source` (a path: it pickles)."""
