@@ -212,6 +212,13 @@ def echo_url():
     stop()
 
 
+@pytest.fixture(scope="module")
+def echo_stream_url():
+    url, _, stop = serve_echo("stream")
+    yield url
+    stop()
+
+
 @pytest.fixture()
 def browser():
     with sync_api.sync_playwright() as playwright:
@@ -276,15 +283,11 @@ def test_both_channels_render_mid_stroke_and_end_on_the_final_canvas(browser, ec
           f"{[round(v) for v in page.evaluate('() => window.sv2vStats.latencies')]}")
 
 
-def test_in_stream_mode_the_end_of_a_stroke_flushes_its_last_snapshot(browser):
+def test_in_stream_mode_the_end_of_a_stroke_flushes_its_last_snapshot(browser, echo_stream_url):
     """Stream mode lags by steps - 1 frames: only the stroke's end snapshot (flushed) shows the final canvas."""
-    url, _, stop = serve_echo("stream")
-    try:
-        page = open_page(browser, url, "ws")
-        stroke_until_rendered(page)
-        final_render_matches_canvas(page)
-    finally:
-        stop()
+    page = open_page(browser, echo_stream_url, "ws")
+    stroke_until_rendered(page)
+    final_render_matches_canvas(page)
 
 
 # Counts the pixels of every render drawn on this page that are close to `colour`.
@@ -307,18 +310,10 @@ WATCH_FOREIGN = """(colour) => {
 }"""
 
 
-def test_two_pages_drawing_at_once_only_ever_see_their_own_renders(browser):
+def test_two_pages_drawing_at_once_only_ever_see_their_own_renders(browser, echo_stream_url):
     """In stream mode, where a render shows frames earlier in the page's own stream: shared
     streams would show the other page's strokes."""
-    url, _, stop = serve_echo("stream")
-    try:
-        draw_two_colours(browser, url)
-    finally:
-        stop()
-
-
-def draw_two_colours(browser, url: str) -> None:
-    red, blue = open_page(browser, url, "ws"), open_page(browser, url, "ws")
+    red, blue = open_page(browser, echo_stream_url, "ws"), open_page(browser, echo_stream_url, "ws")
     set_colour(red, "#dc1414")
     set_colour(blue, "#1414dc")
     red.evaluate(WATCH_FOREIGN, [20, 20, 220])

@@ -55,6 +55,7 @@ QUEUE_CONCURRENCY = 4
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 PORTS_TO_TRY = 100
+SHUTDOWN_SECONDS = 3
 
 log = logging.getLogger("sv2v.server")
 
@@ -118,6 +119,7 @@ def serve(service: CanvasService, presets: dict[str, Preset], *, notice: str | N
     port = port or _free_port(host, int(os.environ.get("GRADIO_SERVER_PORT") or DEFAULT_PORT))
     server = uvicorn.Server(uvicorn.Config(
         app, host=host, port=port, log_level="warning", ws_per_message_deflate=False, ws_max_size=WS_MAX_SIZE,
+        timeout_graceful_shutdown=SHUTDOWN_SECONDS,  # open pages hold connections: do not wait for them forever
     ))
     url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/"
     if block:
