@@ -25,9 +25,9 @@ warm-up:
 Cases: `echo:MS` is ui.echo.EchoEngine (the input comes back as the render
 after MS per frame: 0 shows the path's own cost, 15 a fast GPU, 40 a slower
 one) at 512²; `tiny:SIZE` is the built-in model, which is also run alone in
-the same mode on similar frames right before and right after its row (the
-mean is the reference), so its renders/s can be compared with what the
-engine can do at all.  Rows never share a server
+the same mode on similar frames right before and right after its row, on the
+thread that renders for the app (the mean is the reference), so its
+renders/s can be compared with what the engine can do at all.  Rows never share a server
 or a browser, so a row does not depend on which others run with it.
 
 Results go to OUT/live.json and OUT/live.md (default bench_results/).
@@ -107,12 +107,30 @@ class Row:
     engine_alone_fps: float | None = None
     engine_alone_runs: list = field(default_factory=list)
     server_cpu: float = float("nan")
+    browser_cpu: float = float("nan")
 
 
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _browser_cpu_seconds() -> float:
+    """CPU seconds used so far by the Chromium processes this process started (nan without psutil)."""
+    try:
+        import psutil
+    except ImportError:
+        return float("nan")
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "chrom" in child.name():
+                times = child.cpu_times()
+                total += times.user + times.system
+        except psutil.Error:
+            continue
+    return total
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -169,10 +187,12 @@ def run_row(playwright, case: str, mode: str, channel: str, seconds: float, tiny
     row = Row(case, mode, channel, seconds)
     alone = case.startswith("tiny")
     time.sleep(SETTLE_SECONDS)  # the previous row's browser may still be exiting
-    if alone:
-        row.engine_alone_runs.append(engine_alone_fps(engine, size, mode))
     service = create_service(engine, size=size, render_mode=mode)
     service.warm_up()
+    # Alone, but on the thread that renders for the app (torch's thread pool is per calling thread).
+    measure_alone = lambda: service.scheduler.call(lambda: engine_alone_fps(engine, size, mode)).result()  # noqa: E731
+    if alone:
+        row.engine_alone_runs.append(measure_alone())
     app = serve(service, load_presets(), port=_free_port(), block=False)
     browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
     try:
@@ -186,9 +206,11 @@ def run_row(playwright, case: str, mode: str, channel: str, seconds: float, tiny
         busy = lambda: engine.busy_seconds if isinstance(engine, EchoEngine) else service.scheduler.stats().busy_seconds  # noqa: E731
         start_page, start_busy, start_wall = page.evaluate("performance.now()"), busy(), time.monotonic()
         start_dropped, start_cpu = service.scheduler.stats().dropped, time.process_time()
+        start_browser = _browser_cpu_seconds()
         time.sleep(seconds)
         end_page, end_busy, end_wall = page.evaluate("performance.now()"), busy(), time.monotonic()
         row.server_cpu = (time.process_time() - start_cpu) / (end_wall - start_wall)
+        row.browser_cpu = (_browser_cpu_seconds() - start_browser) / (end_wall - start_wall)
         row.dropped = service.scheduler.stats().dropped - start_dropped
         page.evaluate("() => { window.sv2vDrawing.stop = true; }")
         page.wait_for_function("() => window.sv2vDrawing.done")
@@ -200,14 +222,16 @@ def run_row(playwright, case: str, mode: str, channel: str, seconds: float, tiny
         except PageTimeout:
             row.final_shown = False
         samples = [s for s in page.evaluate("() => window.sv2vStats.samples") if start_page <= s["t"] <= end_page]
+        browser.close()
+        app.close()
+        if alone:
+            time.sleep(SETTLE_SECONDS)
+            row.engine_alone_runs.append(measure_alone())
+            row.engine_alone_fps = statistics.mean(row.engine_alone_runs)
     finally:
         browser.close()
         app.close()
         service.close()
-    if alone:
-        time.sleep(SETTLE_SECONDS)
-        row.engine_alone_runs.append(engine_alone_fps(engine, size, mode))
-        row.engine_alone_fps = statistics.mean(row.engine_alone_runs)
     wall = end_wall - start_wall
     row.renders = len(samples)
     row.renders_per_s = len(samples) / wall
@@ -388,7 +412,8 @@ def main(argv=None) -> int:
                         row = run_row(playwright, case, mode, channel, args.seconds, tiny_cache)
                         rows.append(row)
                         print(f"{case} {mode} {channel}: {row.renders_per_s:.1f} renders/s, p50 {row.latency_p50:.0f} ms,"
-                              f" p95 {row.latency_p95:.0f} ms, busy {row.model_busy:.0%}, final {row.final_shown}"
+                              f" p95 {row.latency_p95:.0f} ms, busy {row.model_busy:.0%}, final {row.final_shown},"
+                              f" CPU cores: app {row.server_cpu:.2f}, browser {row.browser_cpu:.2f}"
                               + (f", engine alone {row.engine_alone_fps:.2f} fps" if row.engine_alone_fps else ""),
                               flush=True)
     conditions = (f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, load average (1 min) "

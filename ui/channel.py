@@ -151,7 +151,14 @@ class Connection:
             return
         loop = asyncio.get_running_loop()
         item = (snapshot.seq, ticket, received, decode_ms)
-        ticket.future.add_done_callback(lambda _: loop.call_soon_threadsafe(self.outbox.put_nowait, item))
+
+        def deliver(_) -> None:  # on the thread that finished the render
+            try:
+                loop.call_soon_threadsafe(self.outbox.put_nowait, item)
+            except RuntimeError:  # the event loop is closed: the server has shut down
+                pass
+
+        ticket.future.add_done_callback(deliver)
 
     # -- sending ----------------------------------------------------------------------
     async def _send_loop(self) -> None:

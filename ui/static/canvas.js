@@ -85,16 +85,28 @@
       w: event.pointerType === "pen" && event.pressure > 0 ? Math.max(0.15, event.pressure) * 1.6 : 1,
     };
   }
+  function line(ctx, a, b, operation) {
+    ctx.globalCompositeOperation = operation;
+    ctx.strokeStyle = colorInput.value;
+    ctx.lineCap = "round";
+    ctx.lineJoin = "round";
+    ctx.lineWidth = Number(sizeInput.value) * b.w;
+    ctx.beginPath();
+    ctx.moveTo(a.x, a.y);
+    ctx.lineTo(b.x, b.y);
+    ctx.stroke();
+  }
+  // A piece of stroke into the ink.  A brush stroke is also drawn straight onto the
+  // visible canvas (the same as compositing again: "over" is associative), which
+  // saves redrawing two full layers per pointer move; the eraser needs compose().
   function segment(a, b) {
-    inkCtx.globalCompositeOperation = tool === "eraser" ? "destination-out" : "source-over";
-    inkCtx.strokeStyle = colorInput.value;
-    inkCtx.lineCap = "round";
-    inkCtx.lineJoin = "round";
-    inkCtx.lineWidth = Number(sizeInput.value) * b.w;
-    inkCtx.beginPath();
-    inkCtx.moveTo(a.x, a.y);
-    inkCtx.lineTo(b.x, b.y);
-    inkCtx.stroke();
+    if (tool === "eraser") {
+      line(inkCtx, a, b, "destination-out");
+      return true;
+    }
+    line(inkCtx, a, b, "source-over");
+    line(viewCtx, a, b, "source-over");
+    return false;
   }
   view.addEventListener("pointerdown", (event) => {
     if (event.pointerType === "mouse" && event.button !== 0) return;
@@ -104,19 +116,19 @@
     remember();
     drawing = true;
     last = point(event);
-    segment(last, last);
-    compose();
+    if (segment(last, last)) compose();
     send(false, false);
   });
   view.addEventListener("pointermove", (event) => {
     if (!drawing) return;
     const events = event.getCoalescedEvents ? event.getCoalescedEvents() : [];
+    let recompose = false;
     for (const e of events.length ? events : [event]) {
       const p = point(e);
-      segment(last, p);
+      recompose = segment(last, p) || recompose;
       last = p;
     }
-    compose();
+    if (recompose) compose();
     send(false, false);
   });
   const finish = () => {

@@ -50,13 +50,19 @@ function startLive(source, props, trigger) {
   let timer = null;
   let lastSentAt = -Infinity;
   let busyUntil = 0;                       // predicted time the model is free
-  const est = { model: 0, pre: 5, post: 5, encode: 3, roundtrip: 200 };  // ms, running averages
+  // Running averages (ms); each starts at its first sample, so a slow model is known as slow at once.
+  const est = { model: 0, pre: 5, post: 5, encode: 3, roundtrip: 200 };
+  const sampled = new Set();
   const inflight = new Map();              // seq -> {sentAt, encodeMs, end, cut, channel}
   const scratch = document.createElement("canvas");
   const scratchCtx = scratch.getContext("2d");
 
   const emit = (name, detail) => document.dispatchEvent(new CustomEvent(name, { detail }));
-  const average = (key, value) => { if (isFinite(value)) est[key] += EMA * (value - est[key]); };
+  const average = (key, value) => {
+    if (!isFinite(value)) return;
+    est[key] = sampled.has(key) ? est[key] + EMA * (value - est[key]) : value;
+    sampled.add(key);
+  };
   const setChannel = (name, why) => {
     channel = name;
     channelWhy = why;
