@@ -227,14 +227,23 @@ def browser():
         browser.close()
 
 
+SETTLED = {  # what the render view's stats say once the page has picked its channel
+    "ws": ["ws", ""],
+    "gradio": ["gradio", "forced by ?channel=gradio"],
+    "refused": ["gradio", "WebSocket refused"],
+}
+
+
 def open_page(browser, url: str, channel: str):
+    """A page on `channel`: "ws", "gradio" (forced by the URL) or "refused" (its WebSocket is refused)."""
     page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    if channel == "refused":  # as a proxy that does not pass WebSockets: every connection closes at once
+        page.route_web_socket("**/sv2v/ws*", lambda ws: ws.close(code=1006))
     page.goto(url + ("?channel=gradio" if channel == "gradio" else ""))
     page.wait_for_selector("#sv2v-canvas [data-ready='1']", timeout=60_000)
-    # The Gradio path until the fast channel says "ready"; with ?channel=gradio, for good (and it says why).
     settled = "() => window.sv2vStats && [window.sv2vStats.channel, window.sv2vStats.why]"
-    wanted = ["ws", ""] if channel == "ws" else ["gradio", "forced by ?channel=gradio"]
-    assert wait_for(lambda: page.evaluate(settled) == wanted, 30), f"the page did not settle on the {channel} channel"
+    assert wait_for(lambda: page.evaluate(settled) == SETTLED[channel], 30), \
+        f"the page did not settle on the {channel} channel: {page.evaluate(settled)}"
     return page
 
 
@@ -272,13 +281,13 @@ def final_render_matches_canvas(page) -> None:
     assert np.abs(shown - drawn).mean() < 6, "the last render does not show the final canvas"
 
 
-@pytest.mark.parametrize("channel", ["ws", "gradio"])
+@pytest.mark.parametrize("channel", ["ws", "gradio", "refused"])
 def test_both_channels_render_mid_stroke_and_end_on_the_final_canvas(browser, echo_url, channel):
     page = open_page(browser, echo_url[0], channel)
     stroke_until_rendered(page)
     final_render_matches_canvas(page)
     label = page.locator("#sv2v-render .sv2v-stats").text_content()
-    assert ("WebSocket" in label) == (channel == "ws") and ("Gradio" in label) == (channel == "gradio"), label
+    assert ("channel: WebSocket" in label) == (channel == "ws") and ("Gradio" in label) == (channel != "ws"), label
     print(f"{channel}: {renders(page)} renders, latencies (ms) "
           f"{[round(v) for v in page.evaluate('() => window.sv2vStats.latencies')]}")
 
