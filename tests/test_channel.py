@@ -158,14 +158,9 @@ def test_a_bad_session_id_is_refused(app):
 def test_a_connection_dropped_mid_frame_harms_nobody(app):
     """Another page keeps rendering while a client vanishes halfway through a frame."""
     _, url = app
-    host, port = url.split("//")[1].split("/")[0].split(":")
     with open_channel(url, "bystander") as bystander:
         render(bystander, 1, (0, 180, 0))
-        raw = socket.create_connection((host, int(port)), timeout=TIMEOUT)
-        key = base64.b64encode(os.urandom(16)).decode()
-        raw.sendall((f"GET /sv2v/ws?session=dropper HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-                     f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-        assert raw.recv(4096).startswith(b"HTTP/1.1 101")
+        raw = raw_channel(url, "dropper")
         # A masked binary frame announcing 1000 bytes, of which only 100 are sent.
         raw.sendall(bytes([0x82, 0x80 | 126]) + struct.pack(">H", 1000) + os.urandom(4) + os.urandom(100))
         raw.close()
@@ -207,3 +202,45 @@ def test_two_pages_drawing_at_once_never_get_each_others_renders(app):
     service, _ = app
     for session in colours:  # and each page drew into its own stream
         assert service.registry.get(session).state.frames_in == 15
+
+
+def raw_channel(url: str, session: str, receive_buffer: int | None = None) -> socket.socket:
+    """A bare TCP client that has done the WebSocket handshake and does nothing else by itself."""
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    raw = socket.socket()
+    if receive_buffer:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    raw.settimeout(TIMEOUT)
+    raw.connect((host, int(port)))
+    key = base64.b64encode(os.urandom(16)).decode()
+    raw.sendall((f"GET /sv2v/ws?session={session} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    assert raw.recv(4096).startswith(b"HTTP/1.1 101")
+    return raw
+
+
+def masked_frame(payload: bytes) -> bytes:
+    """One client-to-server binary WebSocket frame (clients must mask)."""
+    mask = os.urandom(4)
+    body = (np.frombuffer(payload, np.uint8) ^ np.resize(np.frombuffer(mask, np.uint8), len(payload))).tobytes()
+    length = bytes([0x80 | 126]) + struct.pack(">H", len(payload)) if len(payload) < 65536 else \
+        bytes([0x80 | 127]) + struct.pack(">Q", len(payload))
+    return bytes([0x82]) + length + mask + body
+
+
+def test_a_client_that_never_reads_its_renders_is_dropped_and_harms_nobody(app):
+    """Its renders would pile up on the server: once its answers back up, it is disconnected."""
+    service, url = app
+    picture = jpeg((90, 90, 90), size=SIZE)
+    with open_channel(url, "bystander-2") as bystander:
+        deaf = raw_channel(url, "deaf", receive_buffer=4096)
+        dropped = False
+        for seq in range(1, 3000):
+            try:
+                deaf.sendall(masked_frame(wire.pack_snapshot(seq, 0.0, picture)))
+            except OSError:  # reset: the server hung up
+                dropped = True
+                break
+        deaf.close()
+        assert dropped, "the server kept taking snapshots from a client that reads nothing"
+        assert near(render(bystander, 1, (0, 120, 0))[0], (0, 120, 0))

@@ -21,6 +21,9 @@ Bad input never reaches the model and never affects another connection:
 - an oversized snapshot, a sequence number that does not increase, an image
   that cannot be decoded: an error message naming the snapshot; the
   connection stays open;
+- a client that does not read its answers (more than MAX_UNANSWERED
+  snapshots unanswered; the page never has more than two): an error, then
+  the connection is closed (1008), so its renders do not pile up in memory;
 - a connection dropped at any point: its waiting snapshot is dropped; the
   session (stream, bank, recording) stays for a reconnect until the page
   unloads or the idle timeout frees it.
@@ -49,6 +52,8 @@ from .wire import (
 PATH = "/sv2v/ws"
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 PROTOCOL_ERROR, UNSUPPORTED_DATA, POLICY_VIOLATION = 1002, 1003, 1008
+MAX_UNANSWERED = 8
+CLOSE_SECONDS = 5.0  # at most this long to send what is answered and the close, to a client that may not read
 
 log = logging.getLogger("sv2v.channel")
 
@@ -63,11 +68,12 @@ def channel_route(service: CanvasService) -> WebSocketRoute:
 
 
 class _Close(Exception):
-    """End the connection after telling the page why."""
+    """End the connection after telling the page why (if it still reads)."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, *, reads: bool = True) -> None:
         super().__init__(message)
         self.code = code
+        self.reads = reads
 
 
 class Connection:
@@ -79,6 +85,7 @@ class Connection:
         self.session_id = websocket.query_params.get("session", "")
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.last_seq = -1
+        self.unanswered = 0  # snapshots queued for the model whose answer is not sent yet
 
     async def run(self) -> None:
         await self.websocket.accept()
@@ -91,10 +98,15 @@ class Connection:
             await self.websocket.send_text(ready_message(config.width, config.height))
             await self._receive_loop()
         except _Close as close:
-            self.outbox.put_nowait(None)
-            await sender  # what was already answered goes out first
-            await self._close(close.code, str(close))
-            log.info("closed a fast-channel connection: %s", close)
+            log.info("closing a fast-channel connection: %s", close)
+            if close.reads:
+                self.outbox.put_nowait(None)
+                try:  # what was already answered goes out first
+                    await asyncio.wait_for(sender, CLOSE_SECONDS)
+                except asyncio.TimeoutError:
+                    pass
+                await self._close(close.code, str(close))
+            # A client that does not read gets no goodbye: returning drops the connection.
         except (WebSocketDisconnect, WebSocketDisconnected):
             pass
         finally:
@@ -103,10 +115,10 @@ class Connection:
 
     async def _close(self, code: int, message: str) -> None:
         try:
-            await self.websocket.send_text(error_message(message))
-            await self.websocket.close(code, reason=message[:120])
-        except (WebSocketDisconnect, WebSocketDisconnected):
-            pass
+            await asyncio.wait_for(self.websocket.send_text(error_message(message)), CLOSE_SECONDS)
+            await asyncio.wait_for(self.websocket.close(code, reason=message[:120]), CLOSE_SECONDS)
+        except (WebSocketDisconnect, WebSocketDisconnected, asyncio.TimeoutError):
+            pass  # gone, or not reading: returning ends the connection
 
     # -- receiving ------------------------------------------------------------------
     async def _receive_loop(self) -> None:
@@ -130,6 +142,9 @@ class Connection:
             snapshot = unpack_snapshot(data)
         except ProtocolError as error:
             raise _Close(PROTOCOL_ERROR, str(error)) from None
+        if self.unanswered >= MAX_UNANSWERED:
+            raise _Close(POLICY_VIOLATION, f"more than {MAX_UNANSWERED} snapshots unanswered: read the renders",
+                         reads=False)
         if snapshot.seq <= self.last_seq:
             self.outbox.put_nowait(error_message(
                 f"snapshot {snapshot.seq} arrived after snapshot {self.last_seq}; sequence numbers must increase",
@@ -149,6 +164,7 @@ class Connection:
         except (ValueError, SchedulerClosed) as error:
             self.outbox.put_nowait(error_message(str(error), snapshot.seq))
             return
+        self.unanswered += 1
         loop = asyncio.get_running_loop()
         item = (snapshot.seq, ticket, received, decode_ms)
 
@@ -168,6 +184,7 @@ class Connection:
                     await self.websocket.send_text(item)
                 else:
                     await self._send_render(*item)
+                    self.unanswered -= 1
         except (WebSocketDisconnect, WebSocketDisconnected):
             pass  # the page went away; the receiving loop sees it too
 
