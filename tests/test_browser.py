@@ -275,6 +275,8 @@ def final_render_matches_canvas(page) -> None:
     last = int(page.locator("canvas.sv2v-canvas").get_attribute("data-seq"))
     assert wait_for(lambda: page.evaluate("() => window.sv2vStats.shownSeq") >= last, 30), \
         "the last snapshot (the stroke's end) was never rendered"
+    assert page.locator("canvas.sv2v-render-canvas").is_visible()
+    assert page.locator(".sv2v-render-empty").is_hidden(), "the placeholder still covers the render"
     drawn = picture(canvas_pixels(page), ECHO_SIZE)
     shown = picture(shown_render(page))
     assert shown.shape == drawn.shape

@@ -12,6 +12,7 @@
   const ctx = canvas.getContext("bitmaprenderer");
   const statsLine = element.querySelector(".sv2v-stats");
   const messageLine = element.querySelector(".sv2v-message");
+  const placeholder = element.querySelector(".sv2v-render-empty");
   const MAX_SAMPLES = 5000;
   const arrivals = [];
   const stats = { latencies: [], samples: [], renders: 0, stale: 0, shownSeq: 0, channel: "gradio", why: "" };
@@ -51,7 +52,7 @@
     stats.renders += 1;
     element.dataset.renders = String(stats.renders);
     element.dataset.seq = String(render.seq);
-    element.classList.add("sv2v-has-render");
+    placeholder.hidden = true;
     arrivals.push(now);
     if (render.stamp > 0) {
       const latency = now - render.stamp;
