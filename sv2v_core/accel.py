@@ -23,8 +23,10 @@ dtype; in particular it never switches the feature bank off.
   (mode="reduce-overhead" or "max-autotune"): the bank's tensors are copied
   into the graph's static input buffers on each replay (a few hundred MB/s of
   a GPU's TB/s), and the recorded outputs are cloned out of the graph's
-  memory pool before the next replay can overwrite them.  Each bank shape
-  compiles once: no bank, then one shape per queue length (DyMe: one).
+  memory pool before the next replay can overwrite them.  Each signature
+  (the bank's shapes, whether the call records, and every input's shape and
+  dtype) compiles once: for one stream size and mode, no bank, then one per
+  queue length (DyMe: one), each with and without recording.
   The same `BankUNet` is what `onnx_export` exports for ONNX and TensorRT.
 """
 
@@ -106,12 +108,7 @@ def bank_spec(view, layers: list[str]) -> tuple[BankSpec, list[torch.Tensor]]:
         if o is not None:
             inputs.append((layer, "o"))
             tensors.append(o)
-    outputs = []
-    if config.mode != "none":
-        for layer in layers:
-            outputs += [(layer, "k"), (layer, "v")]
-            if view.bank.fuses(layer):
-                outputs.append((layer, "o"))
+    outputs = [(layer, name) for layer in layers for name in ("k", "v", "o") if view.records(layer, name)]
     spec = BankSpec(tuple(inputs), tuple(tuple(t.shape) for t in tensors), tuple(outputs), config)
     return spec, tensors
 
@@ -161,14 +158,17 @@ class BankRunner:
         self.make = make
         self.clone_outputs = clone_outputs
         self.step_marker = step_marker
-        self.functions: dict[BankSpec, Callable] = {}
+        self.functions: dict[tuple, Callable] = {}
 
     def __call__(self, sample, timestep, embeds, condition, view):
         spec, banked = bank_spec(view, self.layers)
         args = [sample, timestep, embeds, *([condition] if condition is not None else []), *banked]
-        function = self.functions.get(spec)
+        # A function is made for one signature: the bank's and every input's shape, dtype and device
+        # (a graph built for batch 4 at 512² must never run a batch of 1 at 256²).
+        key = (spec, *((tuple(a.shape), a.dtype, a.device) for a in args))
+        function = self.functions.get(key)
         if function is None:
-            function = self.functions[spec] = self.make(spec, args)
+            function = self.functions[key] = self.make(spec, args)
         if self.step_marker is not None:
             self.step_marker()
         eps, *recorded = function(*args)

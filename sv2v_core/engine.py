@@ -14,8 +14,10 @@ The method (paper §3–4, DESIGN.md §2):
 
 - SDEdit img2img with LCM: from a 50-step LCM schedule, strength s and n
   steps give the timesteps (s = 0.4, n = 4: indices 30, 35, 40, 45, i.e.
-  timesteps 399, 299, 199, 99).  Each step predicts x0 with the consistency
-  boundary scalings and re-noises it to the next level with a fixed noise
+  timesteps 399, 299, 199, 99).  Each step predicts x0 from the UNet output
+  (epsilon, v or sample prediction, as the scheduler says), applies the
+  consistency boundary scalings (denoised = c_out·x0 + c_skip·x, exactly
+  `LCMScheduler.step`'s) and re-noises it to the next level with a fixed noise
   tensor per slot, drawn once from the seed.
 - Stream batch ("stream" mode): slot k holds frame t−k at step k; one UNet
   call of batch n advances them all, admits the newest frame and emits the
@@ -23,6 +25,9 @@ The method (paper §3–4, DESIGN.md §2):
   its own level.  "latency" mode runs the n steps of each frame in turn.
 - The feature bank is read and written through the attention processors and
   hooks of `attention.BankPatch`, with the stream's bank passed in the call.
+  A frame records its features only when its commit will keep them (the
+  bank is due an update, and every batch row renders an input fed since the
+  bank was last emptied: see `StreamState.bank_takes`).
 """
 
 from __future__ import annotations
@@ -41,17 +46,44 @@ from .stream import Output, StreamState
 
 LCM_ORIGINAL_STEPS = 50
 LCM_DISTILLED_GUIDANCE = 8.5
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def lcm_timesteps(strength: float, steps: int, train_timesteps: int = 1000) -> list[int]:
     """The `steps` timesteps SDEdit at `strength` visits on the 50-step LCM schedule."""
     stride = train_timesteps // LCM_ORIGINAL_STEPS
-    start = min(int(LCM_ORIGINAL_STEPS * (1.0 - strength)), LCM_ORIGINAL_STEPS - 1)
+    # SDEdit keeps the first ⌊50·s⌋ timesteps of the schedule (as LCMScheduler does with `strength`).  The
+    # small epsilon absorbs float error: 50·0.58 is 28.999…96 and means 29 (flooring 50·(1 − 0.8) = 9.99…
+    # once gave 819 instead of 799 for s = 0.8).
+    kept = max(int(LCM_ORIGINAL_STEPS * strength + 1e-9), 1)
+    start = LCM_ORIGINAL_STEPS - kept
     indices = [start + (LCM_ORIGINAL_STEPS - start) * k // steps for k in range(steps)]
     if len(set(indices)) < steps:
         lowest = math.ceil(100 * steps / LCM_ORIGINAL_STEPS) / 100
         raise ValueError(f"strength {strength} is too low for {steps} steps; use at least {lowest} or fewer steps")
     return [train_timesteps - 1 - stride * index for index in indices]
+
+
+def predicted_original(x: torch.Tensor, model_output: torch.Tensor, sqrt_alpha, sqrt_beta,
+                       prediction_type: str) -> torch.Tensor:
+    """x0 from the UNet's output at noise level (sqrt_alpha, sqrt_beta), as
+    `LCMScheduler.step` computes it for each prediction type."""
+    if prediction_type == "epsilon":
+        return (x - sqrt_beta * model_output) / sqrt_alpha
+    if prediction_type == "v_prediction":
+        return sqrt_alpha * x - sqrt_beta * model_output
+    return model_output  # "sample"
+
+
+def check_scheduler(config) -> None:
+    """Refuse scheduler settings the engine's LCM step does not reproduce."""
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise ValueError(f"the model's scheduler predicts {prediction!r}; the engine supports "
+                         f"{', '.join(PREDICTION_TYPES)}")
+    if config.get("thresholding", False):
+        raise ValueError("the model's scheduler uses dynamic thresholding, which the streaming engine does "
+                         "not implement; set thresholding=False in its scheduler config")
 
 
 def guidance_embedding(scale: float, dim: int) -> torch.Tensor:
@@ -73,6 +105,8 @@ class StreamV2V:
         self.text_encoder = components.text_encoder
         self.tokenizer = components.tokenizer
         self.scheduler = components.scheduler
+        check_scheduler(self.scheduler.config)
+        self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
         self.patch = BankPatch(self.unet)
         vae_factor = 2 ** (len(self.vae.config.encoder_block_out_channels) - 1)
         self.latent_scale = vae_factor
@@ -134,7 +168,7 @@ class StreamV2V:
         latent_shape = (config.steps, 4, config.height // self.latent_scale, config.width // self.latent_scale)
         noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(config.seed))
         state.config = config
-        state.generator.manual_seed(config.seed)
+        state.bank.seed = config.seed
         state.bank.reconfigure(config.bank)
         state.reset()
         state.noise = noise.to(self.device, self.dtype)
@@ -149,18 +183,19 @@ class StreamV2V:
         image = images.resize(images.to_rgb_array(frame), config.width, config.height)
         thumb = images.thumbnail(image)
         index = state.frames_in
-        state.frames_in += 1
         state.to(self.device)
 
         if state.last_thumb is not None:
             similarity = images.similarity(thumb, state.last_thumb)
             if config.similarity_skip is not None and similarity >= config.similarity_skip:
+                state.frames_in += 1
                 if state.caught_up():  # its render is already out: re-emit it
                     state.last_output = Output(state.last_output.image, index, skipped=True)
                     return state.last_output
                 return self._render(state, state.last_latent, state.last_fed)  # a repeat, like flush
             if config.scene_cut is not None and similarity < config.scene_cut:
-                state.reset_bank()
+                state.reset_bank()  # this input is the first of the new scene
+        state.frames_in += 1
         state.last_thumb = thumb
         state.last_fed = index
         state.last_latent = self._encode(image)
@@ -208,8 +243,7 @@ class StreamV2V:
         if state.config.mode == "stream":
             denoised, source = self._stream_step(state, latent, index)
         else:
-            denoised, source = self._latency_steps(state, latent), index
-        state.bank.commit()
+            denoised, source = self._latency_steps(state, latent, index), index
         state.last_output = Output(self._decode(denoised), source)
         return state.last_output
 
@@ -219,21 +253,28 @@ class StreamV2V:
             state.in_flight = self._noised(state, latent.expand(steps - 1, -1, -1, -1), slots=range(1, steps))
             state.in_flight_sources = [index - 1] * (steps - 1)  # provisional renders, not yet frame `index`
         x = torch.cat([self._noised(state, latent, slots=[0]), state.in_flight])
-        denoised = self._lcm_step(state, x, slots=list(range(steps)))
         sources = [index] + state.in_flight_sources
+        takes = state.bank_takes(sources)
+        denoised = self._lcm_step(state, x, slots=list(range(steps)), recording=takes and state.bank.due())
+        if takes:
+            state.bank.commit()
         state.in_flight = self._noised(state, denoised[:-1], slots=range(1, steps))
         state.in_flight_sources = sources[:-1]
         return denoised[-1:], sources[-1]
 
-    def _latency_steps(self, state: StreamState, latent: torch.Tensor) -> torch.Tensor:
+    def _latency_steps(self, state: StreamState, latent: torch.Tensor, index: int) -> torch.Tensor:
+        takes = state.bank_takes([index])
+        recording = takes and state.bank.due()
         x = self._noised(state, latent, slots=[0])
         for slot in range(state.config.steps):
-            denoised = self._lcm_step(state, x, slots=[slot])
+            denoised = self._lcm_step(state, x, slots=[slot], recording=recording)
             if slot + 1 < state.config.steps:
                 x = self._noised(state, denoised, slots=[slot + 1])
+        if takes:
+            state.bank.commit()
         return denoised
 
-    def _lcm_step(self, state: StreamState, x: torch.Tensor, slots: list[int]) -> torch.Tensor:
+    def _lcm_step(self, state: StreamState, x: torch.Tensor, slots: list[int], recording: bool) -> torch.Tensor:
         """One UNet call and the LCM x0 prediction for each slot in the batch."""
         schedule, index = state.schedule, as_index(slots)
         timesteps = schedule["timesteps"][index]
@@ -245,7 +286,7 @@ class StreamV2V:
         else:
             x_in, t_in = x, timesteps
         condition = self._condition(state, x_in.shape[0]) if self.guidance_embedded else None
-        view = BankView(state.bank, slots, copies=2 if cfg else 1)
+        view = BankView(state.bank, slots, copies=2 if cfg else 1, recording=recording)
         if self.backend is not None:
             eps = self.backend(x_in, t_in, embeds, condition, view)
         else:
@@ -256,13 +297,18 @@ class StreamV2V:
         if cfg:
             uncond, cond = eps.chunk(2)
             eps = uncond + state.config.guidance_scale * (cond - uncond)
-        sqrt_alpha, sqrt_beta = schedule["sqrt_alpha"][index], schedule["sqrt_beta"][index]
-        x0 = (x - sqrt_beta * eps) / sqrt_alpha
+        x0 = predicted_original(x, eps, schedule["sqrt_alpha"][index], schedule["sqrt_beta"][index],
+                                self.prediction_type)
+        if self.scheduler.config.get("clip_sample", False):
+            limit = self.scheduler.config.get("clip_sample_range", 1.0)
+            x0 = x0.clamp(-limit, limit)
         return schedule["c_out"][index] * x0 + schedule["c_skip"][index] * x
 
     def _condition(self, state: StreamState, batch: int) -> torch.Tensor:
         """The guidance embedding of an LCM-distilled UNet, computed once per scale."""
-        scale = state.config.guidance_scale or LCM_DISTILLED_GUIDANCE
+        scale = state.config.guidance_scale
+        if scale is None:  # the model's own default; 0.0 is a choice, not "unset"
+            scale = LCM_DISTILLED_GUIDANCE
         key = (scale, self.device, self.dtype)
         if key not in self._conditions:
             condition = guidance_embedding(scale, self.unet.config.time_cond_proj_dim)
