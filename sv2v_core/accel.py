@@ -40,7 +40,6 @@ import torch
 import torch.nn.functional as F
 
 from .attention import BankAttnProcessor
-from .config import BankConfig
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -49,12 +48,12 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 class ExplicitBank:
-    """Stands in for a `BankView` inside `BankUNet`: serves the banked tensors
+    """Stands in for a `BatchView` inside `BankUNet`: serves the banked tensors
     it was given and collects what the processors and hooks record.  The
     tensors it serves are already arranged as the batch's rows."""
 
-    def __init__(self, config: BankConfig, banked: dict[tuple[str, str], torch.Tensor]):
-        self.config = config
+    def __init__(self, fusion: tuple[float, float], banked: dict[tuple[str, str], torch.Tensor]):
+        self.fusion = fusion
         self.banked = banked
         self.recorded: dict[tuple[str, str], torch.Tensor] = {}
 
@@ -77,7 +76,7 @@ class BankSpec:
     inputs: tuple[tuple[str, str], ...]
     input_shapes: tuple[tuple[int, ...], ...]
     outputs: tuple[tuple[str, str], ...]
-    config: BankConfig = field(compare=True)
+    fusion: tuple[float, float]  # (α, threshold) of feature fusion
 
     def input_names(self) -> list[str]:
         return [f"bank.{layer}.{name}" for layer, name in self.inputs]
@@ -95,9 +94,8 @@ def forward_order(layers: list[str]) -> list[str]:
 
 
 def bank_spec(view, layers: list[str]) -> tuple[BankSpec, list[torch.Tensor]]:
-    """The spec of a call that reads and records through `view` (a BankView),
-    and the banked tensors to pass, in spec order."""
-    config = view.config
+    """The spec of a call that reads and records through `view` (a BatchView
+    or a BankView), and the banked tensors to pass, in spec order."""
     inputs, tensors = [], []
     for layer in layers:
         kv = view.extended_keys_values(layer)
@@ -109,7 +107,7 @@ def bank_spec(view, layers: list[str]) -> tuple[BankSpec, list[torch.Tensor]]:
             inputs.append((layer, "o"))
             tensors.append(o)
     outputs = [(layer, name) for layer in layers for name in ("k", "v", "o") if view.records(layer, name)]
-    spec = BankSpec(tuple(inputs), tuple(tuple(t.shape) for t in tensors), tuple(outputs), config)
+    spec = BankSpec(tuple(inputs), tuple(tuple(t.shape) for t in tensors), tuple(outputs), tuple(view.fusion))
     return spec, tensors
 
 
@@ -133,7 +131,7 @@ class BankUNet(torch.nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
         condition, banked = (rest[0], rest[1:]) if self.conditioned else (None, rest)
-        bank = ExplicitBank(self.spec.config, dict(zip(self.spec.inputs, banked)))
+        bank = ExplicitBank(self.spec.fusion, dict(zip(self.spec.inputs, banked)))
         eps = self.unet(
             sample, timestep, encoder_hidden_states=encoder_hidden_states, timestep_cond=condition,
             cross_attention_kwargs={"bank": bank}, return_dict=False,

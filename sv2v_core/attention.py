@@ -14,9 +14,10 @@
   convolutional skip path untouched.  Whether a block fuses is the stream's
   choice (`BankConfig.fusion_blocks`), not the model's.
 
-Which stream's bank a call uses travels with the call, as
-`cross_attention_kwargs={"bank": BankView(...)}`; the processors and hooks
-hold no state, so one patched UNet serves many streams.  `BankPatch.remove()`
+Which streams' banks a call uses travels with the call, as
+`cross_attention_kwargs={"bank": BatchView(...)}` (a `BankView` of one stream
+works too); the processors and hooks hold no state, so one patched UNet
+serves many streams, even several in one batch.  `BankPatch.remove()`
 restores the original processors and removes the hooks.
 """
 
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
 
-from .bank import BankView
+from .bank import BankView, BatchView
 from .fusion import fuse
 
 
@@ -56,7 +57,7 @@ class BankAttnProcessor:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
-        bank: BankView | None = None,
+        bank: BankView | BatchView | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -120,7 +121,8 @@ def _fusion_hook(layer: str):
         banked = bank.fusion_features(layer)
         if banked is None:
             return None
-        return fuse(output, banked, bank.config.fusion_alpha, bank.config.fusion_threshold)
+        alpha, threshold = bank.fusion
+        return fuse(output, banked, alpha, threshold)
 
     return hook
 

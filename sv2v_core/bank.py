@@ -132,6 +132,18 @@ class FeatureBank:
         self.config = config
 
     # -- bookkeeping ------------------------------------------------------
+    def signature(self) -> tuple:
+        """What a UNet call that reads this bank depends on besides its inputs
+        (which features are read, their token counts, the fusion settings).
+        Streams with equal signatures can share one UNet call."""
+        config = self.config
+        if not config.enabled:
+            return ()
+        stored = tuple((layer, tuple((name, t.shape[1]) for name, t in features.items()))
+                       for layer, features in self.layers.items())
+        return (config.extended_attention, config.feature_fusion, config.fusion_alpha, config.fusion_threshold,
+                config.fusion_blocks, stored)
+
     def tokens(self, layer: str) -> int:
         stored = self.layers.get(layer)
         return 0 if stored is None else stored["k"].shape[1]
@@ -146,32 +158,22 @@ class FeatureBank:
 
 @dataclass
 class BankView:
-    """What one UNet call reads from and records into a stream's bank.
+    """What one stream's rows of a UNet call read from and record into its bank.
 
-    slots: the bank slot of each batch row, in batch order (row i runs the
-        denoising step `slots[i]` and reads that slot's banked rows).
-    copies: the batch is `copies` repeats of those rows (2 under
-        classifier-free guidance: unconditional first); only the last copy
-        (the conditional one) is recorded, and every copy reads the same slots.
+    slots: the bank slot of each of the stream's batch rows, in batch order
+        (row i runs the denoising step `slots[i]` and reads that slot's rows).
     recording: whether this call's features are kept (the frame is due to
         update the bank); when False nothing is recorded.
     """
 
     bank: FeatureBank
     slots: list[int]
-    copies: int = 1
     recording: bool = True
 
     @property
-    def config(self) -> BankConfig:
-        return self.bank.config
-
-    def _rows(self, stored: torch.Tensor) -> torch.Tensor:
-        stored = stored[as_index(self.slots)]
-        return stored.repeat(self.copies, 1, 1) if self.copies > 1 else stored
-
-    def _own(self, features: torch.Tensor) -> torch.Tensor:
-        return features[-len(self.slots):] if self.copies > 1 else features
+    def fusion(self) -> tuple[float, float]:
+        """(α, threshold) of feature fusion."""
+        return self.bank.config.fusion_alpha, self.bank.config.fusion_threshold
 
     def extended_keys_values(self, layer: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Banked (k, v) rows for extended self-attention, or None."""
@@ -179,7 +181,10 @@ class BankView:
         if not (config.enabled and config.extended_attention):
             return None
         k, v = self.bank.read(layer, "k"), self.bank.read(layer, "v")
-        return None if k is None or v is None else (self._rows(k), self._rows(v))
+        if k is None or v is None:
+            return None
+        index = as_index(self.slots)
+        return k[index], v[index]
 
     def fusion_features(self, layer: str) -> torch.Tensor | None:
         """Banked block outputs to fuse with, or None where this layer doesn't fuse."""
@@ -187,7 +192,7 @@ class BankView:
         if not (config.enabled and config.feature_fusion and self.bank.fuses(layer)):
             return None
         o = self.bank.read(layer, "o")
-        return None if o is None else self._rows(o)
+        return None if o is None else o[as_index(self.slots)]
 
     def records(self, layer: str, name: str) -> bool:
         """Whether this call keeps the feature `name` of `layer`."""
@@ -197,4 +202,62 @@ class BankView:
 
     def record(self, layer: str, name: str, features: torch.Tensor) -> None:
         if self.records(layer, name):
-            self.bank.record(layer, name, self._own(features))
+            self.bank.record(layer, name, features)
+
+
+@dataclass
+class BatchView:
+    """What one UNet call reads and records for every stream in its batch;
+    the attention processors and fusion hooks see only this.
+
+    views: one `BankView` per stream, in batch order: stream i owns the next
+        len(views[i].slots) rows and reads and records only its own bank.
+    copies: the batch is `copies` repeats of those rows (2 under
+        classifier-free guidance: unconditional first); every copy reads the
+        same banked rows and only the last (conditional) copy is recorded.
+
+    Banked rows of several streams are concatenated along the batch, so the
+    streams of one call must hold banks of the same shapes and fusion
+    settings (equal `FeatureBank.signature()`; the engine groups them so).
+    """
+
+    views: list[BankView]
+    copies: int = 1
+
+    @property
+    def rows(self) -> int:
+        return sum(len(view.slots) for view in self.views)
+
+    @property
+    def fusion(self) -> tuple[float, float]:
+        return self.views[0].fusion
+
+    def _stack(self, parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+        if all(part is None for part in parts):
+            return None
+        if any(part is None for part in parts):
+            raise ValueError("streams whose banks differ in shape cannot share a UNet call "
+                             "(group them by FeatureBank.signature())")
+        rows = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return rows.repeat(self.copies, 1, 1) if self.copies > 1 else rows
+
+    def extended_keys_values(self, layer: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        pairs = [view.extended_keys_values(layer) for view in self.views]
+        if all(pair is None for pair in pairs):
+            return None
+        return (self._stack([None if p is None else p[0] for p in pairs]),
+                self._stack([None if p is None else p[1] for p in pairs]))
+
+    def fusion_features(self, layer: str) -> torch.Tensor | None:
+        return self._stack([view.fusion_features(layer) for view in self.views])
+
+    def records(self, layer: str, name: str) -> bool:
+        return any(view.records(layer, name) for view in self.views)
+
+    def record(self, layer: str, name: str, features: torch.Tensor) -> None:
+        own = features[-self.rows:] if self.copies > 1 else features
+        start = 0
+        for view in self.views:
+            end = start + len(view.slots)
+            view.record(layer, name, own[start:end] if len(self.views) > 1 else own)
+            start = end

@@ -82,7 +82,7 @@ def test_lcm_step_matches_the_scheduler(prediction):
             x = torch.randn(state.noise[:1].shape, generator=generator)
             model_output = torch.randn(x.shape, generator=generator)
             engine.backend = lambda *args: model_output  # the UNet's answer, fixed
-            ours = engine._lcm_step(state, x, slots=[slot], recording=False)
+            ours = engine._lcm_step([state], x, [slot], [False])
             expected = reference.step(model_output, timestep, x).denoised
             torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
     finally:
@@ -124,13 +124,13 @@ def test_warm_start_fills_every_slot_from_the_first_frame(engine):
     outputs = [engine(state, first), engine(state, second)]
     s, noise = state.schedule, state.noise
     noised = lambda latent: s["sqrt_alpha"] * latent + s["sqrt_beta"] * noise  # noqa: E731
-    latent_1, latent_2 = engine._encode(first), engine._encode(second)
+    latent_1, latent_2 = engine._encode(first[None]), engine._encode(second[None])
     denoised_1 = _hand_step(engine, state, noised(latent_1.expand(3, -1, -1, -1)))
     # slot k + 1 takes slot k's result, noised to its own level with its own fixed noise
     x_2 = torch.cat([noised(latent_2)[:1], s["sqrt_alpha"][1:] * denoised_1[:-1] + s["sqrt_beta"][1:] * noise[1:]])
     denoised_2 = _hand_step(engine, state, x_2)
-    assert np.array_equal(outputs[0].image, engine._decode(denoised_1[-1:]))
-    assert np.array_equal(outputs[1].image, engine._decode(denoised_2[-1:]))
+    assert np.array_equal(outputs[0].image, engine._decode(denoised_1[-1:])[0])
+    assert np.array_equal(outputs[1].image, engine._decode(denoised_2[-1:])[0])
     assert [o.source_index for o in outputs] == [-1, -1]  # provisional: frame 0 has not passed every step
 
 
@@ -164,11 +164,11 @@ def test_bank_row_k_belongs_to_the_step_at_timestep_k(engine, mode):
             handle.remove()
     timesteps = state.schedule["timesteps"].tolist()
     for call in calls:  # every batch row reads the bank slot of its own step
-        assert [timesteps[slot] for slot in call["view"].slots] == call["t"]
+        assert [timesteps[slot] for view in call["view"].views for slot in view.slots] == call["t"]
     stored = state.bank.layers[LAYER]["k"]
     last = calls[-1:] if mode == "stream" else calls[-4:]  # the last frame's UNet calls
     written = torch.cat([call["k"] for call in last])
-    slots = [slot for call in last for slot in call["view"].slots]
+    slots = [slot for call in last for view in call["view"].views for slot in view.slots]
     assert slots == list(range(4))
     assert torch.equal(stored, written)  # row k was recorded by the batch row at timestep k
 
@@ -199,11 +199,11 @@ def test_guidance_combines_uncond_and_cond_and_records_only_cond(engine):
     outputs = []
     handle = engine.unet.register_forward_hook(lambda module, args, output: outputs.append(output[0].clone()))
     try:
-        result = engine._lcm_step(guided, x, slots=[1], recording=True)
+        result = engine._lcm_step([guided], x, [1], [True])
     finally:
         handle.remove()
-    engine._lcm_step(cond_only, x, slots=[1], recording=True)
-    engine._lcm_step(uncond_only, x, slots=[1], recording=True)
+    engine._lcm_step([cond_only], x, [1], [True])
+    engine._lcm_step([uncond_only], x, [1], [True])
     uncond, cond = outputs[0].chunk(2)  # the batch is [unconditional; conditional]
     eps = uncond + 3.0 * (cond - uncond)
     s = guided.schedule
