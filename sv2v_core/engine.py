@@ -10,7 +10,7 @@ passed to every call.  A call takes one input frame and returns one `Output`:
         out = engine(state, frame)
     rest = engine.flush(state)
 
-The method (paper §3–4, DESIGN.md §2):
+The method (paper §3–4; docs/method.md has every equation):
 
 - SDEdit img2img with LCM: from a 50-step LCM schedule, strength s and n
   steps give the timesteps (s = 0.4, n = 4: indices 30, 35, 40, 45, i.e.
