@@ -623,7 +623,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensorrt", action="store_true", help="run the UNet through TensorRT (needs `tensorrt`)")
     p.add_argument("--peer", action="store_true", help="also run the StreamDiffusion package (no bank), if installed")
     p.add_argument("--profile", action="store_true", help="time each stage of a frame (no bank, DyMe and the peer)")
-    p.add_argument("--profile-frames", type=_positive, default=None, help="frames per profile (default 20 CUDA, 3 CPU)")
+    p.add_argument("--profile-frames", type=_positive, default=None, help="frames per profile (default 20 CUDA, 4 CPU: one DyMe merge period)")
     p.add_argument("--output", default="bench_results", help="folder for bench.json and bench.md")
     p.add_argument("--quiet", action="store_true", help="print only the table")
 
@@ -692,7 +692,7 @@ def _run(args: argparse.Namespace) -> int:
     cuda = device.type == "cuda"
     rounds = args.rounds or (10 if cuda else 7)
     block = args.block or (10 if cuda else 3)
-    profile_count = args.profile_frames or (20 if cuda else 3)
+    profile_count = args.profile_frames or (20 if cuda else 4)
     load_before = _load_average()
     peer_note = None
     if args.peer:

@@ -253,7 +253,7 @@ def test_bench_writes_every_row_with_its_spread_and_ratios(tmp_path, capsys):
 
 def test_bench_profile_and_peer(tmp_path, capsys):
     code = bench.main(["--model", "tiny", "--size", str(SIZE), "--steps", "4", "--modes", "stream", "--rows", "none",
-                       "dyme1", "--rounds", "1", "--block", "1", "--warmup", "1", "--profile", "--profile-frames", "1",
+                       "dyme1", "--rounds", "1", "--block", "1", "--profile", "--profile-frames", "1",
                        "--peer", "--device", "cpu", "--output", str(tmp_path), "--quiet"])
     assert code == 0
     result = json.loads((tmp_path / "bench.json").read_text())
