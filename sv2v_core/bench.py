@@ -11,7 +11,10 @@ render the same moving synthetic frames.  A frame is timed from a uint8
 H×W×3 array in to a uint8 array on the host out (for us
 `StreamV2V.__call__`: preprocessing, encode, UNet calls, bank update,
 decode, to host; for the peer the same stages of its pipeline), with the
-device synchronised around every frame.
+device synchronised around every frame.  On CUDA a frame's time is wall
+time; on a CPU it is by default the process's CPU time on one thread
+(--clock, --threads): the frame's work, without the time it spends waiting
+for a core that other jobs hold.
 
 How the rows are timed, so that a row's figure depends neither on which
 other rows share the run nor on modest outside load (a shared CPU):
@@ -370,7 +373,7 @@ def add_ratios(rows: list[Row]) -> None:
 
 
 def bench_group(rows: list, frames: list[np.ndarray], rounds: int, block: int, device: torch.device,
-                weights: int, reset_backend=None) -> list[Row]:
+                weights: int, reset_backend=None, clock=time.perf_counter) -> list[Row]:
     """Memory (CUDA: each row alone), then the timed rounds; one `Row` each."""
     memory = {}
     if device.type == "cuda":
@@ -385,7 +388,7 @@ def bench_group(rows: list, frames: list[np.ndarray], rounds: int, block: int, d
     for row in rows:
         row.start()
     try:
-        medians = time_rows(rows, frames, rounds, block, device)
+        medians = time_rows(rows, frames, rounds, block, device, clock)
         return [Row(row.key, row.label, row.steps, row.mode, rounds, block, row.warmup,
                     [1000 * s for s in medians[row.key]], memory.get(row.key), memory_kind,
                     row.bank_bytes() / 2**20, row.bank_tokens())
@@ -401,20 +404,20 @@ def bench_group(rows: list, frames: list[np.ndarray], rounds: int, block: int, d
 class StageTimer:
     """Accumulates wall time per stage, synchronising the device around each."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, device: torch.device, clock=time.perf_counter) -> None:
+        self.device, self.clock = device, clock
         self.total: dict[str, float] = {}
         self.count: dict[str, int] = {}
 
     @contextlib.contextmanager
     def stage(self, name: str):
         _sync(self.device)
-        start = time.perf_counter()
+        start = self.clock()
         try:
             yield
         finally:
             _sync(self.device)
-            self.total[name] = self.total.get(name, 0.0) + time.perf_counter() - start
+            self.total[name] = self.total.get(name, 0.0) + self.clock() - start
             self.count[name] = self.count.get(name, 0) + 1
 
     def wrap(self, name: str, function):
@@ -456,13 +459,13 @@ PROFILE_STAGES = ("frame (total)", "autoencoder encode", "UNet call (+ LCM step)
 TOP_STAGES = ("autoencoder encode", "UNet call (+ LCM step)", "bank update (commit)", "autoencoder decode (+ to host)")
 
 
-def profile_row(row, frames: list[np.ndarray], count: int, device: torch.device) -> dict:
+def profile_row(row, frames: list[np.ndarray], count: int, device: torch.device, clock=time.perf_counter) -> dict:
     """Per-stage time of `count` frames of `row` (alone, after its warm-up)."""
     row.start()
     try:
         for index in range(row.warmup):
             row(frames[index % len(frames)])
-        timer = StageTimer(device)
+        timer = StageTimer(device, clock)
         with row.instrumented(timer):
             for index in range(row.warmup, row.warmup + count):
                 with timer.stage("frame (total)"):
@@ -491,6 +494,12 @@ def _spread(values: list[float] | None, pattern: str = "{:.3f}") -> str:
         return "n/a"
     median, low, high = (pattern.format(v) for v in values)
     return f"{median} ({low}–{high})"
+
+
+CLOCKS = {
+    "wall": "wall time, the device synchronised before and after",
+    "cpu": "this process's CPU time (one thread: the frame's work, without the time spent waiting for a core)",
+}
 
 
 def markdown(result: dict) -> str:
@@ -529,7 +538,7 @@ def markdown(result: dict) -> str:
             "in rotating order, each row with its own stream; a row's figure per round is the median frame time "
             "of its block; the table gives the median over rounds and (min–max). Time ratios are taken round by "
             "round against the no-bank row's or the peer's block of the same round: median (min–max). "
-            f"Memory: {first['memory_kind']}.",
+            f"Frame time: {CLOCKS.get(env.get('clock'), 'wall time')}. Memory: {first['memory_kind']}.",
             "",
         ]
     load = env.get("load_average")
@@ -611,6 +620,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive, default=None,
                    help="CPU threads for torch (default 1 on CPU: with more, one core busy elsewhere stalls every "
                         "parallel op of a frame; measured up to 18× slower frames on 2 cores. CUDA: torch's choice)")
+    p.add_argument("--clock", default="auto", choices=("auto", "wall", "cpu"),
+                   help="what a frame's time is: wall (elapsed) or cpu (this process's CPU time: on one thread, the "
+                        "frame's work without the time spent waiting for a core that other jobs hold). "
+                        "Default: cpu on a CPU, wall on CUDA")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="default: float16 on CUDA, float32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (bank as explicit inputs)")
@@ -693,6 +706,10 @@ def _run(args: argparse.Namespace) -> int:
     rounds = args.rounds or (10 if cuda else 7)
     block = args.block or (10 if cuda else 3)
     profile_count = args.profile_frames or (20 if cuda else 4)
+    clock_name = args.clock if args.clock != "auto" else ("wall" if cuda else "cpu")
+    if clock_name == "cpu" and cuda:
+        raise ValueError("--clock cpu counts this process's CPU time, not the GPU's: use --clock wall on CUDA")
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
     load_before = _load_average()
     peer_note = None
     if args.peer:
@@ -742,7 +759,7 @@ def _run(args: argparse.Namespace) -> int:
             say(f"{steps}-step {mode}: {', '.join(row.label for row in group)}: "
                 f"{rounds} rounds × {block} frames per row ...")
             measured = bench_group(group, frames, rounds, block, device, weights,
-                                   reset_backend if args.compile else None)
+                                   reset_backend if args.compile else None, clock)
             for row in measured:
                 say(f"  {row.label}: median {row.ms:.1f} ms ({row.ms_min:.1f}–{row.ms_max:.1f}), "
                     f"{row.fps:.2f} fps, memory {_fmt(row.memory_gib, '{:.3f}')} GiB, bank {row.bank_mib:.1f} MiB")
@@ -751,7 +768,7 @@ def _run(args: argparse.Namespace) -> int:
                 chosen = [row for row in group if row.key in ("none", "dyme1", "peer")] or group[:1]
                 for row in chosen:
                     say(f"{steps}-step {mode}: profiling {row.label} ...")
-                    profiles.append(profile_row(row, frames, profile_count, device))
+                    profiles.append(profile_row(row, frames, profile_count, device, clock))
     add_ratios(rows)
     if peer_parts is not None:
         peer_note = ("streamdiffusion 0.1.1 (PyPI, installed with --no-deps) on the same components (its own copy "
@@ -772,7 +789,7 @@ def _run(args: argparse.Namespace) -> int:
             "device": str(device), "device_name": _device_name(device), "dtype": str(dtype).replace("torch.", ""),
             "model": args.model, "size": args.size, "accel": str(report).split("\n")[0], "accel_notes": report.notes,
             "torch": torch.__version__, "python": platform.python_version(), "builtin_note": builtin_note,
-            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "clock": clock_name,
             "load_average": None if load_before is None or load_after is None else [load_before, load_after],
         },
         "rows": [row.__dict__ for row in rows],

@@ -233,7 +233,7 @@ def test_bench_writes_every_row_with_its_spread_and_ratios(tmp_path, capsys):
         torch.set_num_threads(threads)
     assert code == 0
     result = json.loads((tmp_path / "bench.json").read_text())
-    assert result["environment"]["threads"] == 1  # the CPU default
+    assert result["environment"]["threads"] == 1 and result["environment"]["clock"] == "cpu"  # the CPU defaults
     rows = result["rows"]
     assert [(r["key"], r["mode"]) for r in rows] == [(k, m) for m in ("stream", "latency") for k in bench.ROWS]
     for r in rows:
@@ -254,9 +254,10 @@ def test_bench_writes_every_row_with_its_spread_and_ratios(tmp_path, capsys):
 def test_bench_profile_and_peer(tmp_path, capsys):
     code = bench.main(["--model", "tiny", "--size", str(SIZE), "--steps", "4", "--modes", "stream", "--rows", "none",
                        "dyme1", "--rounds", "1", "--block", "1", "--profile", "--profile-frames", "1",
-                       "--peer", "--device", "cpu", "--output", str(tmp_path), "--quiet"])
+                       "--peer", "--clock", "wall", "--device", "cpu", "--output", str(tmp_path), "--quiet"])
     assert code == 0
     result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["environment"]["clock"] == "wall"
     profiles = {p["row"]: p for p in result["profiles"]}
     keys = [r["key"] for r in result["rows"]]
     dyme = profiles["dyme1"]["ms_per_frame"]
