@@ -728,9 +728,9 @@ def _run(args: argparse.Namespace) -> int:
     xformers = {"auto": "auto", "on": True, "off": False}[args.xformers]
     report = accelerate(engine, dtype=dtype, channels_last=not args.no_channels_last, compile=args.compile,
                         compile_mode=args.compile_mode, xformers=xformers)
-    if peer_parts is not None:  # the same weights' format and attention kernel as ours
-        peer_parts.unet.to(dtype=engine.dtype, memory_format=torch.channels_last if report.channels_last
-                           else torch.contiguous_format)
+    if peer_parts is not None:  # the same dtype, memory format and attention kernel as ours
+        layout = torch.channels_last if report.channels_last else torch.contiguous_format
+        torch.nn.Module.to(peer_parts.unet, dtype=engine.dtype, memory_format=layout)  # (diffusers' own .to warns)
         if report.attention.startswith("xformers"):
             peer_parts.unet.enable_xformers_memory_efficient_attention()
     if args.tensorrt:
