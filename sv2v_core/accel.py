@@ -23,8 +23,10 @@ dtype; in particular it never switches the feature bank off.
   (mode="reduce-overhead" or "max-autotune"): the bank's tensors are copied
   into the graph's static input buffers on each replay (a few hundred MB/s of
   a GPU's TB/s), and the recorded outputs are cloned out of the graph's
-  memory pool before the next replay can overwrite them.  Each bank shape
-  compiles once: no bank, then one shape per queue length (DyMe: one).
+  memory pool before the next replay can overwrite them.  Each signature
+  (the bank's shapes, whether the call records, and every input's shape and
+  dtype) compiles once: for one stream size and mode, no bank, then one per
+  queue length (DyMe: one), each with and without recording.
   The same `BankUNet` is what `onnx_export` exports for ONNX and TensorRT.
 """
 
@@ -38,7 +40,6 @@ import torch
 import torch.nn.functional as F
 
 from .attention import BankAttnProcessor
-from .config import BankConfig
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -47,12 +48,12 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 class ExplicitBank:
-    """Stands in for a `BankView` inside `BankUNet`: serves the banked tensors
+    """Stands in for a `BatchView` inside `BankUNet`: serves the banked tensors
     it was given and collects what the processors and hooks record.  The
     tensors it serves are already arranged as the batch's rows."""
 
-    def __init__(self, config: BankConfig, banked: dict[tuple[str, str], torch.Tensor]):
-        self.config = config
+    def __init__(self, fusion: tuple[float, float], banked: dict[tuple[str, str], torch.Tensor]):
+        self.fusion = fusion
         self.banked = banked
         self.recorded: dict[tuple[str, str], torch.Tensor] = {}
 
@@ -75,7 +76,7 @@ class BankSpec:
     inputs: tuple[tuple[str, str], ...]
     input_shapes: tuple[tuple[int, ...], ...]
     outputs: tuple[tuple[str, str], ...]
-    config: BankConfig = field(compare=True)
+    fusion: tuple[float, float]  # (α, threshold) of feature fusion
 
     def input_names(self) -> list[str]:
         return [f"bank.{layer}.{name}" for layer, name in self.inputs]
@@ -93,9 +94,8 @@ def forward_order(layers: list[str]) -> list[str]:
 
 
 def bank_spec(view, layers: list[str]) -> tuple[BankSpec, list[torch.Tensor]]:
-    """The spec of a call that reads and records through `view` (a BankView),
-    and the banked tensors to pass, in spec order."""
-    config = view.config
+    """The spec of a call that reads and records through `view` (a BatchView
+    or a BankView), and the banked tensors to pass, in spec order."""
     inputs, tensors = [], []
     for layer in layers:
         kv = view.extended_keys_values(layer)
@@ -106,13 +106,8 @@ def bank_spec(view, layers: list[str]) -> tuple[BankSpec, list[torch.Tensor]]:
         if o is not None:
             inputs.append((layer, "o"))
             tensors.append(o)
-    outputs = []
-    if config.mode != "none":
-        for layer in layers:
-            outputs += [(layer, "k"), (layer, "v")]
-            if view.bank.fuses(layer):
-                outputs.append((layer, "o"))
-    spec = BankSpec(tuple(inputs), tuple(tuple(t.shape) for t in tensors), tuple(outputs), config)
+    outputs = [(layer, name) for layer in layers for name in ("k", "v", "o") if view.records(layer, name)]
+    spec = BankSpec(tuple(inputs), tuple(tuple(t.shape) for t in tensors), tuple(outputs), tuple(view.fusion))
     return spec, tensors
 
 
@@ -136,7 +131,7 @@ class BankUNet(torch.nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
         condition, banked = (rest[0], rest[1:]) if self.conditioned else (None, rest)
-        bank = ExplicitBank(self.spec.config, dict(zip(self.spec.inputs, banked)))
+        bank = ExplicitBank(self.spec.fusion, dict(zip(self.spec.inputs, banked)))
         eps = self.unet(
             sample, timestep, encoder_hidden_states=encoder_hidden_states, timestep_cond=condition,
             cross_attention_kwargs={"bank": bank}, return_dict=False,
@@ -161,14 +156,17 @@ class BankRunner:
         self.make = make
         self.clone_outputs = clone_outputs
         self.step_marker = step_marker
-        self.functions: dict[BankSpec, Callable] = {}
+        self.functions: dict[tuple, Callable] = {}
 
     def __call__(self, sample, timestep, embeds, condition, view):
         spec, banked = bank_spec(view, self.layers)
         args = [sample, timestep, embeds, *([condition] if condition is not None else []), *banked]
-        function = self.functions.get(spec)
+        # A function is made for one signature: the bank's and every input's shape, dtype and device
+        # (a graph built for batch 4 at 512² must never run a batch of 1 at 256²).
+        key = (spec, *((tuple(a.shape), a.dtype, a.device) for a in args))
+        function = self.functions.get(key)
         if function is None:
-            function = self.functions[spec] = self.make(spec, args)
+            function = self.functions[key] = self.make(spec, args)
         if self.step_marker is not None:
             self.step_marker()
         eps, *recorded = function(*args)

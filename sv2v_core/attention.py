@@ -4,8 +4,9 @@
   (attn1) it records the current keys and values and, when the stream's bank
   holds some, attends over [K_t, K_fb] and [V_t, V_fb] (EA, eq. 1).  In
   cross-attention it is plain scaled-dot-product attention.
-- A forward hook on every `BasicTransformerBlock` applies feature fusion (FF,
-  eq. 2) to the block's output and records it.  The tensor fused is the
+- A forward hook on every `BasicTransformerBlock` records the block's output
+  O_t and then applies feature fusion (FF, eq. 2) to it: the bank keeps the
+  output before fusion (paper §4.3), the frame goes on with the fused O'_t.  The tensor fused is the
   block output in token layout (after self-, cross-attention and
   feed-forward, before the Transformer2D `proj_out` and its residual): it is
   the "output of transformer blocks" of the paper, it lines up token by token
@@ -13,9 +14,10 @@
   convolutional skip path untouched.  Whether a block fuses is the stream's
   choice (`BankConfig.fusion_blocks`), not the model's.
 
-Which stream's bank a call uses travels with the call, as
-`cross_attention_kwargs={"bank": BankView(...)}`; the processors and hooks
-hold no state, so one patched UNet serves many streams.  `BankPatch.remove()`
+Which streams' banks a call uses travels with the call, as
+`cross_attention_kwargs={"bank": BatchView(...)}` (a `BankView` of one stream
+works too); the processors and hooks hold no state, so one patched UNet
+serves many streams, even several in one batch.  `BankPatch.remove()`
 restores the original processors and removes the hooks.
 """
 
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
 
-from .bank import BankView
+from .bank import BankView, BatchView
 from .fusion import fuse
 
 
@@ -55,7 +57,7 @@ class BankAttnProcessor:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
-        bank: BankView | None = None,
+        bank: BankView | BatchView | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -88,7 +90,9 @@ class BankAttnProcessor:
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-            attention_mask = F.pad(attention_mask, (0, key.shape[1] - attention_mask.shape[-1]))
+            # the banked keys are always attended: pad with "keep" (True, or 0 added to the logits)
+            keep = True if attention_mask.dtype == torch.bool else 0.0
+            attention_mask = F.pad(attention_mask, (0, key.shape[1] - attention_mask.shape[-1]), value=keep)
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
         key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
@@ -113,11 +117,12 @@ def _fusion_hook(layer: str):
         bank = (kwargs.get("cross_attention_kwargs") or {}).get("bank")
         if bank is None:
             return None
+        bank.record(layer, "o", output)  # O_t, before fusion: the bank must not feed on its own past
         banked = bank.fusion_features(layer)
-        if banked is not None:
-            output = fuse(output, banked, bank.config.fusion_alpha, bank.config.fusion_threshold)
-        bank.record(layer, "o", output)
-        return output
+        if banked is None:
+            return None
+        alpha, threshold = bank.fusion
+        return fuse(output, banked, alpha, threshold)
 
     return hook
 
@@ -126,6 +131,9 @@ class BankPatch:
     """Installs the bank processors and fusion hooks on `unet`; undo with `remove`."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
+        if any(isinstance(p, BankAttnProcessor) for p in unet.attn_processors.values()):
+            raise ValueError("this UNet already carries the bank's processors (another engine uses it); "
+                             "close that engine first or load the model again")
         self.unet = unet
         self._original = unet.attn_processors
         unet.set_attn_processor({name: BankAttnProcessor(layer_name(name)) for name in self._original})

@@ -2,28 +2,46 @@
 
     python -m sv2v_core bench                              # full matrix on the best device
     python -m sv2v_core bench --device cuda --dtype float16 --compile --peer --steps 4 --modes stream --profile
-    python -m sv2v_core bench --device cpu --model tiny --size 256 --frames 8   # CPU smoke / ratios
+    python -m sv2v_core bench --device cpu --model tiny --size 256 --steps 4 --rows none dyme1 --peer   # CPU ratios
 
 For every LCM step count (--steps) and render mode (--modes: "stream" batch
 or "latency"), every bank row (--rows: no bank, queue(1), queue(2),
-queue(4), DyMe(1)) renders the same moving synthetic frames through
-`StreamV2V.__call__` (encode, UNet calls, bank update, decode to a uint8
-image on the host: what a user of the engine gets).  Per row:
+queue(4), DyMe(1)) and, with --peer, the `streamdiffusion` package (no bank)
+render the same moving synthetic frames.  A frame is timed from a uint8
+H×W×3 array in to a uint8 array on the host out (for us
+`StreamV2V.__call__`: preprocessing, encode, UNet calls, bank update,
+decode, to host; for the peer the same stages of its pipeline), with the
+device synchronised around every frame.  On CUDA a frame's time is wall
+time; on a CPU it is by default the process's CPU time on one thread
+(--clock, --threads): the frame's work, without the time it spends waiting
+for a core that other jobs hold.
 
-- frames per second and per-frame latency (median, p95) over --frames
-  timed frames, after --warmup untimed ones (by default enough for the bank
-  to reach its steady size, and ≥10 on CUDA); the device is synchronised
-  around every frame;
-- peak device memory (CUDA: torch.cuda.max_memory_allocated over the row,
-  model weights included; CPU: the growth of the process's resident memory,
-  sampled after every frame, or n/a) and the bank's own size;
-- each as a ratio to the "no bank" row of the same run, steps and mode.
+How the rows are timed, so that a row's figure depends neither on which
+other rows share the run nor on modest outside load (a shared CPU):
 
---peer adds the `streamdiffusion` package (PyPI, no bank) built from the same
-in-memory components, size, steps and dtype ("peer no bank" row), where it
+- every row has its own stream (bank, frames in flight, noise) and its own
+  sequence of input frames, and is warmed up alone until its bank has its
+  steady size (--warmup);
+- then --rounds rounds: in each, every row renders a block of --block
+  frames in turn, the order rotating by one row per round; a row's state
+  carries over from block to block, so its bank stays steady;
+- a row's figure for a round is the median frame time of its block; the
+  table gives the median over rounds with the min and max (the spread);
+- ratios (to the no-bank row, to the peer) are taken round by round between
+  blocks run next to each other, and given as median (min–max) over rounds.
+
+Memory (CUDA only): each row alone, from a fresh stream, before the timed
+rounds: peak allocated during the row minus what was allocated before it,
+plus one model's weights.  On a CPU the process's memory cannot be split
+per row (the allocator keeps what earlier rows freed), so only the bank's
+own size is given.
+
+--peer adds the `streamdiffusion` package (PyPI 0.1.1) built from the same
+components (its own copy of the UNet, with diffusers' attention processors;
+the same autoencoder and prompt), size, timesteps and dtype, where it
 imports; otherwise the reason is printed.  --profile times each stage of a
 frame (UNet call, feature fusion, bank match and merge, autoencoder encode
-and decode, host work) with the device synchronised around each stage.
+and decode, host work) for the no-bank and DyMe rows and the peer.
 
 Results go to --output (default bench_results/) as bench.json and bench.md.
 Absolute times mean something only on a GPU; on a CPU compare ratios.
@@ -33,8 +51,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import dataclasses
 import gc
 import json
+import os
 import platform
 import sys
 import time
@@ -54,7 +75,6 @@ ROWS = {
     "queue4": ("queue(4)", BankConfig(mode="queue", size=4)),
     "dyme1": ("DyMe(1)", BankConfig(mode="dyme", size=1)),
 }
-PEER_LABEL = "peer no bank (streamdiffusion)"
 PROMPT = "a watercolor painting"
 STRENGTH = 0.4
 PAPER_TABLE2 = {  # A100, 512², 4 steps, stream batch: ms per frame, GiB (nvidia-smi)
@@ -83,75 +103,12 @@ def synthetic_frames(count: int, size: int) -> list[np.ndarray]:
     return frames
 
 
-# ---------------------------------------------------------------- measuring
+# ---------------------------------------------------------------- the rows
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-class _Memory:
-    """Peak memory over a row: CUDA's allocator peak, or sampled CPU RSS growth."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak_rss = self.base_rss = None
-        try:
-            import psutil
-
-            self.process = psutil.Process()
-        except ImportError:
-            self.process = None
-
-    def start(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.process is not None:
-            self.base_rss = self.peak_rss = self.process.memory_info().rss
-
-    def sample(self) -> None:
-        if self.device.type != "cuda" and self.process is not None:
-            self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
-
-    def result(self) -> tuple[float | None, str]:
-        """(GiB, what it is)."""
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**30, "peak allocated (incl. weights)"
-        if self.process is None:
-            return None, "n/a (psutil missing)"
-        return (self.peak_rss - self.base_rss) / 2**30, "RSS growth over the row (sampled per frame)"
-
-
-@dataclass
-class Row:
-    key: str
-    label: str
-    steps: int
-    mode: str
-    frames: int
-    warmup: int
-    fps: float
-    latency_median_ms: float
-    latency_p95_ms: float
-    memory_gib: float | None
-    memory_kind: str
-    bank_mib: float
-    bank_tokens: dict[str, int] = field(default_factory=dict)
-    ratio_time: float | None = None
-    ratio_memory: float | None = None
-    note: str = ""
-
-
-def _summary(key, label, steps, mode, times, warmup, memory: tuple[float | None, str], bank_bytes=0, tokens=None,
-             note="") -> Row:
-    times_ms = np.asarray(times) * 1000
-    gib, kind = memory
-    return Row(key, label, steps, mode, len(times), warmup, fps=len(times) / max(sum(times), 1e-12),
-               latency_median_ms=float(np.median(times_ms)), latency_p95_ms=float(np.percentile(times_ms, 95)),
-               memory_gib=gib, memory_kind=kind, bank_mib=bank_bytes / 2**20, bank_tokens=tokens or {}, note=note)
 
 
 def default_warmup(bank: BankConfig, device: torch.device, compiled: bool) -> int:
@@ -166,64 +123,94 @@ def stream_config(size: int, steps: int, mode: str, bank: BankConfig) -> StreamC
                         bank=bank, similarity_skip=None, scene_cut=None)
 
 
-def bench_row(engine, key: str, size: int, steps: int, mode: str, frames: list[np.ndarray], count: int,
-              warmup: int | None, *, reset_backend=None) -> Row:
-    label, bank = ROWS[key]
-    device = engine.device
-    if reset_backend is not None:
-        reset_backend()
-    warmup = default_warmup(bank, device, engine.backend is not None) if warmup is None else warmup
-    memory = _Memory(device)
-    memory.start()
-    state = engine.new_stream(stream_config(size, steps, mode, bank))
-    for index in range(warmup):
-        engine(state, frames[index % len(frames)])
-        memory.sample()
-    times = []
-    for index in range(warmup, warmup + count):
-        frame = frames[index % len(frames)]
-        _sync(device)
-        start = time.perf_counter()
-        engine(state, frame)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-        memory.sample()
-    tokens = {layer: state.bank.tokens(layer) for layer in state.bank.layers}
-    row = _summary(key, label, steps, mode, times, warmup, memory.result(), state.bank.nbytes(), tokens)
-    del state
-    return row
+class EngineRow:
+    """One of our bank rows: the shared engine and this row's own stream.
+
+    A row is called with a uint8 frame and returns the uint8 image on the
+    host; `start` gives it a fresh stream, `stop` drops it."""
+
+    def __init__(self, engine, key: str, size: int, steps: int, mode: str, warmup: int | None = None) -> None:
+        self.key = key
+        self.label, self.bank = ROWS[key]
+        self.engine, self.steps, self.mode = engine, steps, mode
+        self.config = stream_config(size, steps, mode, self.bank)
+        self.warmup = default_warmup(self.bank, engine.device, engine.backend is not None) if warmup is None else warmup
+        self.state = None
+
+    def start(self) -> None:
+        self.state = self.engine.new_stream(self.config)
+
+    def stop(self) -> None:
+        self.state = None
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        return self.engine(self.state, frame).image
+
+    def bank_bytes(self) -> int:
+        return self.state.bank.nbytes()
+
+    def bank_tokens(self) -> dict[str, int]:
+        return {layer: self.state.bank.tokens(layer) for layer in self.state.bank.layers}
+
+    def instrumented(self, timer: "StageTimer"):
+        return instrumented(self.engine, self.state, timer)
 
 
-def bench_rows_interleaved(engine, keys: list[str], size: int, steps: int, mode: str, frames: list[np.ndarray],
-                           count: int, warmup: int | None) -> list[Row]:
-    """All rows at once, one frame of each in turn (in rotating order), so a
-    machine whose load changes (a shared CPU) slows every row alike.  Memory
-    cannot be told apart per row this way: only the bank's size is given."""
-    device = engine.device
-    states = {key: engine.new_stream(stream_config(size, steps, mode, ROWS[key][1])) for key in keys}
-    warmups = {key: default_warmup(ROWS[key][1], device, engine.backend is not None) if warmup is None else warmup
-               for key in keys}
-    for key, state in states.items():
-        for index in range(warmups[key]):
-            engine(state, frames[index % len(frames)])
-    times: dict[str, list[float]] = {key: [] for key in keys}
-    for index in range(count):
-        shift = index % len(keys)
-        for key in keys[shift:] + keys[:shift]:
-            frame = frames[(warmups[key] + index) % len(frames)]
-            _sync(device)
-            start = time.perf_counter()
-            engine(states[key], frame)
-            _sync(device)
-            times[key].append(time.perf_counter() - start)
-    rows = []
-    for key, state in states.items():
-        row = _summary(key, ROWS[key][0], steps, mode, times[key], warmups[key],
-                       (None, "n/a (rows interleaved; see bank MiB)"), state.bank.nbytes(),
-                       {layer: state.bank.tokens(layer) for layer in state.bank.layers},
-                       note="interleaved with the other rows")
-        rows.append(row)
-    return rows
+class PeerRow:
+    """The `streamdiffusion` package (no bank) as a row: the stages of its
+    `__call__` (preprocessing, encode, denoising, decode) under `no_grad` as
+    there, then the same conversion to a uint8 image on the host as ours.
+    (Its `__call__` itself times the frame with CUDA events, which need CUDA.)"""
+
+    key = "peer"
+    label = "peer no bank (streamdiffusion)"
+
+    def __init__(self, components, size: int, steps: int, mode: str, dtype: torch.dtype, warmup: int,
+                 compile_mode: str | None = None) -> None:
+        self.components, self.size, self.steps, self.mode = components, size, steps, mode
+        self.dtype, self.compile_mode, self.warmup = dtype, compile_mode, warmup
+        self.stream = None
+
+    def start(self) -> None:
+        self.stream = make_peer(self.components, self.size, self.steps, self.mode, self.dtype, self.compile_mode)
+
+    def stop(self) -> None:
+        self.stream = None
+
+    @torch.no_grad()
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        return self.decode(self.stream.predict_x0_batch(self.encode(frame)))
+
+    def encode(self, frame: np.ndarray) -> torch.Tensor:
+        from PIL import Image
+
+        stream = self.stream
+        pixels = stream.image_processor.preprocess(Image.fromarray(frame), stream.height, stream.width)
+        return stream.encode_image(pixels.to(device=stream.device, dtype=stream.dtype))
+
+    def decode(self, latent: torch.Tensor) -> np.ndarray:
+        pixels = self.stream.decode_image(latent)
+        pixels = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return pixels.permute(1, 2, 0).cpu().numpy()
+
+    def bank_bytes(self) -> int:
+        return 0
+
+    def bank_tokens(self) -> dict[str, int]:
+        return {}
+
+    @contextlib.contextmanager
+    def instrumented(self, timer: "StageTimer"):
+        """Time its stages under the same names as ours (undone on exit)."""
+        self.encode = timer.wrap("autoencoder encode", self.encode)
+        self.decode = timer.wrap("autoencoder decode (+ to host)", self.decode)
+        self.stream.unet_step = timer.wrap("UNet call (+ LCM step)", self.stream.unet_step)
+        try:
+            yield
+        finally:
+            for name in ("encode", "decode"):
+                self.__dict__.pop(name, None)
+            self.stream.__dict__.pop("unet_step", None)
 
 
 # ---------------------------------------------------------------- the peer
@@ -240,9 +227,21 @@ def peer_problem() -> str | None:
     return None
 
 
+def peer_components(components):
+    """The peer's components: its own copy of the UNet (ours carries the bank's
+    processors and hooks; the peer runs diffusers' own), the rest shared.
+    Make them before the engine patches the UNet."""
+    from .attention import BankAttnProcessor
+
+    if any(isinstance(p, BankAttnProcessor) for p in components.unet.attn_processors.values()):
+        raise ValueError("the UNet already carries the bank's processors: make the peer's components "
+                         "before StreamV2V patches it")
+    return dataclasses.replace(components, unet=copy.deepcopy(components.unet))
+
+
 def make_peer(components, size: int, steps: int, mode: str, dtype: torch.dtype, compile_mode: str | None = None):
-    """StreamDiffusion (PyPI 0.1.1) on the same in-memory components, no bank,
-    no guidance, the same timesteps; batch denoising in "stream" mode."""
+    """StreamDiffusion (PyPI 0.1.1) on the given components, no bank, no
+    guidance, the same timesteps; batch denoising in "stream" mode."""
     from diffusers import StableDiffusionPipeline
     from streamdiffusion import StreamDiffusion
 
@@ -264,42 +263,139 @@ def make_peer(components, size: int, steps: int, mode: str, dtype: torch.dtype, 
     return stream
 
 
-def peer_frame(stream, frame: np.ndarray) -> np.ndarray:
-    """One frame through the peer, to a uint8 image on the host (as our engine returns).
-    On CUDA through its own `__call__`; its `__call__` times itself with CUDA
-    events, so on a CPU the same stages are called one by one."""
-    from PIL import Image
-
-    image = Image.fromarray(frame)
-    if stream.device.type == "cuda":
-        out = stream(image)
-    else:
-        x = stream.image_processor.preprocess(image, stream.height, stream.width).to(stream.device, stream.dtype)
-        out = stream.decode_image(stream.predict_x0_batch(stream.encode_image(x)))
-    pixels = ((out[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.permute(1, 2, 0).cpu().numpy()
+# ---------------------------------------------------------------- timing
 
 
-def bench_peer(components, size, steps, mode, dtype, frames, count, warmup, compile_mode=None) -> Row:
-    device = components.unet.device
-    warmup = max(10 if device.type == "cuda" else 1, 3 if compile_mode else 0) if warmup is None else warmup
-    memory = _Memory(device)
-    memory.start()
-    stream = make_peer(components, size, steps, mode, dtype, compile_mode)
-    for index in range(warmup):
-        peer_frame(stream, frames[index % len(frames)])
-        memory.sample()
-    times = []
-    for index in range(warmup, warmup + count):
-        _sync(device)
-        start = time.perf_counter()
-        peer_frame(stream, frames[index % len(frames)])
-        _sync(device)
-        times.append(time.perf_counter() - start)
-        memory.sample()
-    how = "its __call__" if device.type == "cuda" else "its stages called directly (its __call__ needs CUDA)"
-    return _summary("peer", PEER_LABEL, steps, mode, times, warmup, memory.result(),
-                    note=f"streamdiffusion 0.1.1, {how}")
+def time_rows(rows: list, frames: list[np.ndarray], rounds: int, block: int, device: torch.device,
+              clock=time.perf_counter) -> dict[str, list[float]]:
+    """Each row's median frame time (seconds) in each of `rounds` rounds.
+
+    Every row is warmed up alone (`row.warmup` untimed frames), then each
+    round gives every row a block of `block` timed frames in turn, the order
+    rotated by one row per round.  Each row gets its own run of `frames`
+    (from the first on) and keeps its stream across blocks: what a row
+    renders, and how many of its frames are timed, do not depend on the
+    other rows.  The rows must be started."""
+    given = {row.key: 0 for row in rows}
+
+    def render(row) -> None:
+        row(frames[given[row.key] % len(frames)])
+        given[row.key] += 1
+
+    for row in rows:
+        for _ in range(row.warmup):
+            render(row)
+    medians: dict[str, list[float]] = {row.key: [] for row in rows}
+    for round_index in range(rounds):
+        shift = round_index % len(rows)
+        for row in rows[shift:] + rows[:shift]:
+            times = []
+            for _ in range(block):
+                _sync(device)
+                start = clock()
+                render(row)
+                _sync(device)
+                times.append(clock() - start)
+            medians[row.key].append(float(np.median(times)))
+    return medians
+
+
+def model_bytes(components) -> int:
+    """One model's weights and buffers (UNet, autoencoder, text encoder)."""
+    return sum(t.numel() * t.element_size() for module in components.modules()
+               for t in (*module.parameters(), *module.buffers()))
+
+
+def row_memory(row, frames: list[np.ndarray], count: int, device: torch.device, weights: int) -> float:
+    """CUDA: the row alone from a fresh stream for `count` frames: peak
+    allocated minus what was allocated before (GiB), plus `weights` bytes."""
+    row.stop()
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    row.start()
+    for index in range(count):
+        row(frames[index % len(frames)])
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    row.stop()
+    return (peak - before + weights) / 2**30
+
+
+@dataclass
+class Row:
+    key: str
+    label: str
+    steps: int
+    mode: str
+    rounds: int
+    block: int
+    warmup: int
+    round_ms: list[float]  # the row's median frame time in each round
+    memory_gib: float | None
+    memory_kind: str
+    bank_mib: float
+    bank_tokens: dict[str, int] = field(default_factory=dict)
+    ms: float = 0.0  # median over rounds, and the spread
+    ms_min: float = 0.0
+    ms_max: float = 0.0
+    fps: float = 0.0
+    ratio_time: list[float] | None = None  # [median, min, max] over rounds, against the same round's no-bank block
+    ratio_peer: list[float] | None = None  # the same against the peer's block
+    ratio_memory: float | None = None
+
+    def __post_init__(self) -> None:
+        self.ms, self.ms_min, self.ms_max = spread(self.round_ms)
+        self.fps = 1000.0 / self.ms
+
+
+def spread(values: list[float]) -> list[float]:
+    """[median, min, max]."""
+    return [float(np.median(values)), float(min(values)), float(max(values))]
+
+
+def add_ratios(rows: list[Row]) -> None:
+    """Each row's time over the no-bank row's and the peer's, round by round
+    (blocks run next to each other), within the same steps and mode; memory
+    over the no-bank row's."""
+    for row in rows:
+        group = [r for r in rows if (r.steps, r.mode) == (row.steps, row.mode)]
+        base = next((r for r in group if r.key == "none"), None)
+        peer = next((r for r in group if r.key == "peer"), None)
+        if base is not None:
+            row.ratio_time = spread([a / b for a, b in zip(row.round_ms, base.round_ms, strict=True)])
+            if row.memory_gib is not None and base.memory_gib:
+                row.ratio_memory = row.memory_gib / base.memory_gib
+        if peer is not None:
+            row.ratio_peer = spread([a / b for a, b in zip(row.round_ms, peer.round_ms, strict=True)])
+
+
+def bench_group(rows: list, frames: list[np.ndarray], rounds: int, block: int, device: torch.device,
+                weights: int, reset_backend=None, clock=time.perf_counter) -> list[Row]:
+    """Memory (CUDA: each row alone), then the timed rounds; one `Row` each."""
+    memory = {}
+    if device.type == "cuda":
+        for row in rows:
+            if reset_backend is not None:  # fresh graphs per row: no row's CUDA-graph pool counts in another's
+                reset_backend()
+            memory[row.key] = row_memory(row, frames, row.warmup + block, device, weights)
+        if reset_backend is not None:
+            reset_backend()
+    memory_kind = ("peak allocated with the row alone, incl. one model's weights" if device.type == "cuda"
+                   else "n/a on CPU (the process's memory cannot be split per row); see bank MiB")
+    for row in rows:
+        row.start()
+    try:
+        medians = time_rows(rows, frames, rounds, block, device, clock)
+        return [Row(row.key, row.label, row.steps, row.mode, rounds, block, row.warmup,
+                    [1000 * s for s in medians[row.key]], memory.get(row.key), memory_kind,
+                    row.bank_bytes() / 2**20, row.bank_tokens())
+                for row in rows]
+    finally:
+        for row in rows:
+            row.stop()
 
 
 # ---------------------------------------------------------------- profile
@@ -308,21 +404,20 @@ def bench_peer(components, size, steps, mode, dtype, frames, count, warmup, comp
 class StageTimer:
     """Accumulates wall time per stage, synchronising the device around each."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, device: torch.device, clock=time.perf_counter) -> None:
+        self.device, self.clock = device, clock
         self.total: dict[str, float] = {}
         self.count: dict[str, int] = {}
-        self.depth = 0
 
     @contextlib.contextmanager
     def stage(self, name: str):
         _sync(self.device)
-        start = time.perf_counter()
+        start = self.clock()
         try:
             yield
         finally:
             _sync(self.device)
-            self.total[name] = self.total.get(name, 0.0) + time.perf_counter() - start
+            self.total[name] = self.total.get(name, 0.0) + self.clock() - start
             self.count[name] = self.count.get(name, 0) + 1
 
     def wrap(self, name: str, function):
@@ -358,29 +453,32 @@ def instrumented(engine, state, timer: StageTimer):
         merging.Match.merge = saved_merge
 
 
-def profile_row(engine, key: str, size: int, steps: int, mode: str, frames, count: int, warmup: int | None) -> dict:
-    label, bank = ROWS[key]
-    device = engine.device
-    warmup = default_warmup(bank, device, engine.backend is not None) if warmup is None else warmup
-    state = engine.new_stream(stream_config(size, steps, mode, bank))
-    for index in range(warmup):
-        engine(state, frames[index % len(frames)])
-    timer = StageTimer(device)
-    with instrumented(engine, state, timer):
-        for index in range(warmup, warmup + count):
-            with timer.stage("frame (total)"):
-                engine(state, frames[index % len(frames)])
-    order = ("frame (total)", "autoencoder encode", "UNet call (+ LCM step)", "  feature fusion (cosine, argmax, lerp)",
-             "bank update (commit)", "  DyMe match (cosine, argmax)", "  DyMe merge (scatter-mean)",
-             "autoencoder decode (+ to host)")
-    per_frame = {name: 1000 * timer.total[name] / count for name in order if name in timer.total}
-    top = ("autoencoder encode", "UNet call (+ LCM step)", "bank update (commit)", "autoencoder decode (+ to host)")
-    per_frame["host work (rest of the frame)"] = per_frame["frame (total)"] - sum(per_frame.get(n, 0.0) for n in top)
+PROFILE_STAGES = ("frame (total)", "autoencoder encode", "UNet call (+ LCM step)",
+                  "  feature fusion (cosine, argmax, lerp)", "bank update (commit)", "  DyMe match (cosine, argmax)",
+                  "  DyMe merge (scatter-mean)", "autoencoder decode (+ to host)")
+TOP_STAGES = ("autoencoder encode", "UNet call (+ LCM step)", "bank update (commit)", "autoencoder decode (+ to host)")
+
+
+def profile_row(row, frames: list[np.ndarray], count: int, device: torch.device, clock=time.perf_counter) -> dict:
+    """Per-stage time of `count` frames of `row` (alone, after its warm-up)."""
+    row.start()
+    try:
+        for index in range(row.warmup):
+            row(frames[index % len(frames)])
+        timer = StageTimer(device, clock)
+        with row.instrumented(timer):
+            for index in range(row.warmup, row.warmup + count):
+                with timer.stage("frame (total)"):
+                    row(frames[index % len(frames)])
+    finally:
+        row.stop()
+    per_frame = {name: 1000 * timer.total[name] / count for name in PROFILE_STAGES if name in timer.total}
+    per_frame["host work (rest of the frame)"] = (per_frame["frame (total)"]
+                                                  - sum(per_frame.get(n, 0.0) for n in TOP_STAGES))
     calls = {name: timer.count[name] / count for name in timer.count}
     per_call = {name: 1000 * timer.total[name] / timer.count[name] for name in timer.count}
-    return {"row": key, "label": label, "steps": steps, "mode": mode, "frames": count,
-            "ms_per_frame": per_frame, "calls_per_frame": calls, "ms_per_call": per_call,
-            "compiled": engine.backend is not None}
+    return {"row": row.key, "label": row.label, "steps": row.steps, "mode": row.mode, "frames": count,
+            "ms_per_frame": per_frame, "calls_per_frame": calls, "ms_per_call": per_call}
 
 
 # ---------------------------------------------------------------- output
@@ -388,6 +486,20 @@ def profile_row(engine, key: str, size: int, steps: int, mode: str, frames, coun
 
 def _fmt(value, pattern="{:.1f}", none="n/a") -> str:
     return none if value is None else pattern.format(value)
+
+
+def _spread(values: list[float] | None, pattern: str = "{:.3f}") -> str:
+    """'median (min–max)' or n/a."""
+    if values is None:
+        return "n/a"
+    median, low, high = (pattern.format(v) for v in values)
+    return f"{median} ({low}–{high})"
+
+
+CLOCKS = {
+    "wall": "wall time, the device synchronised before and after",
+    "cpu": "this process's CPU time (one thread: the frame's work, without the time spent waiting for a core)",
+}
 
 
 def markdown(result: dict) -> str:
@@ -404,30 +516,45 @@ def markdown(result: dict) -> str:
     groups: dict[tuple, list[dict]] = {}
     for row in result["rows"]:
         groups.setdefault((row["steps"], row["mode"]), []).append(row)
-    memory_kind = result["rows"][0]["memory_kind"] if result["rows"] else ""
+    first = result["rows"][0] if result["rows"] else None
     for (steps, mode), rows in groups.items():
         lines += [
             f"## {steps}-step LCM, {'stream batch' if mode == 'stream' else 'latency mode'}",
             "",
-            "| bank | fps | latency median (ms) | latency p95 (ms) | memory (GiB) | bank (MiB) | time / no bank | memory / no bank |",
+            "| row | ms per frame: median (min–max) | fps | time / no bank | time / peer | memory (GiB) | "
+            "bank (MiB) | memory / no bank |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for row in rows:
             lines.append(
-                f"| {row['label']} | {row['fps']:.2f} | {row['latency_median_ms']:.1f} | {row['latency_p95_ms']:.1f} | "
-                f"{_fmt(row['memory_gib'], '{:.3f}')} | {row['bank_mib']:.1f} | {_fmt(row['ratio_time'], '{:.3f}')} | "
-                f"{_fmt(row['ratio_memory'], '{:.3f}')} |"
+                f"| {row['label']} | {_spread([row['ms'], row['ms_min'], row['ms_max']], '{:.1f}')} | "
+                f"{row['fps']:.2f} | {_spread(row['ratio_time'])} | {_spread(row['ratio_peer'])} | "
+                f"{_fmt(row['memory_gib'], '{:.3f}')} | {row['bank_mib']:.1f} | {_fmt(row['ratio_memory'], '{:.3f}')} |"
             )
         lines.append("")
-    lines += [f"Memory: {memory_kind}. Time ratio: median latency / the no-bank row's, same run.", ""]
+    if first is not None:
+        lines += [
+            f"Timing: every row warmed up alone, then {first['rounds']} rounds of {first['block']} frames per row "
+            "in rotating order, each row with its own stream; a row's figure per round is the median frame time "
+            "of its block; the table gives the median over rounds and (min–max). Time ratios are taken round by "
+            "round against the no-bank row's or the peer's block of the same round: median (min–max). "
+            f"Frame time: {CLOCKS.get(env.get('clock'), 'wall time')}. Memory: {first['memory_kind']}.",
+            "",
+        ]
+    load = env.get("load_average")
+    if load:
+        lines += [f"Load average (1 min) before / after: {load[0]:.2f} / {load[1]:.2f} "
+                  f"on {env.get('cpu_count')} CPUs; {env.get('threads')} torch threads.", ""]
     if result.get("peer_note"):
         lines += [f"Peer: {result['peer_note']}", ""]
     if result.get("targets"):
         lines += ["## Targets (issue 4: H100, 512², 4 steps, DyMe, stream batch)", "",
-                  "| target | value | met |", "| --- | ---: | --- |"]
+                  "| target | value: median (min–max) | met |", "| --- | ---: | --- |"]
         for target in result["targets"]:
             met = {True: "yes", False: "no", None: "n/a"}[target["met"]]
-            lines.append(f"| {target['name']} | {_fmt(target['value'], '{:.3f}')} | {met} |")
+            value = target["value"]
+            text = _spread(value) if isinstance(value, list) else _fmt(value, "{:.3f}")
+            lines.append(f"| {target['name']} | {text} | {met} |")
         lines.append("")
     for profile in result.get("profiles", []):
         lines += [f"## Profile: {profile['label']}, {profile['steps']}-step, {profile['mode']} "
@@ -442,17 +569,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def add_ratios(rows: list[Row]) -> None:
-    """Each row's median latency and memory over the no-bank row of the same steps and mode."""
-    for row in rows:
-        base = next((r for r in rows if r.key == "none" and (r.steps, r.mode) == (row.steps, row.mode)), None)
-        if base is None:
-            continue
-        row.ratio_time = row.latency_median_ms / base.latency_median_ms
-        if row.memory_gib is not None and base.memory_gib:
-            row.ratio_memory = row.memory_gib / base.memory_gib
-
-
 def targets(rows: list[Row], device: torch.device) -> list[dict]:
     find = lambda key: next((r for r in rows if r.key == key and r.steps == 4 and r.mode == "stream"), None)  # noqa: E731
     none, dyme, peer = find("none"), find("dyme1"), find("peer")
@@ -460,20 +576,18 @@ def targets(rows: list[Row], device: torch.device) -> list[dict]:
     out = []
 
     def add(name, value, ok):
-        out.append({"name": name, "value": value, "met": (ok if on_gpu else None) if value is not None else None})
+        out.append({"name": name, "value": value, "met": ok if on_gpu else None})
 
     if dyme:
         add("DyMe fps ≥ 60", dyme.fps, dyme.fps >= 60)
     if dyme and none:
-        add("DyMe / no-bank time ≤ 1.10", dyme.ratio_time, dyme.ratio_time <= 1.10)
+        add("DyMe / no-bank time ≤ 1.10", dyme.ratio_time, dyme.ratio_time[0] <= 1.10)
         if dyme.ratio_memory is not None:
             add("DyMe / no-bank memory ≤ 1.10", dyme.ratio_memory, dyme.ratio_memory <= 1.10)
     if none and peer:
-        value = none.latency_median_ms / peer.latency_median_ms
-        add("our no-bank / peer no-bank time ≤ 1.00", value, value <= 1.0)
+        add("our no-bank / peer no-bank time ≤ 1.00", none.ratio_peer, none.ratio_peer[0] <= 1.0)
     if dyme and peer:
-        value = dyme.latency_median_ms / peer.latency_median_ms
-        add("our DyMe / peer no-bank time ≤ 1.10", value, value <= 1.10)
+        add("our DyMe / peer no-bank time ≤ 1.10", dyme.ratio_peer, dyme.ratio_peer[0] <= 1.10)
     return out
 
 
@@ -497,9 +611,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", nargs="+", default=list(RENDER_MODES), choices=RENDER_MODES,
                    help="stream batch and/or latency mode (default: both)")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="bank rows (default: all)")
-    p.add_argument("--frames", type=_positive, default=None, help="timed frames per row (default 100 on CUDA, 5 on CPU)")
+    p.add_argument("--rounds", type=_positive, default=None,
+                   help="rounds of timed blocks; each row's spread is over these (default 10 on CUDA, 7 on CPU)")
+    p.add_argument("--block", type=_positive, default=None,
+                   help="timed frames per row per round (default 10 on CUDA, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed frames per row (default: until the bank is full, at least 10 on CUDA)")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="CPU threads for torch (default 1 on CPU: with more, one core busy elsewhere stalls every "
+                        "parallel op of a frame; measured up to 18× slower frames on 2 cores. CUDA: torch's choice)")
+    p.add_argument("--clock", default="auto", choices=("auto", "wall", "cpu"),
+                   help="what a frame's time is: wall (elapsed) or cpu (this process's CPU time: on one thread, the "
+                        "frame's work without the time spent waiting for a core that other jobs hold). "
+                        "Default: cpu on a CPU, wall on CUDA")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="default: float16 on CUDA, float32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (bank as explicit inputs)")
@@ -510,12 +634,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: where importable on CUDA and not compiling; on: required")
     p.add_argument("--no-channels-last", action="store_true", help="keep the default memory format")
     p.add_argument("--tensorrt", action="store_true", help="run the UNet through TensorRT (needs `tensorrt`)")
-    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
-                   help="time the rows one frame each in turn (default: on for CPU, where other load is common; "
-                        "no per-row memory then)")
     p.add_argument("--peer", action="store_true", help="also run the StreamDiffusion package (no bank), if installed")
-    p.add_argument("--profile", action="store_true", help="time each stage of a frame (no bank and DyMe rows)")
-    p.add_argument("--profile-frames", type=_positive, default=None, help="frames per profile (default 20 CUDA, 3 CPU)")
+    p.add_argument("--profile", action="store_true", help="time each stage of a frame (no bank, DyMe and the peer)")
+    p.add_argument("--profile-frames", type=_positive, default=None, help="frames per profile (default 20 CUDA, 4 CPU: one DyMe merge period)")
     p.add_argument("--output", default="bench_results", help="folder for bench.json and bench.md")
     p.add_argument("--quiet", action="store_true", help="print only the table")
 
@@ -555,18 +676,41 @@ def _device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
+    """The benchmark; torch's CPU thread count is set for it and restored after."""
+    threads = args.threads or (1 if _resolve(args)[0].type == "cpu" else None)
+    saved = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _run(args: argparse.Namespace) -> int:
     from .accel import accelerate, compiled_backend
     from .engine import StreamV2V
     from .models import load_components
 
     device, dtype = _resolve(args)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))  # noqa: E731
-    count = args.frames or (100 if device.type == "cuda" else 5)
-    interleave = args.interleave if args.interleave is not None else device.type == "cpu"
-    if interleave and args.compile:
-        raise ValueError("--interleave and --compile don't mix (compiled rows get fresh graphs one after another)")
-    profile_count = args.profile_frames or (20 if device.type == "cuda" else 3)
+    cuda = device.type == "cuda"
+    rounds = args.rounds or (10 if cuda else 7)
+    block = args.block or (10 if cuda else 3)
+    profile_count = args.profile_frames or (20 if cuda else 4)
+    clock_name = args.clock if args.clock != "auto" else ("wall" if cuda else "cpu")
+    if clock_name == "cpu" and cuda:
+        raise ValueError("--clock cpu counts this process's CPU time, not the GPU's: use --clock wall on CUDA")
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
+    load_before = _load_average()
     peer_note = None
     if args.peer:
         peer_note = peer_problem()
@@ -579,10 +723,16 @@ def run(args: argparse.Namespace) -> int:
 
     say(f"loading {args.model} on {device} ({str(dtype).replace('torch.', '')}) ...")
     components = load_components(args.model, vae=args.vae, lora=args.lora, device=device, dtype=dtype)
+    peer_parts = peer_components(components) if args.peer and not peer_note else None
     engine = StreamV2V(components)
     xformers = {"auto": "auto", "on": True, "off": False}[args.xformers]
     report = accelerate(engine, dtype=dtype, channels_last=not args.no_channels_last, compile=args.compile,
                         compile_mode=args.compile_mode, xformers=xformers)
+    if peer_parts is not None:  # the same dtype, memory format and attention kernel as ours
+        layout = torch.channels_last if report.channels_last else torch.contiguous_format
+        torch.nn.Module.to(peer_parts.unet, dtype=engine.dtype, memory_format=layout)  # (diffusers' own .to warns)
+        if report.attention.startswith("xformers"):
+            peer_parts.unet.enable_xformers_memory_efficient_attention()
     if args.tensorrt:
         from .onnx_export import TensorRTBackend
 
@@ -591,66 +741,56 @@ def run(args: argparse.Namespace) -> int:
         report.compiled = "TensorRT (ONNX export of the UNet with the bank as inputs)"
     say(f"fast path: {report}")
 
-    def reset_backend():
-        if args.compile:  # fresh graphs per row, so one row's CUDA-graph pools don't count in the next
-            torch._dynamo.reset()
-            engine.backend = compiled_backend(engine, mode=args.compile_mode)
+    def reset_backend():  # fresh compiled graphs (and CUDA-graph pools)
+        torch._dynamo.reset()
+        engine.backend = compiled_backend(engine, mode=args.compile_mode)
 
-    longest = count + max(64, 4 * 4 + 12)
-    frames = synthetic_frames(longest, args.size)
+    frames = synthetic_frames(64, args.size)
+    weights = model_bytes(components)
+    compile_mode = args.compile_mode if args.compile else None
     rows: list[Row] = []
     profiles = []
     for steps in args.steps:
         for mode in args.modes:
-            if interleave:
-                say(f"{steps}-step {mode}: {', '.join(ROWS[k][0] for k in args.rows)} (interleaved) ...")
-                group = bench_rows_interleaved(engine, args.rows, args.size, steps, mode, frames, count, args.warmup)
-            else:
-                group = []
-                for key in args.rows:
-                    say(f"{steps}-step {mode}: {ROWS[key][0]} ...")
-                    group.append(bench_row(engine, key, args.size, steps, mode, frames, count, args.warmup,
-                                           reset_backend=reset_backend if args.compile else None))
-            for row in group:
-                say(f"  {row.label}: {row.fps:.2f} fps, median {row.latency_median_ms:.1f} ms, "
-                    f"p95 {row.latency_p95_ms:.1f} ms, memory {_fmt(row.memory_gib, '{:.3f}')} GiB, "
-                    f"bank {row.bank_mib:.1f} MiB")
-            rows += group
+            group = [EngineRow(engine, key, args.size, steps, mode, args.warmup) for key in args.rows]
+            if peer_parts is not None:
+                warmup = default_warmup(ROWS["none"][1], device, args.compile) if args.warmup is None else args.warmup
+                group.append(PeerRow(peer_parts, args.size, steps, mode, dtype, warmup, compile_mode))
+            say(f"{steps}-step {mode}: {', '.join(row.label for row in group)}: "
+                f"{rounds} rounds × {block} frames per row ...")
+            measured = bench_group(group, frames, rounds, block, device, weights,
+                                   reset_backend if args.compile else None, clock)
+            for row in measured:
+                say(f"  {row.label}: median {row.ms:.1f} ms ({row.ms_min:.1f}–{row.ms_max:.1f}), "
+                    f"{row.fps:.2f} fps, memory {_fmt(row.memory_gib, '{:.3f}')} GiB, bank {row.bank_mib:.1f} MiB")
+            rows += measured
             if args.profile:
-                for key in [k for k in ("none", "dyme1") if k in args.rows] or args.rows[:1]:
-                    say(f"{steps}-step {mode}: profiling {ROWS[key][0]} ...")
-                    profiles.append(profile_row(engine, key, args.size, steps, mode, frames, profile_count,
-                                                args.warmup))
-
-    if args.peer and not peer_note:
-        engine.close()  # the peer runs the plain UNet: diffusers' own attention processors
-        engine.backend = None
-        for steps in args.steps:
-            for mode in args.modes:
-                say(f"{steps}-step {mode}: {PEER_LABEL} ...")
-                try:
-                    rows.append(bench_peer(components, args.size, steps, mode, dtype, frames, count, args.warmup,
-                                           args.compile_mode if args.compile else None))
-                except (RuntimeError, TypeError, ValueError, AttributeError) as err:  # the table says why
-                    peer_note = f"the peer failed: {type(err).__name__}: {err}"
-                    print(f"peer: {peer_note}", file=sys.stderr)
-                    break
-        if not peer_note:
-            peer_note = ("streamdiffusion 0.1.1 (PyPI, installed with --no-deps) on the same in-memory components, "
-                         "cfg_type none, same timesteps, dtype and size; diffusers' own attention processors")
+                chosen = [row for row in group if row.key in ("none", "dyme1", "peer")] or group[:1]
+                for row in chosen:
+                    say(f"{steps}-step {mode}: profiling {row.label} ...")
+                    profiles.append(profile_row(row, frames, profile_count, device, clock))
     add_ratios(rows)
+    if peer_parts is not None:
+        peer_note = ("streamdiffusion 0.1.1 (PyPI, installed with --no-deps) on the same components (its own copy "
+                     "of the UNet with diffusers' attention processors), cfg_type none, same timesteps, dtype and "
+                     "size; the stages of its __call__, from a uint8 array in to a uint8 array on the host out")
+        if args.tensorrt:
+            peer_note += "; its UNet runs in PyTorch, not TensorRT"
 
     builtin_note = None
     if args.model == "sd15-random":
         builtin_note = "sd15-random: SD1.5's architecture with random weights: speed and memory only, no pictures."
     elif args.model == "tiny":
         builtin_note = "tiny: the built-in offline model, far smaller than SD1.5: compare ratios, not absolute times."
+    load_after = _load_average()
     result = {
         "command": command_line(args),
         "environment": {
             "device": str(device), "device_name": _device_name(device), "dtype": str(dtype).replace("torch.", ""),
             "model": args.model, "size": args.size, "accel": str(report).split("\n")[0], "accel_notes": report.notes,
             "torch": torch.__version__, "python": platform.python_version(), "builtin_note": builtin_note,
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "clock": clock_name,
+            "load_average": None if load_before is None or load_after is None else [load_before, load_after],
         },
         "rows": [row.__dict__ for row in rows],
         "targets": targets(rows, device),

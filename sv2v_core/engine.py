@@ -10,12 +10,14 @@ passed to every call.  A call takes one input frame and returns one `Output`:
         out = engine(state, frame)
     rest = engine.flush(state)
 
-The method (paper §3–4, DESIGN.md §2):
+The method (paper §3–4; docs/method.md has every equation):
 
 - SDEdit img2img with LCM: from a 50-step LCM schedule, strength s and n
   steps give the timesteps (s = 0.4, n = 4: indices 30, 35, 40, 45, i.e.
-  timesteps 399, 299, 199, 99).  Each step predicts x0 with the consistency
-  boundary scalings and re-noises it to the next level with a fixed noise
+  timesteps 399, 299, 199, 99).  Each step predicts x0 from the UNet output
+  (epsilon, v or sample prediction, as the scheduler says), applies the
+  consistency boundary scalings (denoised = c_out·x0 + c_skip·x, exactly
+  `LCMScheduler.step`'s) and re-noises it to the next level with a fixed noise
   tensor per slot, drawn once from the seed.
 - Stream batch ("stream" mode): slot k holds frame t−k at step k; one UNet
   call of batch n advances them all, admits the newest frame and emits the
@@ -23,35 +25,66 @@ The method (paper §3–4, DESIGN.md §2):
   its own level.  "latency" mode runs the n steps of each frame in turn.
 - The feature bank is read and written through the attention processors and
   hooks of `attention.BankPatch`, with the stream's bank passed in the call.
+  A frame records its features only when its commit will keep them (the
+  bank is due an update, and every batch row renders an input fed since the
+  bank was last emptied: see `StreamState.bank_takes`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from . import images
 from .attention import BankPatch
-from .bank import BankView, as_index
+from .bank import BankView, BatchView, as_index
 from .config import StreamConfig
 from .stream import Output, StreamState
 
 LCM_ORIGINAL_STEPS = 50
 LCM_DISTILLED_GUIDANCE = 8.5
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def lcm_timesteps(strength: float, steps: int, train_timesteps: int = 1000) -> list[int]:
     """The `steps` timesteps SDEdit at `strength` visits on the 50-step LCM schedule."""
     stride = train_timesteps // LCM_ORIGINAL_STEPS
-    start = min(int(LCM_ORIGINAL_STEPS * (1.0 - strength)), LCM_ORIGINAL_STEPS - 1)
+    # SDEdit keeps the first ⌊50·s⌋ timesteps of the schedule (as LCMScheduler does with `strength`).  The
+    # small epsilon absorbs float error: 50·0.58 is 28.999…96 and means 29 (flooring 50·(1 − 0.8) = 9.99…
+    # once gave 819 instead of 799 for s = 0.8).
+    kept = max(int(LCM_ORIGINAL_STEPS * strength + 1e-9), 1)
+    start = LCM_ORIGINAL_STEPS - kept
     indices = [start + (LCM_ORIGINAL_STEPS - start) * k // steps for k in range(steps)]
     if len(set(indices)) < steps:
         lowest = math.ceil(100 * steps / LCM_ORIGINAL_STEPS) / 100
         raise ValueError(f"strength {strength} is too low for {steps} steps; use at least {lowest} or fewer steps")
     return [train_timesteps - 1 - stride * index for index in indices]
+
+
+def predicted_original(x: torch.Tensor, model_output: torch.Tensor, sqrt_alpha, sqrt_beta,
+                       prediction_type: str) -> torch.Tensor:
+    """x0 from the UNet's output at noise level (sqrt_alpha, sqrt_beta), as
+    `LCMScheduler.step` computes it for each prediction type."""
+    if prediction_type == "epsilon":
+        return (x - sqrt_beta * model_output) / sqrt_alpha
+    if prediction_type == "v_prediction":
+        return sqrt_alpha * x - sqrt_beta * model_output
+    return model_output  # "sample"
+
+
+def check_scheduler(config) -> None:
+    """Refuse scheduler settings the engine's LCM step does not reproduce."""
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise ValueError(f"the model's scheduler predicts {prediction!r}; the engine supports "
+                         f"{', '.join(PREDICTION_TYPES)}")
+    if config.get("thresholding", False):
+        raise ValueError("the model's scheduler uses dynamic thresholding, which the streaming engine does "
+                         "not implement; set thresholding=False in its scheduler config")
 
 
 def guidance_embedding(scale: float, dim: int) -> torch.Tensor:
@@ -64,7 +97,7 @@ def guidance_embedding(scale: float, dim: int) -> torch.Tensor:
 
 
 class StreamV2V:
-    """The pipeline: explicit components, one readable `__call__`."""
+    """The pipeline: explicit components; `render` reads top to bottom."""
 
     def __init__(self, components) -> None:
         self.components = components
@@ -73,6 +106,8 @@ class StreamV2V:
         self.text_encoder = components.text_encoder
         self.tokenizer = components.tokenizer
         self.scheduler = components.scheduler
+        check_scheduler(self.scheduler.config)
+        self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
         self.patch = BankPatch(self.unet)
         vae_factor = 2 ** (len(self.vae.config.encoder_block_out_channels) - 1)
         self.latent_scale = vae_factor
@@ -84,13 +119,15 @@ class StreamV2V:
         # results: a compiled or TensorRT UNet with the bank as explicit inputs.
         self.backend = None
 
+    # Not `unet.device` / `unet.dtype`: diffusers walks every submodule for hooks on
+    # each call (measured 3.5 ms on SD1.5's UNet, several times per frame).
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return next(self.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return next(self.unet.parameters()).dtype
 
     def close(self) -> None:
         """Give the UNet its original attention processors back."""
@@ -134,7 +171,7 @@ class StreamV2V:
         latent_shape = (config.steps, 4, config.height // self.latent_scale, config.width // self.latent_scale)
         noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(config.seed))
         state.config = config
-        state.generator.manual_seed(config.seed)
+        state.bank.seed = config.seed
         state.bank.reconfigure(config.bank)
         state.reset()
         state.noise = noise.to(self.device, self.dtype)
@@ -142,29 +179,48 @@ class StreamV2V:
         self._embed_prompt(state)
 
     # -- rendering ----------------------------------------------------------
-    @torch.inference_mode()
     def __call__(self, state: StreamState, frame) -> Output:
         """Render the next input frame of `state`'s stream."""
-        config = state.config
-        image = images.resize(images.to_rgb_array(frame), config.width, config.height)
-        thumb = images.thumbnail(image)
-        index = state.frames_in
-        state.frames_in += 1
-        state.to(self.device)
+        return self.render([(state, frame)])[0]
 
-        if state.last_thumb is not None:
-            similarity = images.similarity(thumb, state.last_thumb)
-            if config.similarity_skip is not None and similarity >= config.similarity_skip:
-                if state.caught_up():  # its render is already out: re-emit it
-                    state.last_output = Output(state.last_output.image, index, skipped=True)
-                    return state.last_output
-                return self._render(state, state.last_latent, state.last_fed)  # a repeat, like flush
-            if config.scene_cut is not None and similarity < config.scene_cut:
-                state.reset_bank()
-        state.last_thumb = thumb
-        state.last_fed = index
-        state.last_latent = self._encode(image)
-        return self._render(state, state.last_latent, index)
+    @torch.inference_mode()
+    def render(self, jobs: Sequence[tuple[StreamState, object]]) -> list[Output]:
+        """Render the next input frame of several streams: one `Output` per
+        (state, frame) job, in order.  Streams that can share UNet calls
+        (equal `batch_key`) are stacked along the batch, each batch row
+        reading and writing only its own stream's bank, prompt, noise and
+        timestep, so every stream gets the render it would get alone.
+
+        Every frame is checked (`prepare`) before any stream changes.
+        """
+        states = [state for state, _ in jobs]
+        if len({id(state) for state in states}) != len(states):
+            raise ValueError("a stream renders one frame per call; give each stream once")
+        prepared = [self.prepare(state, frame) for state, frame in jobs]
+        outputs: list[Output | None] = [None] * len(jobs)
+        frames: list[_Frame] = []
+        for position, (state, image) in enumerate(zip(states, prepared)):
+            state.to(self.device)
+            admitted = self._admit(state, image)
+            if isinstance(admitted, Output):
+                outputs[position] = admitted
+            else:
+                admitted.position = position
+                frames.append(admitted)
+        for group in self._groups(frames):
+            for frame, output in zip(group, self._render_group(group)):
+                outputs[frame.position] = output
+        return outputs
+
+    def prepare(self, state: StreamState, frame) -> np.ndarray:
+        """`frame` as the stream's input: RGB uint8 at its size (ImageError if unusable)."""
+        return images.resize(images.to_rgb_array(frame), state.config.width, state.config.height)
+
+    def batch_key(self, state: StreamState) -> tuple:
+        """Streams whose next frames have equal keys can share UNet calls:
+        same size, steps and mode, guidance alike, banks of the same shapes."""
+        config = state.config
+        return (config.width, config.height, config.steps, config.mode, self._cfg(state), state.bank.signature())
 
     @torch.inference_mode()
     def flush(self, state: StreamState) -> list[Output]:
@@ -177,7 +233,7 @@ class StreamV2V:
         outputs: list[Output] = []
         state.to(self.device)
         while not state.caught_up():
-            outputs.append(self._render(state, state.last_latent, state.last_fed))
+            outputs += self._render_group([_Frame(state, state.last_fed, latent=state.last_latent)])
         return outputs
 
     def translate(self, state: StreamState, frames: Iterable) -> Iterator[np.ndarray]:
@@ -204,48 +260,109 @@ class StreamV2V:
             yield last
 
     # -- the steps of a call --------------------------------------------------
-    def _render(self, state: StreamState, latent: torch.Tensor, index: int) -> Output:
-        if state.config.mode == "stream":
-            denoised, source = self._stream_step(state, latent, index)
+    def _admit(self, state: StreamState, image: np.ndarray) -> Output | _Frame:
+        """Count a new input: re-emit the last render for a near-identical one
+        (once caught up), empty the bank at a scene cut."""
+        config = state.config
+        compares = config.similarity_skip is not None or config.scene_cut is not None
+        thumb = images.thumbnail(image) if compares else None
+        index = state.frames_in
+        if state.last_thumb is not None and thumb is not None:
+            similarity = images.similarity(thumb, state.last_thumb)
+            if config.similarity_skip is not None and similarity >= config.similarity_skip:
+                state.frames_in += 1
+                if state.caught_up():  # its render is already out: re-emit it
+                    state.last_output = Output(state.last_output.image, index, skipped=True)
+                    return state.last_output
+                return _Frame(state, state.last_fed, latent=state.last_latent)  # a repeat, like flush
+            if config.scene_cut is not None and similarity < config.scene_cut:
+                state.reset_bank()  # this input is the first of the new scene
+        state.frames_in += 1
+        state.last_thumb = thumb
+        state.last_fed = index
+        return _Frame(state, index, image=image)
+
+    def _groups(self, frames: list[_Frame]) -> list[list[_Frame]]:
+        groups: dict[tuple, list[_Frame]] = {}
+        for frame in frames:
+            groups.setdefault(self.batch_key(frame.state), []).append(frame)
+        return list(groups.values())
+
+    def _render_group(self, group: list[_Frame]) -> list[Output]:
+        """Encode, denoise and decode the frames of streams that share UNet calls."""
+        new = [frame for frame in group if frame.latent is None]
+        if new:
+            latents = self._encode(np.stack([frame.image for frame in new]))
+            for frame, latent in zip(new, latents.split(1)):
+                frame.latent = frame.state.last_latent = latent
+        if group[0].state.config.mode == "stream":
+            denoised, sources = self._stream_step(group)
         else:
-            denoised, source = self._latency_steps(state, latent), index
-        state.bank.commit()
-        state.last_output = Output(self._decode(denoised), source)
-        return state.last_output
+            denoised, sources = self._latency_steps(group), [frame.index for frame in group]
+        outputs = []
+        for frame, image, source in zip(group, self._decode(denoised), sources):
+            frame.state.last_output = Output(image, source)
+            outputs.append(frame.state.last_output)
+        return outputs
 
-    def _stream_step(self, state: StreamState, latent: torch.Tensor, index: int) -> tuple[torch.Tensor, int]:
-        steps = state.config.steps
-        if state.in_flight is None:  # warm start: every slot from the first frame
-            state.in_flight = self._noised(state, latent.expand(steps - 1, -1, -1, -1), slots=range(1, steps))
-            state.in_flight_sources = [index - 1] * (steps - 1)  # provisional renders, not yet frame `index`
-        x = torch.cat([self._noised(state, latent, slots=[0]), state.in_flight])
-        denoised = self._lcm_step(state, x, slots=list(range(steps)))
-        sources = [index] + state.in_flight_sources
-        state.in_flight = self._noised(state, denoised[:-1], slots=range(1, steps))
-        state.in_flight_sources = sources[:-1]
-        return denoised[-1:], sources[-1]
+    def _stream_step(self, group: list[_Frame]) -> tuple[torch.Tensor, list[int]]:
+        """One stream-batch UNet call: each stream admits its newest frame at
+        slot 0 and emits the oldest from its last slot."""
+        steps = group[0].state.config.steps
+        states, x, sources = [], [], []
+        for frame in group:
+            state = frame.state
+            if state.in_flight is None:  # warm start: every slot from the first frame
+                state.in_flight = self._noised(state, frame.latent.expand(steps - 1, -1, -1, -1), range(1, steps))
+                state.in_flight_sources = [frame.index - 1] * (steps - 1)  # provisional, not yet frame `index`
+            states.append(state)
+            x.append(torch.cat([self._noised(state, frame.latent, [0]), state.in_flight]))
+            sources.append([frame.index] + state.in_flight_sources)
+        takes = [state.bank_takes(rows) for state, rows in zip(states, sources)]
+        recording = [take and state.bank.due() for state, take in zip(states, takes)]
+        denoised = self._lcm_step(states, _stack(x), list(range(steps)), recording)
+        newest = []
+        for state, rows, row_sources, take in zip(states, denoised.split(steps), sources, takes):
+            if take:
+                state.bank.commit()
+            state.in_flight = self._noised(state, rows[:-1], range(1, steps))
+            state.in_flight_sources = row_sources[:-1]
+            newest.append(rows[-1:])
+        return _stack(newest), [row_sources[-1] for row_sources in sources]
 
-    def _latency_steps(self, state: StreamState, latent: torch.Tensor) -> torch.Tensor:
-        x = self._noised(state, latent, slots=[0])
-        for slot in range(state.config.steps):
-            denoised = self._lcm_step(state, x, slots=[slot])
-            if slot + 1 < state.config.steps:
-                x = self._noised(state, denoised, slots=[slot + 1])
+    def _latency_steps(self, group: list[_Frame]) -> torch.Tensor:
+        """All denoising steps of each stream's frame, one UNet call per step."""
+        states = [frame.state for frame in group]
+        takes = [state.bank_takes([frame.index]) for state, frame in zip(states, group)]
+        recording = [take and state.bank.due() for state, take in zip(states, takes)]
+        x = _stack([self._noised(frame.state, frame.latent, [0]) for frame in group])
+        steps = states[0].config.steps
+        for slot in range(steps):
+            denoised = self._lcm_step(states, x, [slot], recording)
+            if slot + 1 < steps:
+                x = _stack([self._noised(state, rows, [slot + 1]) for state, rows in zip(states, denoised.split(1))])
+        for state, take in zip(states, takes):
+            if take:
+                state.bank.commit()
         return denoised
 
-    def _lcm_step(self, state: StreamState, x: torch.Tensor, slots: list[int]) -> torch.Tensor:
-        """One UNet call and the LCM x0 prediction for each slot in the batch."""
-        schedule, index = state.schedule, as_index(slots)
-        timesteps = schedule["timesteps"][index]
-        cfg = self._cfg(state)
-        embeds = state.prompt_embeds.expand(len(slots), -1, -1)
+    def _lcm_step(self, states: list[StreamState], x: torch.Tensor, slots: list[int],
+                  recording: list[bool]) -> torch.Tensor:
+        """One UNet call over the streams' rows (each stream: one row per slot)
+        and the LCM x0 prediction for each row."""
+        index, rows = as_index(slots), len(slots)
+        per_row = lambda name: _stack([state.schedule[name][index] for state in states])  # noqa: E731
+        timesteps = per_row("timesteps")
+        embeds = _stack([state.prompt_embeds.expand(rows, -1, -1) for state in states])
+        cfg = self._cfg(states[0])
         if cfg:
-            embeds = torch.cat([state.negative_embeds.expand(len(slots), -1, -1), embeds])
-            x_in, t_in = torch.cat([x, x]), torch.cat([timesteps, timesteps])
+            negative = _stack([state.negative_embeds.expand(rows, -1, -1) for state in states])
+            embeds, x_in, t_in = torch.cat([negative, embeds]), torch.cat([x, x]), torch.cat([timesteps, timesteps])
         else:
             x_in, t_in = x, timesteps
-        condition = self._condition(state, x_in.shape[0]) if self.guidance_embedded else None
-        view = BankView(state.bank, slots, copies=2 if cfg else 1)
+        condition = _stack([self._condition(state, rows) for state in states]) if self.guidance_embedded else None
+        view = BatchView([BankView(state.bank, slots, record) for state, record in zip(states, recording)],
+                         copies=2 if cfg else 1)
         if self.backend is not None:
             eps = self.backend(x_in, t_in, embeds, condition, view)
         else:
@@ -255,14 +372,19 @@ class StreamV2V:
             )[0]
         if cfg:
             uncond, cond = eps.chunk(2)
-            eps = uncond + state.config.guidance_scale * (cond - uncond)
-        sqrt_alpha, sqrt_beta = schedule["sqrt_alpha"][index], schedule["sqrt_beta"][index]
-        x0 = (x - sqrt_beta * eps) / sqrt_alpha
-        return schedule["c_out"][index] * x0 + schedule["c_skip"][index] * x
+            eps = _stack([u + state.config.guidance_scale * (c - u)
+                          for state, u, c in zip(states, uncond.split(rows), cond.split(rows))])
+        x0 = predicted_original(x, eps, per_row("sqrt_alpha"), per_row("sqrt_beta"), self.prediction_type)
+        if self.scheduler.config.get("clip_sample", False):
+            limit = self.scheduler.config.get("clip_sample_range", 1.0)
+            x0 = x0.clamp(-limit, limit)
+        return per_row("c_out") * x0 + per_row("c_skip") * x
 
     def _condition(self, state: StreamState, batch: int) -> torch.Tensor:
         """The guidance embedding of an LCM-distilled UNet, computed once per scale."""
-        scale = state.config.guidance_scale or LCM_DISTILLED_GUIDANCE
+        scale = state.config.guidance_scale
+        if scale is None:  # the model's own default; 0.0 is a choice, not "unset"
+            scale = LCM_DISTILLED_GUIDANCE
         key = (scale, self.device, self.dtype)
         if key not in self._conditions:
             condition = guidance_embedding(scale, self.unet.config.time_cond_proj_dim)
@@ -313,13 +435,29 @@ class StreamV2V:
         ).input_ids.to(self.text_encoder.device)
         return self.text_encoder(ids)[0].to(self.device, self.dtype)
 
-    def _encode(self, image: np.ndarray) -> torch.Tensor:
-        pixels = torch.tensor(image, device=self.device).permute(2, 0, 1).unsqueeze(0)
+    def _encode(self, frames: np.ndarray) -> torch.Tensor:
+        """Latents of uint8 frames (k, H, W, 3) -> (k, 4, H/8, W/8)."""
+        pixels = torch.from_numpy(frames).to(self.device).permute(0, 3, 1, 2)
         pixels = pixels.to(self.dtype) / 127.5 - 1.0
         return self.vae.encode(pixels).latents * self.vae.config.scaling_factor
 
-    def _decode(self, latent: torch.Tensor) -> np.ndarray:
-        pixels = self.vae.decode(latent / self.vae.config.scaling_factor).sample
-        pixels = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return pixels.permute(1, 2, 0).cpu().numpy()
+    def _decode(self, latents: torch.Tensor) -> np.ndarray:
+        """uint8 frames (k, H, W, 3) of latents (k, 4, h, w)."""
+        pixels = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
+
+@dataclass
+class _Frame:
+    """One stream's frame on its way through `StreamV2V.render`."""
+
+    state: StreamState
+    index: int                          # the input it renders (a repeat: the newest one again)
+    image: np.ndarray | None = None     # to encode; None for a repeat, which reuses `latent`
+    latent: torch.Tensor | None = None
+    position: int = 0                   # its job's place in the call
+
+
+def _stack(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -25,9 +25,14 @@ def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def best_match(a: torch.Tensor, b: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """For each token of `a` (B, N, C): the cosine similarity and index of its
     most similar token of `b` (B, M, C).  Rows are taken `chunk` at a time so
-    the B×chunk×M similarity block, not B×N×M, bounds the memory."""
-    a = torch.nn.functional.normalize(a, dim=-1)
-    b = torch.nn.functional.normalize(b, dim=-1).transpose(1, 2)
+    the B×chunk×M similarity block, not B×N×M, bounds the memory.
+
+    Computed in float32 whatever the model's dtype: in bfloat16 neighbouring
+    similarities near 1 are 0.004 apart (coarser than the fusion threshold's
+    margin), and float16 normalises a zero vector to NaN.  At these token
+    counts the cost is small."""
+    a = torch.nn.functional.normalize(a.float(), dim=-1)
+    b = torch.nn.functional.normalize(b.float(), dim=-1).transpose(1, 2)
     scores, indices = [], []
     for start in range(0, a.shape[1], chunk):
         best = torch.bmm(a[:, start:start + chunk], b).max(dim=-1)
@@ -63,14 +68,15 @@ def random_bipartite_match(metric: torch.Tensor, generator: torch.Generator | No
     """Split the 2N tokens of `metric` (B, 2N, C) at random and match each
     src token to its most cosine-similar dst token.
 
-    The split is drawn independently for each batch row from `generator`
-    (a CPU generator, so a seeded stream is reproducible on any device).
+    The split is drawn independently for each batch row from `generator`, on
+    `metric`'s device (the generator must live there too), so no index
+    tensor crosses from the host.
     """
     batch, tokens, _ = metric.shape
     if tokens % 2:
         raise ValueError(f"bipartite matching needs an even number of tokens, got {tokens}")
     half = tokens // 2
-    order = torch.rand(batch, tokens, generator=generator).argsort(dim=1).to(metric.device)
+    order = torch.rand(batch, tokens, generator=generator, device=metric.device).argsort(dim=1)
     src_index, dst_index = order[:, :half], order[:, half:]
     _, assignment = best_match(_gather_tokens(metric, src_index), _gather_tokens(metric, dst_index))
     return Match(src_index, dst_index, assignment)

@@ -128,7 +128,7 @@ def check_onnx(engine, state: StreamState, export: OnnxExport, *, atol: float = 
     call = next_call(engine, state)
     # The reference: the eager hooks path, recording into a scratch bank that
     # shares the stored frames (the stream's own bank is left untouched).
-    scratch = FeatureBank(state.bank.config, torch.Generator())
+    scratch = FeatureBank(state.bank.config)
     scratch.layers = state.bank.layers
     view = BankView(scratch, call.view.slots)
     eps = engine.unet(call.sample, call.timestep, encoder_hidden_states=call.encoder_hidden_states,

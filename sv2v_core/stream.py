@@ -40,8 +40,7 @@ class Output:
 class StreamState:
     def __init__(self, config: StreamConfig) -> None:
         self.config = config
-        self.generator = torch.Generator().manual_seed(config.seed)   # DyMe's random splits
-        self.bank = FeatureBank(config.bank, self.generator)
+        self.bank = FeatureBank(config.bank, config.seed)
         self.noise: torch.Tensor | None = None   # (steps, 4, h, w), fixed per slot
         self.schedule: dict[str, torch.Tensor] = {}  # timesteps and per-slot coefficients
         self.in_flight: torch.Tensor | None = None   # (steps − 1, 4, h, w), stream mode
@@ -53,6 +52,7 @@ class StreamState:
         self.last_thumb: np.ndarray | None = None      # of the last rendered input
         self.last_fed = -1                      # index of the newest input given to the model
         self.last_output: Output | None = None
+        self.bank_since = 0                     # first input whose features may enter the bank
 
     def caught_up(self) -> bool:
         """True once the newest input given to the model has been rendered."""
@@ -62,13 +62,24 @@ class StreamState:
         """The oldest input whose render may still change."""
         return min(self.in_flight_sources, default=self.frames_in)
 
+    def bank_takes(self, sources: list[int]) -> bool:
+        """Whether a UNet call whose batch rows render the inputs `sources` may
+        leave features in the bank: only if every row renders an input fed
+        since the bank was last emptied.  In stream mode that excludes the
+        warm-start copies of a new stream and, after a reset (scene cut,
+        prompt change), the frames still in flight from before it; they go on
+        rendering (no frame is lost, no glitch) but leave nothing behind."""
+        return min(sources) >= self.bank_since
+
     def reset_bank(self) -> None:
-        """Forget past frames; the stream itself goes on."""
+        """Forget past frames: no feature of an input given so far will enter
+        the bank again.  The stream itself goes on."""
         self.bank.reset()
+        self.bank_since = self.frames_in
 
     def reset(self) -> None:
         """Start over: empty bank, nothing in flight; the next frame warm-starts."""
-        self.bank.reset()
+        self.reset_bank()
         self.in_flight = None
         self.in_flight_sources = []
         self.last_thumb = None

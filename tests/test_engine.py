@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from sv2v_core import BankConfig, ImageError, StreamConfig, StreamV2V
-from sv2v_core.engine import lcm_timesteps
 from sv2v_core.models import load_components
 
 SIZE = 64
@@ -27,14 +26,6 @@ def config(**changes) -> StreamConfig:
 
 def render_all(engine, state, frames):
     return [engine(state, frame).image for frame in frames]
-
-
-def test_timesteps_follow_the_reference_schedule():
-    assert lcm_timesteps(0.4, 4) == [399, 299, 199, 99]
-    assert lcm_timesteps(0.4, 2) == [399, 199]
-    assert lcm_timesteps(0.4, 1) == [399]
-    with pytest.raises(ValueError, match="too low"):
-        lcm_timesteps(0.02, 4)
 
 
 def test_latency_mode_static_input_matches_no_bank_until_first_merge(engine):

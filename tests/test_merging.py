@@ -1,4 +1,7 @@
-"""DyMe bipartite matching, checked against a brute-force reference."""
+"""DyMe bipartite matching and the bank's updates, checked against
+brute-force references computed by hand."""
+
+import itertools
 
 import torch
 
@@ -63,7 +66,7 @@ def _record_frame(bank, layer, k, fuse=True):
 
 
 def test_dyme_bank_stays_one_frame_over_200_updates():
-    bank = FeatureBank(BankConfig(mode="dyme", merge_every=1), torch.Generator().manual_seed(0))
+    bank = FeatureBank(BankConfig(mode="dyme", merge_every=1), seed=0)
     layer = "mid_block.attentions.0.transformer_blocks.0"
     for _ in range(200):
         _record_frame(bank, layer, torch.randn(4, 64, 16))
@@ -75,7 +78,7 @@ def test_dyme_bank_stays_one_frame_over_200_updates():
 
 
 def test_keys_values_and_outputs_follow_one_assignment():
-    bank = FeatureBank(BankConfig(mode="dyme", merge_every=1), torch.Generator().manual_seed(0))
+    bank = FeatureBank(BankConfig(mode="dyme", merge_every=1), seed=0)
     layer = "up_blocks.1.attentions.0.transformer_blocks.0"
     for _ in range(5):
         _record_frame(bank, layer, torch.randn(2, 32, 8))
@@ -86,7 +89,7 @@ def test_keys_values_and_outputs_follow_one_assignment():
 
 
 def test_merge_runs_every_n_frames_and_first_frame_is_stored():
-    bank = FeatureBank(BankConfig(mode="dyme", merge_every=4), torch.Generator().manual_seed(0))
+    bank = FeatureBank(BankConfig(mode="dyme", merge_every=4), seed=0)
     layer = "down_blocks.0.attentions.0.transformer_blocks.0"
     first = torch.randn(1, 8, 4)
     _record_frame(bank, layer, first, fuse=False)
@@ -100,7 +103,7 @@ def test_merge_runs_every_n_frames_and_first_frame_is_stored():
 
 
 def test_queue_keeps_the_last_k_frames():
-    bank = FeatureBank(BankConfig(mode="queue", size=2, merge_every=1), torch.Generator())
+    bank = FeatureBank(BankConfig(mode="queue", size=2, merge_every=1))
     layer = "mid_block.attentions.0.transformer_blocks.0"
     frames = [torch.full((1, 4, 2), float(i)) for i in range(5)]
     for frame in frames:
@@ -109,11 +112,75 @@ def test_queue_keeps_the_last_k_frames():
 
 
 def test_no_bank_keeps_nothing_and_reset_forgets():
-    empty = FeatureBank(BankConfig(mode="none"), torch.Generator())
+    empty = FeatureBank(BankConfig(mode="none"))
     _record_frame(empty, "mid_block.attentions.0.transformer_blocks.0", torch.randn(1, 4, 2))
     assert empty.layers == {} and empty.nbytes() == 0
-    bank = FeatureBank(BankConfig(mode="dyme"), torch.Generator())
+    bank = FeatureBank(BankConfig(mode="dyme"))
     _record_frame(bank, "mid_block.attentions.0.transformer_blocks.0", torch.randn(1, 4, 2))
     assert bank.nbytes() > 0
     bank.reset()
     assert bank.nbytes() == 0 and bank.frames == 0
+
+
+def _groups_from_one_hot(merged_v):
+    """Each stored token's value is the mean of one-hot ids: read back which
+    of the 2N input tokens it averages."""
+    return [tuple(int(i) for i in torch.nonzero(row > 1e-6).flatten()) for row in merged_v]
+
+
+def test_a_due_dyme_commit_stores_the_bipartite_merge_of_old_and_new():
+    """Paper §4.3: concatenate the stored and the new tokens (2N), split them
+    at random into halves src and dst, send every src token to its most
+    cosine-similar dst token (on the keys), average; k, v and o alike."""
+    n, layer = 6, "up_blocks.1.attentions.0.transformer_blocks.0"
+    torch.manual_seed(3)
+    bank = FeatureBank(BankConfig(mode="dyme", merge_every=1), seed=5)
+    frames = [torch.randn(1, n, 4), torch.randn(1, n, 4)]
+    ids = torch.eye(2 * n).unsqueeze(0)  # value = one-hot id of the token among the 2N
+    for index, k in enumerate(frames):
+        bank.record(layer, "k", k)
+        bank.record(layer, "v", ids[:, index * n:(index + 1) * n])
+        bank.record(layer, "o", k ** 2)
+        bank.commit()
+    keys = torch.cat(frames, dim=1)[0]
+    stored = bank.layers[layer]
+    groups = _groups_from_one_hot(stored["v"][0])
+    # every token of old and new lands in exactly one of N groups ("keep only the newest" fails here)
+    assert len(groups) == n and sorted(i for g in groups for i in g) == list(range(2 * n))
+    assert any(i < n for g in groups for i in g) and any(i >= n for g in groups for i in g)
+    for row, group in enumerate(groups):  # k and o are the means over the same group
+        torch.testing.assert_close(stored["k"][0, row], keys[list(group)].mean(0))
+        torch.testing.assert_close(stored["o"][0, row], (keys[list(group)] ** 2).mean(0))
+    # some choice of one dst per group makes every other member's best dst its own group's
+    cosine = torch.nn.functional.cosine_similarity(keys[:, None], keys[None, :], dim=-1)
+    def consistent(dsts):
+        return all(int(torch.tensor(dsts)[cosine[i, list(dsts)].argmax()]) == d
+                   for d, group in zip(dsts, groups) for i in group if i != d)
+    assert any(consistent(choice) for choice in itertools.product(*groups))
+
+
+def test_dyme_splits_are_reproducible_and_restart_with_a_reset():
+    layer = "mid_block.attentions.0.transformer_blocks.0"
+    frames = [torch.randn(2, 16, 4) for _ in range(4)]
+
+    def run(bank):
+        for k in frames:
+            _record_frame(bank, layer, k)
+        return bank.layers[layer]["k"].clone()
+
+    first = FeatureBank(BankConfig(mode="dyme", merge_every=1), seed=1)
+    result = run(first)
+    assert torch.equal(result, run(FeatureBank(BankConfig(mode="dyme", merge_every=1), seed=1)))
+    assert not torch.equal(result, run(FeatureBank(BankConfig(mode="dyme", merge_every=1), seed=2)))
+    first.reset()
+    assert torch.equal(run(first), result)
+
+
+def test_nothing_is_recorded_or_kept_between_due_frames():
+    bank = FeatureBank(BankConfig(mode="dyme", merge_every=3), seed=0)
+    dues = []
+    for _ in range(7):
+        dues.append(bank.due())
+        bank.commit()
+    assert dues == [True, False, False, True, False, False, True]
+    assert not FeatureBank(BankConfig(mode="none")).due()
