@@ -10,9 +10,10 @@ GPU.  Tests use it because its render shows exactly what was drawn.
 
 Cost model.  `frame_ms` is one frame in latency mode: `steps` UNet calls of
 batch 1, frame_ms / steps each.  In stream mode one UNet call of batch
-`steps` admits a frame; it costs `stream_cost` × frame_ms (default 0.5: a
-batch-4 call of SD1.5 at 512² on a large GPU takes about half as long as
-four batch-1 calls).  Stream mode also lags like the real engine: a call
+`steps` admits a frame; it costs `stream_cost` × frame_ms.  The default 0.5
+is an assumption, not a measurement: that a large GPU runs one batch-4 call
+of SD1.5 at 512² in about half the time of four batch-1 calls (a cost of
+8 ms + 3 ms per image, a common H100 estimate, gives 0.45).  Stream mode also lags like the real engine: a call
 returns the frame admitted steps − 1 calls earlier, and `flush` repeats the
 newest frame until it has come out.
 """
