@@ -7,6 +7,7 @@
 // through DOM events on `document`:
 //   "sv2v:render"  live -> view  a render to draw: {blob, seq, reply, stamp, channel, ...timings}
 //   "sv2v:answer"  view -> live  the Gradio path answered snapshot `reply`
+//   "sv2v:shown"   view -> live  a render was drawn (or dropped as stale): time for the next snapshot
 //   "sv2v:channel" live -> view  which channel is in use, and why (again on "sv2v:hello",
 //                                which the view sends when it loads: either may load first)
 //   "sv2v:message" live -> view  an error about a snapshot, for the person drawing
@@ -145,14 +146,16 @@ function startLive(source, props, trigger) {
     pump();
   }
 
-  // An answer (render, dropped, error or timeout) for snapshot `id`.
-  function answered(id) {
+  // An answer (render, dropped, error or timeout) for snapshot `id`; `next`: send the next one now
+  // (false: once the view has drawn this render, "sv2v:shown").
+  function answered(id, next = true) {
     const entry = inflight.get(id);
     if (!entry) return null;
     if (entry.timeout) clearTimeout(entry.timeout);
     inflight.delete(id);
     average("roundtrip", performance.now() - entry.sentAt);
-    pump();
+    if (next) pump();
+    else setTimeout(pump, 50);  // in case the view never says it has drawn it
     return entry;
   }
 
@@ -185,7 +188,9 @@ function startLive(source, props, trigger) {
       for (const [id, other] of inflight) {
         if (id !== reply) busyUntil = Math.max(finished, other.sentAt + est.pre) + est.model;
       }
-      answered(reply);
+      // With one snapshot at a time the page is the slow stage: draw this render before
+      // encoding the next snapshot on the same thread.
+      answered(reply, limit() > 1);
     }
   }
 
@@ -248,6 +253,7 @@ function startLive(source, props, trigger) {
   }
 
   document.addEventListener("sv2v:answer", (event) => answered(event.detail.reply));
+  document.addEventListener("sv2v:shown", () => pump());
   document.addEventListener("sv2v:hello", () => emit("sv2v:channel", { channel, why: channelWhy }));
   connect();
   return {

@@ -43,6 +43,14 @@
   }
 
   async function show(render) {
+    try {
+      await draw(render);
+    } finally {
+      document.dispatchEvent(new CustomEvent("sv2v:shown", { detail: { seq: render.seq } }));
+    }
+  }
+
+  async function draw(render) {
     if (render.seq < stats.shownSeq) { stats.stale += 1; return; }
     const bitmap = await createImageBitmap(render.blob);
     if (render.seq < stats.shownSeq) { stats.stale += 1; bitmap.close(); return; }  // a newer one was drawn meanwhile
