@@ -19,13 +19,14 @@ pytest.importorskip("playwright.sync_api")
 
 
 def test_the_benchmark_measures_a_drawing_session_and_writes_json_and_markdown(tmp_path):
-    assert main(["--cases", "echo:5", "--seconds", "1.5", "--out", str(tmp_path)]) == 0
+    assert main(["--cases", "echo:5", "--channels", "ws", "python", "--seconds", "1.5", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "live.json").read_text())
-    (row,) = result["rows"]
-    assert (row["case"], row["mode"], row["channel"]) == ("echo:5", "latency", "ws")
-    assert row["renders"] > 0 and row["final_shown"]
-    assert row["latency_p50"] > 0 and 0 < row["model_busy"] <= 1
-    assert set(row["breakdown"]) == {"encode", "transfer", "decode", "wait", "model", "serverEncode", "display"}
+    page, client = result["rows"]
+    assert (page["case"], page["mode"], page["channel"], client["channel"]) == ("echo:5", "latency", "ws", "python")
+    for row in (page, client):
+        assert row["renders"] > 0 and row["final_shown"]
+        assert row["latency_p50"] > 0 and 0 < row["model_busy"] <= 1
+    assert set(page["breakdown"]) == {"encode", "transfer", "decode", "wait", "model", "serverEncode", "display"}
     table = (tmp_path / "live.md").read_text()
-    assert "| echo:5 | latency | ws |" in table
+    assert "| echo:5 | latency | ws |" in table and "| echo:5 | latency | python |" in table
     assert "load average" in result["conditions"] and result["conditions"] in table
