@@ -5,31 +5,33 @@ with a `SessionRegistry` (one stream and one recording per visitor).  The
 Gradio handlers in `ui.layout` only translate widget values into calls here
 and exceptions into messages.
 
-Render mode, decided by measurement (python -m ui.bench --modes latency
-stream; echo engine = a GPU of the given cost per frame, 512², 4 steps, the
-fast channel, headless Chromium drawing at 60 Hz on this 2-core machine):
+Render mode, decided by measurement (python -m ui.bench --cases echo:15
+echo:40 tiny:256 --modes latency stream; the echo engine stands in for a GPU
+taking the given time per frame, 512², 4 steps; the fast channel; headless
+Chromium drawing at 60 Hz on a 2-core machine; medians of 2 runs):
 
     case          mode     renders/s  latency p50  model busy
-    echo 15 ms    latency     53         35 ms        92 %
-    echo 15 ms    stream      53         89 ms        47 %
-    echo 40 ms    latency     24         65 ms        98 %
-    echo 40 ms    stream      41        110 ms        90 %
-    tiny, 256²    latency      1.7      0.93 s       100 %
-    tiny, 256²    stream       1.5      2.6 s        100 %
+    echo 15 ms    latency     57         30 ms        93 %
+    echo 15 ms    stream      57         76 ms        46 %
+    echo 40 ms    latency     24         60 ms        99 %
+    echo 40 ms    stream      46         99 ms        95 %
+    tiny, 256²    latency      2.2      0.46 s        99 %
+    tiny, 256²    stream       2.9      1.34 s        99 %
 
-(The echo engine's stream batch costs half of `steps` batch-1 calls, as a
-large GPU's does.)  In stream mode every render shows the snapshot sent
-steps − 1 renders earlier, so under flow control its latency is about
-`steps` × its per-call time plus the path, always more than latency mode's
-`steps` batch-1 calls; it can only win renders per second, and only when the
-model, not the drawing (60 changes a second) nor the page, is what limits
-them (echo 40: 41 vs 24 renders/s, for 45 ms more lag).  People drawing on
-live canvases complain most about lag behind their strokes, so the canvas
-renders in latency mode; `--render-mode stream`
-remains for hosts that prefer smoothness on a slow GPU.  The page still sends
-"end" with the last snapshot of a stroke and the service flushes it, so
-stream mode also converges to the last stroke.  Whole videos, where
-throughput is what counts, are translated in stream mode.
+(The echo engine's stream batch is assumed to cost half of `steps` batch-1
+calls, roughly what a large GPU does.) In stream mode every render shows the
+snapshot sent steps − 1 renders earlier, so under flow control its latency
+is about `steps` × its per-call time plus the path, always more than latency
+mode's `steps` batch-1 calls; it can only win renders per second, and only
+when the model, not the drawing (60 changes a second) nor the page, is what
+limits them (echo 40: 46 vs 24 renders/s, for 39 ms more lag; the built-in
+model on a CPU: 2.9 vs 2.2, for three times the lag). People drawing on live
+canvases complain most about lag behind their strokes, so the canvas renders
+in latency mode; `--render-mode stream` remains for hosts that prefer
+smoothness on a slow GPU. The page still sends "end" with the last snapshot
+of a stroke and the service flushes it, so stream mode also converges to the
+last stroke. Whole videos, where throughput is what counts, are translated
+in stream mode.
 """
 
 from __future__ import annotations
