@@ -228,19 +228,39 @@ def masked_frame(payload: bytes) -> bytes:
     return bytes([0x82]) + length + mask + body
 
 
-def test_a_client_that_never_reads_its_renders_is_dropped_and_harms_nobody(app):
+@pytest.fixture(scope="module")
+def big_app():
+    """An app rendering at 512²: renders of noise are ~150 KB, so a client that reads none backs up soon."""
+    service = create_service(EchoEngine(0), size=512)
+    running = serve(service, load_presets(), port=free_port(), block=False)
+    yield service, running.url.replace("http://", "ws://") + "sv2v/ws"
+    running.close()
+    service.close()
+
+
+def test_a_client_that_never_reads_its_renders_is_dropped_and_harms_nobody(big_app):
     """Its renders would pile up on the server: once its answers back up, it is disconnected."""
-    service, url = app
-    picture = jpeg((90, 90, 90), size=SIZE)
-    with open_channel(url, "bystander-2") as bystander:
+    service, url = big_app
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (512, 512, 3), np.uint8)).save(
+        buffer, format="JPEG", quality=90)
+    picture = buffer.getvalue()
+    with connect(f"{url}?session=bystander-2", open_timeout=TIMEOUT) as bystander:
+        bystander.recv(TIMEOUT)  # ready
         deaf = raw_channel(url, "deaf", receive_buffer=4096)
+        deaf.settimeout(3)  # a server that stopped reading us shows as a send that cannot finish
         dropped = False
-        for seq in range(1, 3000):
+        for seq in range(1, 400):
             try:
                 deaf.sendall(masked_frame(wire.pack_snapshot(seq, 0.0, picture)))
-            except OSError:  # reset: the server hung up
+            except OSError:  # reset, or no longer read: the server hung up
                 dropped = True
                 break
         deaf.close()
         assert dropped, "the server kept taking snapshots from a client that reads nothing"
-        assert near(render(bystander, 1, (0, 120, 0))[0], (0, 120, 0))
+        frames = service.registry.get("deaf").state.frames_in
+        assert frames < 399  # it stopped rendering for it
+        bystander.send(wire.pack_snapshot(1, 0.0, jpeg((0, 120, 0))))
+        _, _, _, _, _, shown = wire.unpack_render(bystander.recv(TIMEOUT))
+        with Image.open(io.BytesIO(shown)) as image:
+            assert near(np.asarray(image.convert("RGB")), (0, 120, 0))
