@@ -264,3 +264,16 @@ def test_a_client_that_never_reads_its_renders_is_dropped_and_harms_nobody(big_a
         _, _, _, _, _, shown = wire.unpack_render(bystander.recv(TIMEOUT))
         with Image.open(io.BytesIO(shown)) as image:
             assert near(np.asarray(image.convert("RGB")), (0, 120, 0))
+
+
+def test_a_closed_session_frees_its_state_and_a_new_connection_starts_afresh(app):
+    service, url = app
+    with open_channel(url, "leaver") as ws:
+        render(ws, 1, (10, 200, 10))
+    folder = service.registry.get("leaver").recorder.folder
+    assert folder.exists()
+    service.close_session("leaver")  # what the page's unload does
+    assert "leaver" not in service.registry and not folder.exists()
+    with open_channel(url, "leaver") as ws:
+        render(ws, 1, (10, 200, 10))
+    assert service.registry.get("leaver").state.frames_in == 1
