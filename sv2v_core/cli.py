@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -258,7 +260,19 @@ def _error(err: BaseException) -> str:
     return "error: " + (" ".join(str(err).split()) or type(err).__name__)
 
 
+# Library chatter that is no help to a CLI user (diffusers passes huggingface_hub an argument it deprecated);
+# silenced so that a failed hub lookup is the one `error:` line.
+QUIET_WARNINGS = ("The `local_dir_use_symlinks` argument is deprecated",)
+
+
 def main(argv: list[str] | None = None) -> int:
+    with warnings.catch_warnings():
+        for message in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=re.escape(message), category=UserWarning)
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.run(args)
