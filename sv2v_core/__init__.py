@@ -9,10 +9,10 @@
 from .config import BankConfig, StreamConfig
 from .engine import StreamV2V
 from .images import ImageError
-from .models import BUILTIN_MODELS, Components, ModelLoadError, load_components
+from .models import BUILTIN_CONTROLNETS, BUILTIN_MODELS, Components, ModelLoadError, load_components, load_controlnet
 from .stream import Output, StreamState
 
 __all__ = [
-    "BUILTIN_MODELS", "BankConfig", "Components", "ImageError", "ModelLoadError", "Output",
-    "StreamConfig", "StreamState", "StreamV2V", "load_components",
+    "BUILTIN_CONTROLNETS", "BUILTIN_MODELS", "BankConfig", "Components", "ImageError", "ModelLoadError", "Output",
+    "StreamConfig", "StreamState", "StreamV2V", "load_components", "load_controlnet",
 ]

@@ -28,10 +28,16 @@ dtype; in particular it never switches the feature bank off.
   dtype) compiles once: for one stream size and mode, no bank, then one per
   queue length (DyMe: one), each with and without recording.
   The same `BankUNet` is what `onnx_export` exports for ONNX and TensorRT.
+- ControlNet: its residuals are explicit inputs of `BankUNet` too (one per
+  down-block skip, then the mid block's), so a compiled, ONNX or TensorRT
+  UNet keeps the conditioning; a call with residuals has its own signature.
+  The ControlNet itself runs in PyTorch (eagerly, in the chosen dtype and
+  memory format).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 from typing import Callable
@@ -71,15 +77,18 @@ class ExplicitBank:
 @dataclass(frozen=True)
 class BankSpec:
     """The signature of one `BankUNet`: which banked tensors go in (with their
-    shapes) and which recorded features come out, in order."""
+    shapes), how many ControlNet residuals follow them, and which recorded
+    features come out, in order."""
 
     inputs: tuple[tuple[str, str], ...]
     input_shapes: tuple[tuple[int, ...], ...]
     outputs: tuple[tuple[str, str], ...]
     fusion: tuple[float, float]  # (α, threshold) of feature fusion
+    control: int = 0             # ControlNet down-block residuals (0: no ControlNet; else a mid one follows)
 
     def input_names(self) -> list[str]:
-        return [f"bank.{layer}.{name}" for layer, name in self.inputs]
+        control = [f"control.down.{i}" for i in range(self.control)] + (["control.mid"] if self.control else [])
+        return [f"bank.{layer}.{name}" for layer, name in self.inputs] + control
 
     def output_names(self) -> list[str]:
         return [f"new.{layer}.{name}" for layer, name in self.outputs]
@@ -114,13 +123,15 @@ def bank_spec(view, layers: list[str]) -> tuple[BankSpec, list[torch.Tensor]]:
 class BankUNet(torch.nn.Module):
     """The patched UNet as a pure function:
 
-        forward(sample, timestep, encoder_hidden_states, [timestep_cond], *banked)
+        forward(sample, timestep, encoder_hidden_states, [timestep_cond], *banked, *residuals)
             -> (eps, *recorded)
 
     `banked` are the tensors named by `spec.inputs` (rows already matching the
-    batch); `recorded` are the current frame's features named by
-    `spec.outputs`.  Extended attention and feature fusion run inside; the
-    bank update does not.  The UNet must carry `attention.BankPatch`.
+    batch); `residuals` the ControlNet's `spec.control` down-block residuals
+    and its mid-block one (none without a ControlNet); `recorded` are the
+    current frame's features named by `spec.outputs`.  Extended attention and
+    feature fusion run inside; the bank update does not.  The UNet must carry
+    `attention.BankPatch`.
     """
 
     def __init__(self, unet: torch.nn.Module, spec: BankSpec) -> None:
@@ -130,13 +141,27 @@ class BankUNet(torch.nn.Module):
         self.conditioned = unet.config.time_cond_proj_dim is not None
 
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
-        condition, banked = (rest[0], rest[1:]) if self.conditioned else (None, rest)
+        condition, rest = (rest[0], rest[1:]) if self.conditioned else (None, rest)
+        banked, residuals = rest[:len(self.spec.inputs)], rest[len(self.spec.inputs):]
+        down, mid = (list(residuals[:-1]), residuals[-1]) if self.spec.control else (None, None)
         bank = ExplicitBank(self.spec.fusion, dict(zip(self.spec.inputs, banked)))
         eps = self.unet(
             sample, timestep, encoder_hidden_states=encoder_hidden_states, timestep_cond=condition,
-            cross_attention_kwargs={"bank": bank}, return_dict=False,
+            cross_attention_kwargs={"bank": bank}, down_block_additional_residuals=down,
+            mid_block_additional_residual=mid, return_dict=False,
         )[0]
         return (eps, *[bank.recorded[key] for key in self.spec.outputs])
+
+
+def call_args(spec: BankSpec, sample, timestep, embeds, condition, banked, residuals) -> tuple[BankSpec, list]:
+    """`BankUNet`'s arguments, in order, and `spec` counting the ControlNet
+    residuals ((down, mid), or None without a ControlNet)."""
+    args = [sample, timestep, embeds, *([condition] if condition is not None else []), *banked]
+    if residuals is not None:
+        down, mid = residuals
+        spec = dataclasses.replace(spec, control=len(down))
+        args += [*down, mid]
+    return spec, args
 
 
 class BankRunner:
@@ -144,9 +169,9 @@ class BankRunner:
     function made per `BankSpec` by `make(spec)` (a compiled `BankUNet`, an
     ONNX or TensorRT session) and records its outputs into the stream's bank.
 
-    make(spec, args) returns f(sample, timestep, embeds, [condition], *banked)
-    -> sequence (eps, *recorded); `args` are the first call's arguments (for
-    their shapes and dtypes).  `clone_outputs`: copy the recorded features
+    make(spec, args) returns f(sample, timestep, embeds, [condition], *banked,
+    *residuals) -> sequence (eps, *recorded); `args` are the first call's
+    arguments (for their shapes and dtypes).  `clone_outputs`: copy the recorded features
     (needed when f returns memory it reuses, e.g. CUDA graphs).
     """
 
@@ -158,9 +183,9 @@ class BankRunner:
         self.step_marker = step_marker
         self.functions: dict[tuple, Callable] = {}
 
-    def __call__(self, sample, timestep, embeds, condition, view):
+    def __call__(self, sample, timestep, embeds, condition, view, residuals=None):
         spec, banked = bank_spec(view, self.layers)
-        args = [sample, timestep, embeds, *([condition] if condition is not None else []), *banked]
+        spec, args = call_args(spec, sample, timestep, embeds, condition, banked, residuals)
         # A function is made for one signature: the bank's and every input's shape, dtype and device
         # (a graph built for batch 4 at 512² must never run a batch of 1 at 256²).
         key = (spec, *((tuple(a.shape), a.dtype, a.device) for a in args))
@@ -241,8 +266,9 @@ def accelerate(target, *, dtype: torch.dtype | None = None, channels_last: bool 
     report = AccelReport(device=str(device), dtype=str(unet.dtype).replace("torch.", ""))
 
     if channels_last:
-        unet.to(memory_format=torch.channels_last)
-        vae.to(memory_format=torch.channels_last)
+        for module in components.modules():
+            if module is not components.text_encoder:
+                module.to(memory_format=torch.channels_last)
         report.channels_last = True
 
     if cuda:
@@ -276,6 +302,9 @@ def accelerate(target, *, dtype: torch.dtype | None = None, channels_last: bool 
         report.attention = "xformers (bank kept: extended attention runs through it)"
     if not processors:
         report.notes.append("the UNet carries no bank processors yet (make the engine first to use the bank)")
+    if components.controlnet is not None:
+        report.notes.append("ControlNet: its residuals enter the UNet as explicit inputs; the ControlNet itself "
+                            "runs eagerly in PyTorch" + (" (not compiled)" if compile else ""))
 
     if compile:
         if engine is None:

@@ -16,26 +16,32 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from sv2v_core import bench
-from sv2v_core.config import BANK_MODES, RENDER_MODES, BankConfig, StreamConfig
+from sv2v_core.config import BANK_MODES, CONTROL_IMAGES, RENDER_MODES, BankConfig, StreamConfig
 from sv2v_core.engine import StreamV2V
 from sv2v_core.images import fit_size
+from sv2v_core.control import CONTROLLED_STRENGTH
 from sv2v_core.metrics import MetricUnavailable, clip_consistency, compute_warp_error
 from sv2v_core.models import ModelLoadError, load_components
 from sv2v_core.video import OUTPUT_EXTENSIONS, VideoError, VideoWriter, read_video
 
 DEFAULT_LONG_SIDE = 512
+DEFAULT_STRENGTH = 0.4
+DEFAULT_CONTROL_IMAGE = "canny"  # video: edges (a canvas would use "lines")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BUILTIN_NOTES = {
     "tiny": "note: the built-in 'tiny' model runs offline; its pictures are not art.",
     "sd15-random": "note: 'sd15-random' has random weights; its output is noise, useful only to measure speed and memory.",
 }
+BUILTIN_CONTROLNET_NOTE = "note: the built-in 'tiny' ControlNet runs offline; its pictures are not art either."
 
 
 class UsageError(Exception):
@@ -63,7 +69,9 @@ def _add_translate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None,
                    help=f"output width (default: input aspect, long side {DEFAULT_LONG_SIDE}, rounded to the model's size multiple, 64 for SD1.5)")
     p.add_argument("--height", type=int, default=None, help="output height")
-    p.add_argument("--strength", type=float, default=0.4, help="SDEdit noise strength (default 0.4)")
+    p.add_argument("--strength", type=float, default=None,
+                   help=f"SDEdit noise strength (default {DEFAULT_STRENGTH}; {CONTROLLED_STRENGTH} with --controlnet, "
+                        "which keeps the composition at higher strengths)")
     p.add_argument("--steps", type=int, default=4, help="LCM denoising steps (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", type=float, default=None,
@@ -77,6 +85,15 @@ def _add_translate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fusion-threshold", type=float, default=0.98)
     p.add_argument("--merge-every", type=int, default=4, help="DyMe bank update interval in frames (default 4)")
     p.add_argument("--mode", default="stream", choices=RENDER_MODES, help="stream batch or latency mode")
+    p.add_argument("--controlnet", default=None, metavar="ID_OR_PATH",
+                   help="condition on each frame's lines or edges with this SD1.5 ControlNet (e.g. a scribble, "
+                        "line-art or canny one): Hugging Face id, diffusers folder, .safetensors file, or tiny "
+                        "(built in, for --model tiny)")
+    p.add_argument("--control-scale", type=float, default=None,
+                   help="ControlNet conditioning scale, 0 (off) to 2 (default 1.0; needs --controlnet)")
+    p.add_argument("--control-image", default=None, choices=CONTROL_IMAGES,
+                   help=f"control image derived from each frame: canny edges (default), lines (a drawing's "
+                        f"strokes on its paper colour) or image (the frame as it is); needs --controlnet")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES))
     p.add_argument("--quiet", action="store_true", help="no progress bar or notes")
@@ -84,6 +101,13 @@ def _add_translate_arguments(p: argparse.ArgumentParser) -> None:
 
 def _config(args: argparse.Namespace, width: int, height: int) -> StreamConfig:
     """The StreamConfig the options describe; bad values raise UsageError."""
+    if args.controlnet is None:
+        for flag, value in (("--control-scale", args.control_scale), ("--control-image", args.control_image)):
+            if value is not None:
+                raise UsageError(f"{flag} needs --controlnet (a ControlNet to condition with)")
+    strength = args.strength
+    if strength is None:
+        strength = DEFAULT_STRENGTH if args.controlnet is None or args.control_scale == 0 else CONTROLLED_STRENGTH
     try:
         bank = BankConfig(
             mode=args.bank,
@@ -99,12 +123,14 @@ def _config(args: argparse.Namespace, width: int, height: int) -> StreamConfig:
             negative_prompt=args.negative_prompt,
             width=width,
             height=height,
-            strength=args.strength,
+            strength=strength,
             steps=args.steps,
             guidance_scale=args.guidance,
             seed=args.seed,
             mode=args.mode,
             bank=bank,
+            control_scale=args.control_scale,
+            control_image=args.control_image or DEFAULT_CONTROL_IMAGE,
         )
     except ValueError as err:
         raise UsageError(str(err)) from None
@@ -152,7 +178,10 @@ def run_translate(args: argparse.Namespace) -> int:
     with VideoWriter(output, info.fps) as writer:
         if args.model in BUILTIN_NOTES and not args.quiet:
             print(BUILTIN_NOTES[args.model], file=sys.stderr)
-        components = load_components(args.model, vae=args.vae, lora=args.lora, device=device, dtype=dtype)
+        if args.controlnet == "tiny" and not args.quiet:
+            print(BUILTIN_CONTROLNET_NOTE, file=sys.stderr)
+        components = load_components(args.model, vae=args.vae, lora=args.lora, controlnet=args.controlnet,
+                                     device=device, dtype=dtype)
         engine = StreamV2V(components)
         try:
             width, height = output_size(info.width, info.height, args.width, args.height, engine.size_multiple)
@@ -231,7 +260,19 @@ def _error(err: BaseException) -> str:
     return "error: " + (" ".join(str(err).split()) or type(err).__name__)
 
 
+# Library chatter that is no help to a CLI user (diffusers passes huggingface_hub an argument it deprecated);
+# silenced so that a failed hub lookup is the one `error:` line.
+QUIET_WARNINGS = ("The `local_dir_use_symlinks` argument is deprecated",)
+
+
 def main(argv: list[str] | None = None) -> int:
+    with warnings.catch_warnings():
+        for message in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=re.escape(message), category=UserWarning)
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.run(args)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 BANK_MODES = ("none", "queue", "dyme")
 RENDER_MODES = ("stream", "latency")
+CONTROL_IMAGES = ("lines", "canny", "image")  # see control.py
+MAX_CONTROL_SCALE = 2.0
 MAX_PROMPT_CHARS = 1000
 MAX_SIDE = 2048
 
@@ -90,6 +92,14 @@ class StreamConfig:
         guidance for plain UNets (LCM-LoRA), 8.5 in the guidance embedding of
         LCM-distilled UNets.  Above 1 on a plain UNet it runs real CFG (the
         batch doubles); on an LCM-distilled UNet it sets the embedding.
+    control_scale: how strongly the engine's ControlNet conditions the render
+        (it multiplies the ControlNet's residuals, as diffusers'
+        `controlnet_conditioning_scale`); 0 is off (exactly the render without
+        a ControlNet), None picks 1.0 when the engine has a ControlNet.  An
+        engine without one refuses a positive scale.
+    control_image: the control image the ControlNet gets from each frame:
+        "lines" (a canvas's strokes as white lines on black), "canny" (Canny
+        edges, for video) or "image" (the frame as it is); see control.py.
     """
 
     prompt: str = ""
@@ -105,6 +115,8 @@ class StreamConfig:
     similarity_skip: float | None = 0.995
     scene_cut: float | None = 0.8
     reset_on_prompt_change: bool = True
+    control_scale: float | None = None
+    control_image: str = "lines"
 
     def __post_init__(self) -> None:
         for name in ("prompt", "negative_prompt"):
@@ -128,6 +140,10 @@ class StreamConfig:
             _check_range("similarity skip threshold", self.similarity_skip, 0.0, 1.0)
         if self.scene_cut is not None:
             _check_range("scene cut threshold", self.scene_cut, 0.0, 1.0)
+        if self.control_scale is not None:
+            _check_range("control scale", self.control_scale, 0.0, MAX_CONTROL_SCALE)
+        if self.control_image not in CONTROL_IMAGES:
+            raise ValueError(f"control image must be one of {', '.join(CONTROL_IMAGES)}, got {self.control_image!r}")
 
     def replace(self, **changes) -> "StreamConfig":
         """A copy with `changes`; bank fields may be given as `bank_<name>`."""

@@ -28,6 +28,16 @@ The method (paper §3–4; docs/method.md has every equation):
   A frame records its features only when its commit will keep them (the
   bank is due an update, and every batch row renders an input fed since the
   bank was last emptied: see `StreamState.bank_takes`).
+- ControlNet (optional, `Components.controlnet`): each frame gets a control
+  image (`control.control_image`, the stream's `control_image` kind, from the
+  frame or from a control source given with it) that travels with it: in
+  stream mode slot k is conditioned on frame t−k's own control image, in
+  latency mode every step on the frame's.  Before each UNet call the
+  ControlNet turns the rows' control images into residuals, scaled per row
+  by each stream's `control_scale`, which enter the UNet through its public
+  `down_block_additional_residuals` / `mid_block_additional_residual`.  The
+  bank is unchanged: EA/FF run in the UNet; the ControlNet's own attention
+  has no bank.  Streams with scale 0 never run the ControlNet.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from . import images
 from .attention import BankPatch
 from .bank import BankView, BatchView, as_index
 from .config import StreamConfig
+from .control import control_image
 from .stream import Output, StreamState
 
 LCM_ORIGINAL_STEPS = 50
@@ -114,9 +125,16 @@ class StreamV2V:
         self.size_multiple = vae_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
         self.guidance_embedded = self.unet.config.time_cond_proj_dim is not None
         self._conditions: dict[tuple, torch.Tensor] = {}
+        self.controlnet = components.controlnet
+        if self.controlnet is not None:
+            factor = 2 ** (len(self.controlnet.config.conditioning_embedding_out_channels) - 1)
+            if factor != vae_factor:
+                raise ValueError(f"the ControlNet reads control images at 1/{factor} of the latent size's pixels, "
+                                 f"the autoencoder makes latents at 1/{vae_factor}: they do not fit together")
         # None: the patched diffusers UNet, eagerly.  `accel` may install a
-        # callable (x, t, embeds, condition, view) -> eps with the same
-        # results: a compiled or TensorRT UNet with the bank as explicit inputs.
+        # callable (x, t, embeds, condition, view, residuals) -> eps with the
+        # same results: a compiled or TensorRT UNet with the bank (and the
+        # ControlNet's residuals) as explicit inputs.
         self.backend = None
 
     # Not `unet.device` / `unet.dtype`: diffusers walks every submodule for hooks on
@@ -147,7 +165,10 @@ class StreamV2V:
         frames in flight (no blank or grey frames); it empties the bank when
         `reset_on_prompt_change`.  Bank settings apply at once.  Size, steps,
         strength, seed and mode restart the stream (the next frame warm-starts).
+        ControlNet settings apply at once; frames in flight keep the control
+        image they were admitted with.
         """
+        self._check(config)
         old = state.config
         restart = (old.width, old.height, old.steps, old.strength, old.seed, old.mode) != (
             config.width, config.height, config.steps, config.strength, config.seed, config.mode
@@ -179,29 +200,34 @@ class StreamV2V:
         self._embed_prompt(state)
 
     # -- rendering ----------------------------------------------------------
-    def __call__(self, state: StreamState, frame) -> Output:
-        """Render the next input frame of `state`'s stream."""
-        return self.render([(state, frame)])[0]
+    def __call__(self, state: StreamState, frame, control=None) -> Output:
+        """Render the next input frame of `state`'s stream.  `control`: the
+        image to derive its control image from instead of the frame (e.g. a
+        canvas's ink layer without its background); needs a ControlNet."""
+        return self.render([(state, frame, control)])[0]
 
     @torch.inference_mode()
-    def render(self, jobs: Sequence[tuple[StreamState, object]]) -> list[Output]:
+    def render(self, jobs: Sequence[tuple]) -> list[Output]:
         """Render the next input frame of several streams: one `Output` per
-        (state, frame) job, in order.  Streams that can share UNet calls
-        (equal `batch_key`) are stacked along the batch, each batch row
-        reading and writing only its own stream's bank, prompt, noise and
-        timestep, so every stream gets the render it would get alone.
+        (state, frame) or (state, frame, control) job, in order (`control` as
+        in `__call__`).  Streams that can share UNet calls (equal `batch_key`)
+        are stacked along the batch, each batch row reading and writing only
+        its own stream's bank, prompt, noise, timestep, control image and
+        control scale, so every stream gets the render it would get alone.
 
         Every frame is checked (`prepare`) before any stream changes.
         """
-        states = [state for state, _ in jobs]
+        states = [job[0] for job in jobs]
         if len({id(state) for state in states}) != len(states):
             raise ValueError("a stream renders one frame per call; give each stream once")
-        prepared = [self.prepare(state, frame) for state, frame in jobs]
+        prepared = [self.prepare(state, frame) for state, frame, *_ in jobs]
+        controls = [self._control_image(job[0], image, job[2] if len(job) > 2 else None)
+                    for job, image in zip(jobs, prepared)]
         outputs: list[Output | None] = [None] * len(jobs)
         frames: list[_Frame] = []
-        for position, (state, image) in enumerate(zip(states, prepared)):
+        for position, (state, image, control) in enumerate(zip(states, prepared, controls)):
             state.to(self.device)
-            admitted = self._admit(state, image)
+            admitted = self._admit(state, image, control)
             if isinstance(admitted, Output):
                 outputs[position] = admitted
             else:
@@ -218,9 +244,22 @@ class StreamV2V:
 
     def batch_key(self, state: StreamState) -> tuple:
         """Streams whose next frames have equal keys can share UNet calls:
-        same size, steps and mode, guidance alike, banks of the same shapes."""
+        same size, steps and mode, guidance alike, banks of the same shapes,
+        ControlNet on or off (scales and control images are per row)."""
         config = state.config
-        return (config.width, config.height, config.steps, config.mode, self._cfg(state), state.bank.signature())
+        return (config.width, config.height, config.steps, config.mode, self._cfg(state), self.controlled(state),
+                state.bank.signature())
+
+    def control_scale(self, state: StreamState) -> float:
+        """The stream's ControlNet conditioning scale (its own, or 1.0 with a ControlNet, 0 without)."""
+        scale = state.config.control_scale
+        if scale is None:
+            return 0.0 if self.controlnet is None else 1.0
+        return scale
+
+    def controlled(self, state: StreamState) -> bool:
+        """Whether the stream's UNet calls run the ControlNet."""
+        return self.controlnet is not None and self.control_scale(state) > 0
 
     @torch.inference_mode()
     def flush(self, state: StreamState) -> list[Output]:
@@ -233,7 +272,8 @@ class StreamV2V:
         outputs: list[Output] = []
         state.to(self.device)
         while not state.caught_up():
-            outputs += self._render_group([_Frame(state, state.last_fed, latent=state.last_latent)])
+            outputs += self._render_group([_Frame(state, state.last_fed, latent=state.last_latent,
+                                                  control=state.last_control)])
         return outputs
 
     def translate(self, state: StreamState, frames: Iterable) -> Iterator[np.ndarray]:
@@ -260,7 +300,21 @@ class StreamV2V:
             yield last
 
     # -- the steps of a call --------------------------------------------------
-    def _admit(self, state: StreamState, image: np.ndarray) -> Output | _Frame:
+    def _control_image(self, state: StreamState, image: np.ndarray, source) -> torch.Tensor | None:
+        """The frame's control image (uint8 (1, 3, H, W) on the device), derived
+        from `source` when given, else from the frame; None without a
+        ControlNet.  Derived for every frame while a ControlNet is loaded, so
+        the frames in flight have theirs when the scale is turned up."""
+        if self.controlnet is None:
+            if source is not None:
+                raise ValueError("a control image was given, but the engine has no ControlNet")
+            return None
+        if source is not None:
+            image = self.prepare(state, source)
+        control = control_image(image, state.config.control_image)  # "image" may be the caller's own array:
+        return torch.tensor(control, device=self.device).permute(2, 0, 1).unsqueeze(0)  # copied, kept in flight
+
+    def _admit(self, state: StreamState, image: np.ndarray, control: torch.Tensor | None) -> Output | _Frame:
         """Count a new input: re-emit the last render for a near-identical one
         (once caught up), empty the bank at a scene cut."""
         config = state.config
@@ -274,13 +328,14 @@ class StreamV2V:
                 if state.caught_up():  # its render is already out: re-emit it
                     state.last_output = Output(state.last_output.image, index, skipped=True)
                     return state.last_output
-                return _Frame(state, state.last_fed, latent=state.last_latent)  # a repeat, like flush
+                return _Frame(state, state.last_fed, latent=state.last_latent, control=state.last_control)  # a repeat
             if config.scene_cut is not None and similarity < config.scene_cut:
                 state.reset_bank()  # this input is the first of the new scene
         state.frames_in += 1
         state.last_thumb = thumb
         state.last_fed = index
-        return _Frame(state, index, image=image)
+        state.last_control = control
+        return _Frame(state, index, image=image, control=control)
 
     def _groups(self, frames: list[_Frame]) -> list[list[_Frame]]:
         groups: dict[tuple, list[_Frame]] = {}
@@ -309,24 +364,31 @@ class StreamV2V:
         """One stream-batch UNet call: each stream admits its newest frame at
         slot 0 and emits the oldest from its last slot."""
         steps = group[0].state.config.steps
-        states, x, sources = [], [], []
+        states, x, sources, controls = [], [], [], []
         for frame in group:
             state = frame.state
             if state.in_flight is None:  # warm start: every slot from the first frame
                 state.in_flight = self._noised(state, frame.latent.expand(steps - 1, -1, -1, -1), range(1, steps))
                 state.in_flight_sources = [frame.index - 1] * (steps - 1)  # provisional, not yet frame `index`
+                if frame.control is not None:
+                    state.in_flight_control = frame.control.expand(steps - 1, -1, -1, -1)
             states.append(state)
             x.append(torch.cat([self._noised(state, frame.latent, [0]), state.in_flight]))
             sources.append([frame.index] + state.in_flight_sources)
+            if frame.control is not None:  # slot k: the control image of the frame it holds
+                controls.append(torch.cat([frame.control, state.in_flight_control]))
         takes = [state.bank_takes(rows) for state, rows in zip(states, sources)]
         recording = [take and state.bank.due() for state, take in zip(states, takes)]
-        denoised = self._lcm_step(states, _stack(x), list(range(steps)), recording)
+        control = _stack(controls) if self.controlled(states[0]) else None
+        denoised = self._lcm_step(states, _stack(x), list(range(steps)), recording, control)
         newest = []
-        for state, rows, row_sources, take in zip(states, denoised.split(steps), sources, takes):
+        for index, (state, rows, row_sources, take) in enumerate(zip(states, denoised.split(steps), sources, takes)):
             if take:
                 state.bank.commit()
             state.in_flight = self._noised(state, rows[:-1], range(1, steps))
             state.in_flight_sources = row_sources[:-1]
+            if controls:
+                state.in_flight_control = controls[index][:-1]
             newest.append(rows[-1:])
         return _stack(newest), [row_sources[-1] for row_sources in sources]
 
@@ -336,9 +398,10 @@ class StreamV2V:
         takes = [state.bank_takes([frame.index]) for state, frame in zip(states, group)]
         recording = [take and state.bank.due() for state, take in zip(states, takes)]
         x = _stack([self._noised(frame.state, frame.latent, [0]) for frame in group])
+        control = _stack([frame.control for frame in group]) if self.controlled(states[0]) else None
         steps = states[0].config.steps
-        for slot in range(steps):
-            denoised = self._lcm_step(states, x, [slot], recording)
+        for slot in range(steps):  # every step sees the frame's own control image
+            denoised = self._lcm_step(states, x, [slot], recording, control)
             if slot + 1 < steps:
                 x = _stack([self._noised(state, rows, [slot + 1]) for state, rows in zip(states, denoised.split(1))])
         for state, take in zip(states, takes):
@@ -347,9 +410,10 @@ class StreamV2V:
         return denoised
 
     def _lcm_step(self, states: list[StreamState], x: torch.Tensor, slots: list[int],
-                  recording: list[bool]) -> torch.Tensor:
+                  recording: list[bool], control: torch.Tensor | None = None) -> torch.Tensor:
         """One UNet call over the streams' rows (each stream: one row per slot)
-        and the LCM x0 prediction for each row."""
+        and the LCM x0 prediction for each row.  `control`: each row's control
+        image (uint8), for streams conditioned by the ControlNet."""
         index, rows = as_index(slots), len(slots)
         per_row = lambda name: _stack([state.schedule[name][index] for state in states])  # noqa: E731
         timesteps = per_row("timesteps")
@@ -363,12 +427,18 @@ class StreamV2V:
         condition = _stack([self._condition(state, rows) for state in states]) if self.guidance_embedded else None
         view = BatchView([BankView(state.bank, slots, record) for state, record in zip(states, recording)],
                          copies=2 if cfg else 1)
+        residuals = None
+        if control is not None:
+            scales = [self.control_scale(state) for state in states]
+            residuals = self.control_residuals(x_in, t_in, embeds, control, scales, rows, copies=2 if cfg else 1)
         if self.backend is not None:
-            eps = self.backend(x_in, t_in, embeds, condition, view)
+            eps = self.backend(x_in, t_in, embeds, condition, view, residuals)
         else:
+            down, mid = residuals if residuals is not None else (None, None)
             eps = self.unet(
                 x_in, t_in, encoder_hidden_states=embeds, timestep_cond=condition,
-                cross_attention_kwargs={"bank": view}, return_dict=False,
+                cross_attention_kwargs={"bank": view}, down_block_additional_residuals=down,
+                mid_block_additional_residual=mid, return_dict=False,
             )[0]
         if cfg:
             uncond, cond = eps.chunk(2)
@@ -379,6 +449,26 @@ class StreamV2V:
             limit = self.scheduler.config.get("clip_sample_range", 1.0)
             x0 = x0.clamp(-limit, limit)
         return per_row("c_out") * x0 + per_row("c_skip") * x
+
+    def control_residuals(self, x: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
+                          control: torch.Tensor, scales: list[float], rows: int,
+                          copies: int = 1) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The ControlNet's residuals for a UNet call: (down, mid), each row
+        multiplied by its stream's scale (stream i owns `rows` rows, the batch
+        is `copies` repeats of them, as under classifier-free guidance).
+
+        control: uint8 (rows · streams, 3, H, W) control images, white on black.
+        The ControlNet runs without the bank and without the guidance
+        embedding (diffusers' ControlNet pipelines pass it neither)."""
+        image = control.to(self.dtype) / 255
+        if self.controlnet.config.conditioning_channels == 1:
+            image = image.mean(dim=1, keepdim=True)
+        scale = torch.tensor(scales, device=self.device, dtype=self.dtype).repeat_interleave(rows).view(-1, 1, 1, 1)
+        if copies > 1:
+            image, scale = image.repeat(copies, 1, 1, 1), scale.repeat(copies, 1, 1, 1)
+        down, mid = self.controlnet(x, timesteps, encoder_hidden_states=embeds, controlnet_cond=image,
+                                    conditioning_scale=1.0, return_dict=False)
+        return [residual * scale for residual in down], mid * scale
 
     def _condition(self, state: StreamState, batch: int) -> torch.Tensor:
         """The guidance embedding of an LCM-distilled UNet, computed once per scale."""
@@ -401,6 +491,9 @@ class StreamV2V:
         for side, value in (("width", config.width), ("height", config.height)):
             if value % self.size_multiple:
                 raise ValueError(f"{side} must be a multiple of {self.size_multiple} for this model, got {value}")
+        if config.control_scale and self.controlnet is None:
+            raise ValueError(f"control scale {config.control_scale} needs a ControlNet and this engine has none: load "
+                             "one (load_components(..., controlnet=...), --controlnet) or leave the scale unset")
         lcm_timesteps(config.strength, config.steps, self.scheduler.config.num_train_timesteps)
 
     def _cfg(self, state: StreamState) -> bool:
@@ -456,6 +549,7 @@ class _Frame:
     index: int                          # the input it renders (a repeat: the newest one again)
     image: np.ndarray | None = None     # to encode; None for a repeat, which reuses `latent`
     latent: torch.Tensor | None = None
+    control: torch.Tensor | None = None  # its control image (with a ControlNet), uint8 (1, 3, H, W)
     position: int = 0                   # its job's place in the call
 
 

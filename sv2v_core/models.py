@@ -9,6 +9,14 @@
   single-file `.safetensors` checkpoint.  The autoencoder of a real model is
   TAESD ("madebyollin/taesd" unless `vae` names another).
 
+`controlnet` adds an optional `ControlNetModel` of the SD1.5 family (e.g. a
+scribble or line-art one), shared by every stream of the engine: "tiny" (the
+built-in one, for the built-in model only), a Hugging Face id, a diffusers
+folder or a single `.safetensors` file.  A single file is read offline: its
+configuration is derived from the loaded UNet (`ControlNetModel.from_unet`)
+and the file's conditioning embedding, so no hub is needed.  A ControlNet
+whose blocks do not match the UNet's is refused.
+
 Only `.safetensors` weights are loaded.  Every failure raises
 `ModelLoadError` with one message naming what was tried and how to fix it.
 """
@@ -17,11 +25,12 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderTiny, LCMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderTiny, ControlNetModel, LCMScheduler, UNet2DConditionModel
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 from safetensors import SafetensorError, safe_open
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -29,10 +38,15 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from . import tiny
 
 BUILTIN_MODELS = ("tiny", "sd15-random")
+BUILTIN_CONTROLNETS = ("tiny",)
 DEFAULT_VAE = "madebyollin/taesd"
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 FIX_HINT = "or use --model tiny (built in, offline)"
+CONTROLNET_HINT = "or use --controlnet tiny with --model tiny (built in, offline)"
+# The UNet settings a ControlNet's residuals depend on: it must share them to add into the UNet's skips.
+CONTROLNET_FIT = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
+                  "transformer_layers_per_block")
 
 # What the loaders raise for a missing, unreachable, corrupt or wrong file.
 # (Hub errors are OSError subclasses, HFValidationError a ValueError.)
@@ -71,9 +85,12 @@ class Components:
     scheduler: LCMScheduler
     name: str
     builtin: bool
+    controlnet: ControlNetModel | None = None  # optional, shared by all streams (see load_controlnet)
+    controlnet_name: str | None = None
 
     def modules(self) -> tuple[torch.nn.Module, ...]:
-        return (self.unet, self.vae, self.text_encoder)
+        extra = (self.controlnet,) if self.controlnet is not None else ()
+        return (self.unet, self.vae, self.text_encoder, *extra)
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "Components":
         for module in self.modules():
@@ -87,11 +104,14 @@ def load_components(
     *,
     vae: str | None = None,
     lora: str | None = None,
+    controlnet: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Components:
-    """Load a model's UNet, TAESD autoencoder, text encoder, tokenizer and LCM scheduler."""
-    model, vae, lora = (os.fspath(x) if isinstance(x, os.PathLike) else x for x in (model, vae, lora))
+    """Load a model's UNet, TAESD autoencoder, text encoder, tokenizer and LCM
+    scheduler, and the ControlNet `controlnet` names (None: none)."""
+    model, vae, lora, controlnet = (os.fspath(x) if isinstance(x, os.PathLike) else x
+                                    for x in (model, vae, lora, controlnet))
     if not isinstance(model, str) or not model.strip():
         raise ModelLoadError(f"no model given ({model!r}): name one of {', '.join(BUILTIN_MODELS)}, "
                              "a Hugging Face id, a diffusers folder or a .safetensors file")
@@ -103,6 +123,9 @@ def load_components(
         components = load_tiny() if model == "tiny" else build_sd15_random()
     else:
         components = load_pretrained(model, vae or DEFAULT_VAE, lora)
+    if controlnet is not None:
+        components.controlnet = load_controlnet(controlnet, components.unet, model)
+        components.controlnet_name = controlnet.strip()
     for module in components.modules():
         module.eval().requires_grad_(False)
     try:
@@ -208,33 +231,134 @@ def fuse_lora(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer
         raise ModelLoadError(_explain("LoRA", lora, kind, err)) from err
 
 
+# ----------------------------------------------------------------------------- ControlNet
+
+def load_controlnet(name: str, unet: UNet2DConditionModel, model: str = "the model") -> ControlNetModel:
+    """The ControlNet `name` ("tiny", a Hugging Face id, a diffusers folder or a
+    single .safetensors file), checked to fit `unet` (of `model`)."""
+    if not isinstance(name, str) or not name.strip():
+        raise ModelLoadError(f"no ControlNet given ({name!r}): name {', '.join(BUILTIN_CONTROLNETS)}, a Hugging Face "
+                             "id, a diffusers folder or a .safetensors file")
+    name = name.strip()
+    if name in BUILTIN_CONTROLNETS:
+        if _differences(unet.config, tiny.UNET_CONFIG, keys=tiny.UNET_CONFIG):
+            raise ModelLoadError(f"the built-in ControlNet {name!r} fits only the built-in model 'tiny', not "
+                                 f"{model!r}: pass an SD1.5 ControlNet (e.g. lllyasviel/control_v11p_sd15_scribble)")
+        controlnet = tiny.make_controlnet(unet)
+        try:
+            tiny.load_controlnet_weights(controlnet)
+        except (OSError, SafetensorError, RuntimeError) as err:
+            raise ModelLoadError(f"the built-in tiny ControlNet's weights ({tiny.CONTROLNET_FILE}) are missing or "
+                                 f"damaged: {_first_line(err)}. Reinstall the package or run "
+                                 "tools/fit_tiny_controlnet.py") from err
+        return controlnet
+    kind = _classify(name, "ControlNet", CONTROLNET_HINT)
+    try:
+        if kind == "file":
+            controlnet = _controlnet_from_single_file(name, unet)
+        else:
+            controlnet = ControlNetModel.from_pretrained(name, use_safetensors=True, local_files_only=hub_offline())
+    except (*LOAD_ERRORS, AttributeError) as err:  # diffusers' key conversion meets a tensor it lacks
+        raise ModelLoadError(_explain("ControlNet", name, kind, err, CONTROLNET_HINT)) from err
+    if not isinstance(controlnet, ControlNetModel):  # e.g. a multi-ControlNet folder
+        raise ModelLoadError(f"could not load ControlNet {name!r}: it is a {type(controlnet).__name__}, not an SD1.5 "
+                             f"ControlNetModel; {CONTROLNET_HINT}")
+    if any(p.is_meta for p in controlnet.parameters()):
+        raise ModelLoadError(f"could not load ControlNet '{name}': the file lacks some of the ControlNet's weights "
+                             f"(is it a ControlNet checkpoint?); {CONTROLNET_HINT}")
+    mismatch = ", ".join(_differences(controlnet.config, unet.config))
+    if mismatch:
+        raise ModelLoadError(f"ControlNet '{name}' does not fit model {model!r} (ControlNet vs UNet: {mismatch}): "
+                             f"use a ControlNet made for that model's family (SD1.5), {CONTROLNET_HINT}")
+    if controlnet.config.conditioning_channels not in (1, 3):
+        raise ModelLoadError(f"ControlNet '{name}' takes {controlnet.config.conditioning_channels}-channel control "
+                             "images; only 1- or 3-channel (image-like) control is supported")
+    return controlnet
+
+
+def _differences(config, other, keys=CONTROLNET_FIT) -> list[str]:
+    """Where two configurations differ among `keys` ("key a vs b"; lists and tuples alike)."""
+    normal = lambda value: list(value) if isinstance(value, (list, tuple)) else value  # noqa: E731
+    return [f"{key} {normal(config.get(key))} vs {normal(other.get(key))}"
+            for key in keys if normal(config.get(key)) != normal(other.get(key))]
+
+
+def _controlnet_from_single_file(path: str, unet: UNet2DConditionModel) -> ControlNetModel:
+    """Read a single-file ControlNet (original or diffusers layout) with a
+    configuration derived from `unet` and the file's own conditioning
+    embedding, so no configuration is fetched from the hub."""
+    embedding = _conditioning_embedding(path)
+    if embedding is None:
+        raise ModelLoadError(f"could not load ControlNet '{path}': the file holds no ControlNet (no conditioning "
+                             "embedding: controlnet_cond_embedding.* or input_hint_block.* weights); "
+                             + CONTROLNET_HINT)
+    channels, conditioning_channels = embedding
+    with torch.device("meta"):  # only its configuration is kept
+        derived = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels,
+                                            conditioning_channels=conditioning_channels, load_weights_from_unet=False)
+    with tempfile.TemporaryDirectory() as config_dir:
+        derived.save_config(config_dir)
+        return ControlNetModel.from_single_file(path, config=config_dir, local_files_only=True)
+
+
+def _conditioning_embedding(path: str) -> tuple[tuple[int, ...], int] | None:
+    """(conditioning_embedding_out_channels, conditioning_channels) of a ControlNet
+    file, read from the shapes of its conditioning-embedding convolutions:
+    diffusers' controlnet_cond_embedding.{conv_in, blocks.i} or the original
+    input_hint_block.i (each level: a conv keeping the width, then one
+    widening it with stride 2; the last, zero conv, excluded).  None when the
+    file has no such convolutions (it is no ControlNet)."""
+    convs: list[tuple[tuple[str, int], tuple[int, ...]]] = []
+    with safe_open(path, framework="pt") as handle:
+        for key in handle.keys():
+            diffusers = re.fullmatch(r"controlnet_cond_embedding\.(conv_in|blocks\.(\d+))\.weight", key)
+            original = re.fullmatch(r"(?:control_model\.)?input_hint_block\.(\d+)\.weight", key)
+            if diffusers:
+                order = -1 if diffusers.group(1) == "conv_in" else int(diffusers.group(2))
+                convs.append((("d", order), tuple(handle.get_slice(key).get_shape())))
+            elif original:
+                convs.append((("o", int(original.group(1))), tuple(handle.get_slice(key).get_shape())))
+    convs.sort()
+    if convs and convs[0][0][0] == "o":
+        convs = convs[:-1]  # the original layout's last conv is the zero conv into the UNet's width
+    shapes = [shape for _, shape in convs if len(shape) == 4]
+    if not shapes:
+        return None
+    return tuple(shape[0] for shape in shapes[::2]), shapes[0][1]
+
+
 # ----------------------------------------------------------------------------- classifying and explaining
 
-def _classify(name: str, what: str) -> str:
+def _classify(name: str, what: str, hint: str = FIX_HINT) -> str:
     """'file' (a checked .safetensors file), 'folder' or 'hub'; raises ModelLoadError for anything else."""
     path = Path(name).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ModelLoadError(
             f"refusing to load {what} {name!r}: {path.suffix} files are Python pickles that can run code when "
-            "loaded; only .safetensors weights are accepted. Use a .safetensors version of it, " + FIX_HINT)
+            "loaded; only .safetensors weights are accepted. Use a .safetensors version of it, " + hint)
     if path.is_file():
         if path.suffix.lower() != ".safetensors":
             raise ModelLoadError(f"could not load {what} {name!r}: not a .safetensors file. Pass a .safetensors "
-                                 f"checkpoint, a diffusers folder or a Hugging Face id, {FIX_HINT}")
+                                 f"checkpoint, a diffusers folder or a Hugging Face id, {hint}")
         _check_safetensors(path, what)
         return "file"
     if path.is_dir():
         if what == "model" and not ((path / "model_index.json").is_file() or (path / "unet").is_dir()):
             raise ModelLoadError(f"could not load {what} {name!r}: the folder is not a diffusers model (no "
                                  f"model_index.json, no unet/ subfolder). Pass a diffusers folder, a .safetensors "
-                                 f"checkpoint or a Hugging Face id, {FIX_HINT}")
+                                 f"checkpoint or a Hugging Face id, {hint}")
+        if what == "ControlNet" and not (path / "config.json").is_file():
+            raise ModelLoadError(f"could not load {what} {name!r}: the folder is not a diffusers ControlNet (no "
+                                 f"config.json). Pass a diffusers ControlNet folder, a .safetensors file or a Hugging "
+                                 f"Face id, {hint}")
         return "folder"
     if HUB_ID.match(name) and not name.startswith((".", "~")):
         return "hub"
     if os.sep in name or name.startswith((".", "~")) or path.suffix:
         raise ModelLoadError(f"could not load {what} {name!r}: no such file or folder. Check the path, "
-                             f"or pass a Hugging Face id (owner/name), {FIX_HINT}")
-    raise ModelLoadError(f"could not load {what} {name!r}: it is not a built-in model ({', '.join(BUILTIN_MODELS)}), "
+                             f"or pass a Hugging Face id (owner/name), {hint}")
+    kind, builtin = ("ControlNet", BUILTIN_CONTROLNETS) if what == "ControlNet" else ("model", BUILTIN_MODELS)
+    raise ModelLoadError(f"could not load {what} {name!r}: it is not a built-in {kind} ({', '.join(builtin)}), "
                          "an existing file or folder, nor a Hugging Face id like owner/name")
 
 
@@ -248,7 +372,7 @@ def _check_safetensors(path: Path, what: str) -> None:
                              f"another kind of file renamed): {_first_line(err)}") from err
 
 
-def _explain(what: str, name: str, kind: str, err: BaseException) -> str:
+def _explain(what: str, name: str, kind: str, err: BaseException, hint: str = FIX_HINT) -> str:
     detail = _first_line(err)
     if kind == "hub":
         if hub_offline():
@@ -259,7 +383,13 @@ def _explain(what: str, name: str, kind: str, err: BaseException) -> str:
         else:
             reason = f"it is not in the local Hugging Face cache and the hub could not serve it ({detail})"
         return (f"could not load {what} {name!r}: {reason}. Download it first (huggingface-cli download {name}) "
-                f"or pass a local folder / .safetensors file, {FIX_HINT}")
+                f"or pass a local folder / .safetensors file, {hint}")
+    if what == "ControlNet":
+        if kind == "file":
+            return (f"could not load {what} '{name}' as a single-file SD1.5 ControlNet (original or diffusers "
+                    f"layout) for this model: {detail}. Pass a diffusers ControlNet folder instead, {hint}")
+        return (f"could not load {what} '{name}' from its folder: {detail}. A diffusers ControlNet folder holds "
+                f"config.json and diffusion_pytorch_model.safetensors; {hint}")
     if kind == "file":
         if hub_offline() and isinstance(err, OSError):
             reason = ("diffusers reads the configuration of a single-file checkpoint from the Hugging Face cache, "
@@ -267,9 +397,9 @@ def _explain(what: str, name: str, kind: str, err: BaseException) -> str:
         else:
             reason = detail
         return (f"could not load {what} '{name}' as a single-file Stable Diffusion 1.5 checkpoint: {reason}. "
-                f"Pass a diffusers folder instead, {FIX_HINT}")
+                f"Pass a diffusers folder instead, {hint}")
     return (f"could not load {what} '{name}' from its folder: {detail}. A diffusers model folder needs unet/, "
-            f"text_encoder/, tokenizer/ and scheduler/ subfolders with .safetensors weights; {FIX_HINT}")
+            f"text_encoder/, tokenizer/ and scheduler/ subfolders with .safetensors weights; {hint}")
 
 
 def _first_line(err: BaseException) -> str:

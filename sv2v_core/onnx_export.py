@@ -7,7 +7,8 @@ the bank lived inside the attention processors.  Here the exported graph is
 
     inputs:  sample, timestep, encoder_hidden_states, [timestep_cond],
              bank.<layer>.k / .v  (every self-attention layer, when the bank holds them),
-             bank.<layer>.o       (the fusion layers)
+             bank.<layer>.o       (the fusion layers),
+             control.down.<i>, control.mid  (a ControlNet's residuals, with a ControlNet)
     outputs: eps, new.<layer>.k / .v / .o   (the current frame's features)
 
 with extended attention and feature fusion inside the graph.  The bank
@@ -15,6 +16,7 @@ update (DyMe merge, queue) stays outside, in PyTorch, exactly as in the eager
 engine.  Each bank shape (no bank yet, each queue length) is its own graph.
 
     python -m sv2v_core.onnx_export --check       # tiny model, onnxruntime on CPU
+    python -m sv2v_core.onnx_export --check --controlnet tiny
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .accel import BankRunner, BankSpec, BankUNet, bank_spec
+from .accel import BankRunner, BankSpec, BankUNet, bank_spec, call_args
 from .bank import BankView, FeatureBank, as_index
 from .stream import StreamState
 
@@ -46,19 +48,38 @@ class UNetCall:
     encoder_hidden_states: torch.Tensor
     condition: torch.Tensor | None
     view: BankView
+    residuals: tuple[list[torch.Tensor], torch.Tensor] | None = None  # the ControlNet's (down, mid)
+
+    def args(self, layers: list[str]) -> tuple[BankSpec, list[torch.Tensor]]:
+        """The `BankUNet` spec of this call and its arguments, in order."""
+        spec, banked = bank_spec(self.view, layers)
+        return call_args(spec, self.sample, self.timestep, self.encoder_hidden_states, self.condition, banked,
+                         self.residuals)
 
 
 def next_call(engine, state: StreamState, seed: int = 0) -> UNetCall:
     """The arguments of `state`'s next UNet call (stream batch or one latency
-    step), with a seeded random sample; no classifier-free guidance."""
+    step), with a seeded random sample; no classifier-free guidance.  With a
+    ControlNet the residuals come from the stream's newest control image
+    (stream mode: each slot's own)."""
     slots = list(range(state.config.steps)) if state.config.mode == "stream" else [0]
     generator = torch.Generator().manual_seed(seed)
     noise = state.noise[as_index(slots)]
     sample = torch.randn(noise.shape, generator=generator).to(noise.device, noise.dtype)
     embeds = state.prompt_embeds.expand(len(slots), -1, -1)
+    timesteps = state.schedule["timesteps"][as_index(slots)]
     condition = engine._condition(state, len(slots)) if engine.guidance_embedded else None
-    return UNetCall(sample, state.schedule["timesteps"][as_index(slots)], embeds, condition,
-                    BankView(state.bank, slots))
+    residuals = None
+    if engine.controlled(state):
+        if state.last_control is None:
+            raise ValueError("the stream has rendered no frame yet: it has no control image to export with")
+        control = state.last_control
+        if len(slots) > 1:
+            control = torch.cat([control, state.in_flight_control]) if state.in_flight_control is not None \
+                else control.expand(len(slots), -1, -1, -1)
+        residuals = engine.control_residuals(sample, timesteps, embeds, control, [engine.control_scale(state)],
+                                             len(slots))
+    return UNetCall(sample, timesteps, embeds, condition, BankView(state.bank, slots), residuals)
 
 
 @dataclass
@@ -71,6 +92,7 @@ class OnnxExport:
 
 
 def _io_names(spec: BankSpec, conditioned: bool) -> tuple[list[str], list[str]]:
+    """Input and output names, in `BankUNet`'s order."""
     inputs = ["sample", "timestep", "encoder_hidden_states", *(["timestep_cond"] if conditioned else [])]
     return inputs + spec.input_names(), ["eps"] + spec.output_names()
 
@@ -94,10 +116,7 @@ def export_spec(unet, spec: BankSpec, args: list[torch.Tensor], path: str | Path
 
 def export_onnx(engine, state: StreamState, path: str | Path, opset: int = OPSET) -> OnnxExport:
     """Export the UNet as it would run `state`'s next call (its bank's current shapes)."""
-    call = next_call(engine, state)
-    spec, banked = bank_spec(call.view, engine.patch.layers)
-    extra = [call.condition] if call.condition is not None else []
-    args = [call.sample, call.timestep, call.encoder_hidden_states, *extra, *banked]
+    spec, args = next_call(engine, state).args(engine.patch.layers)
     return export_spec(engine.unet, spec, args, path, opset)
 
 
@@ -131,18 +150,18 @@ def check_onnx(engine, state: StreamState, export: OnnxExport, *, atol: float = 
     scratch = FeatureBank(state.bank.config)
     scratch.layers = state.bank.layers
     view = BankView(scratch, call.view.slots)
+    down, mid = call.residuals if call.residuals is not None else (None, None)
     eps = engine.unet(call.sample, call.timestep, encoder_hidden_states=call.encoder_hidden_states,
-                      timestep_cond=call.condition, cross_attention_kwargs={"bank": view}, return_dict=False)[0]
+                      timestep_cond=call.condition, cross_attention_kwargs={"bank": view},
+                      down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False)[0]
     reference = {"eps": eps}
     for layer, name in export.spec.outputs:
         reference[f"new.{layer}.{name}"] = torch.cat(scratch._pending[layer][name])
 
     session = ort.InferenceSession(str(export.path), providers=["CPUExecutionProvider"])
-    spec, banked = bank_spec(call.view, engine.patch.layers)
+    spec, args = call.args(engine.patch.layers)
     if spec != export.spec:
-        raise ValueError("the stream's bank no longer has the shapes the ONNX graph was exported for")
-    extra = [call.condition] if call.condition is not None else []
-    args = [call.sample, call.timestep, call.encoder_hidden_states, *extra, *banked]
+        raise ValueError("the stream's bank (or ControlNet use) no longer matches what the ONNX graph was exported for")
     wanted = {i.name for i in session.get_inputs()}  # constant-folded inputs may be gone
     feeds = {name: a.detach().cpu().numpy() for name, a in zip(export.input_names, args) if name in wanted}
     results = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
@@ -198,8 +217,8 @@ class TensorRTBackend:
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
         self.runner = BankRunner(engine.patch.layers, self._make)
 
-    def __call__(self, sample, timestep, embeds, condition, view):
-        return self.runner(sample, timestep, embeds, condition, view)
+    def __call__(self, sample, timestep, embeds, condition, view, residuals=None):
+        return self.runner(sample, timestep, embeds, condition, view, residuals)
 
     def _key(self, spec: BankSpec, args) -> str:
         text = repr((spec, [(tuple(a.shape), str(a.dtype)) for a in args], self.fp16, str(self.engine.dtype)))
@@ -279,6 +298,7 @@ def _demo_state(engine, size: int, steps: int, mode: str, frames: int):
     for index in range(frames):  # fill the bank: first frame stored, later ones merged
         image = np.full((size, size, 3), 255, np.uint8)
         image[size // 4: size // 2, 4 + 3 * index: size // 2 + 3 * index] = (40, 80, 200)
+        image[size * 3 // 4, size // 8: size * 7 // 8 - 2 * index] = (20, 20, 20)  # a stroke for the ControlNet
         engine(state, image)
     return state
 
@@ -289,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--mode", default="stream", choices=("stream", "latency"))
+    parser.add_argument("--controlnet", default=None, help="also feed this ControlNet's residuals (e.g. tiny)")
     parser.add_argument("--output", default=None, help="where to write the .onnx (default: a temporary folder)")
     parser.add_argument("--check", action="store_true", help="compare onnxruntime (CPU) with PyTorch")
     args = parser.parse_args(argv)
@@ -296,12 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     from .engine import StreamV2V
     from .models import load_components
 
-    engine = StreamV2V(load_components(args.model))
+    engine = StreamV2V(load_components(args.model, controlnet=args.controlnet))
     state = _demo_state(engine, args.size, args.steps, args.mode, frames=3)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.output) if args.output else Path(tmp) / "unet.onnx"
         export = export_onnx(engine, state, path)
-        print(f"exported {path}: {len(export.input_names)} inputs ({len(export.spec.inputs)} banked), "
+        control = f", {export.spec.control + 1} ControlNet residuals" if export.spec.control else ""
+        print(f"exported {path}: {len(export.input_names)} inputs ({len(export.spec.inputs)} banked{control}), "
               f"{len(export.output_names)} outputs")
         if args.check:
             result = check_onnx(engine, state, export)

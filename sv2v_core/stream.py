@@ -2,8 +2,9 @@
 
 The engine (one per loaded model) is stateless between calls; all that
 changes while a stream runs lives here: the feature bank, the latents of
-frames still in flight in the stream batch, the fixed per-slot noise, the
-prompt embeddings, and the bookkeeping for the similarity filter.  A state is
+frames still in flight in the stream batch (and, with a ControlNet, their
+control images), the fixed per-slot noise, the prompt embeddings, and the
+bookkeeping for the similarity filter.  A state is
 plain tensors and numbers, so it can be moved to the CPU between calls
 (ZeroGPU) and pickled.
 """
@@ -45,10 +46,13 @@ class StreamState:
         self.schedule: dict[str, torch.Tensor] = {}  # timesteps and per-slot coefficients
         self.in_flight: torch.Tensor | None = None   # (steps − 1, 4, h, w), stream mode
         self.in_flight_sources: list[int] = []  # source index per in-flight slot, newest first
+        # with a ControlNet: each in-flight slot's own frame's control image, uint8 (steps − 1, 3, H, W)
+        self.in_flight_control: torch.Tensor | None = None
         self.prompt_embeds: torch.Tensor | None = None
         self.negative_embeds: torch.Tensor | None = None
         self.frames_in = 0                      # inputs given to the stream
         self.last_latent: torch.Tensor | None = None   # encoded newest input (for flush)
+        self.last_control: torch.Tensor | None = None  # its control image (with a ControlNet)
         self.last_thumb: np.ndarray | None = None      # of the last rendered input
         self.last_fed = -1                      # index of the newest input given to the model
         self.last_output: Output | None = None
@@ -82,6 +86,7 @@ class StreamState:
         self.reset_bank()
         self.in_flight = None
         self.in_flight_sources = []
+        self.in_flight_control = None
         self.last_thumb = None
         self.last_output = None
 
@@ -93,6 +98,8 @@ class StreamState:
         self.prompt_embeds = move(self.prompt_embeds)
         self.negative_embeds = move(self.negative_embeds)
         self.last_latent = move(self.last_latent)
+        self.in_flight_control = move(self.in_flight_control)
+        self.last_control = move(self.last_control)
         self.schedule = {name: t.to(device) for name, t in self.schedule.items()}
         self.bank.to(device)
         return self

@@ -23,10 +23,22 @@ a second per frame, with the same kinds of modules a real model has:
 - Tokenizer: the real CLIP BPE vocabulary (49408 tokens), converted from
   open_clip's MIT-licensed bpe_simple_vocab_16e6.txt.gz (see data/clip_tokenizer).
 - Scheduler: `LCMScheduler` with SD1.5's noise schedule.
+- ControlNet (optional, `load_components("tiny", controlnet="tiny")`): a
+  `ControlNetModel` derived from the UNet as diffusers derives one
+  (`ControlNetModel.from_unet`: the UNet's encoder and mid block, zero
+  convolutions after each), with a conditioning embedding scaled down like
+  the rest (channels 8/16/32/32 instead of 16/32/96/256).  Freshly derived,
+  a ControlNet has no effect (its zero convolutions output zeros), so it was
+  fitted briefly (tools/fit_tiny_controlnet.py) with the UNet frozen: given
+  a sketch's "lines" control image (sometimes its Canny edges), predict the
+  sketch, from a noised copy of it or of the sketch before its last strokes,
+  at the timesteps strengths up to 0.8 visit.  So strokes in the control
+  image pull the render toward those strokes, and the composition survives
+  higher strengths.  Its pictures are not art either.
 
 Everything is built from the configs below and the shipped weights in
-sv2v_core/data/tiny_model.safetensors: no download, deterministic, and quick
-to load.
+sv2v_core/data/ (tiny_model.safetensors, tiny_controlnet.safetensors): no
+download, deterministic, and quick to load.
 """
 
 from __future__ import annotations
@@ -36,13 +48,15 @@ import math
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderTiny, LCMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderTiny, ControlNetModel, LCMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TOKENIZER_DIR = DATA_DIR / "clip_tokenizer"
 WEIGHTS_FILE = DATA_DIR / "tiny_model.safetensors"
+CONTROLNET_FILE = DATA_DIR / "tiny_controlnet.safetensors"
+CONTROLNET_EMBEDDING_CHANNELS = (8, 16, 32, 32)  # SD1.5's are (16, 32, 96, 256)
 TEXT_ENCODER_SEED = 1234
 
 UNET_CONFIG = dict(
@@ -168,3 +182,13 @@ def load_weights(unet: UNet2DConditionModel, vae: AutoencoderTiny, path: Path = 
     for prefix, module in (("unet.", unet), ("vae.", vae)):
         part = {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
         module.load_state_dict(part, strict=True)
+
+
+def make_controlnet(unet: UNet2DConditionModel) -> ControlNetModel:
+    """The tiny ControlNet's architecture, derived from the tiny UNet (weights copied from it, zero convs zero)."""
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONTROLNET_EMBEDDING_CHANNELS)
+
+
+def load_controlnet_weights(controlnet: ControlNetModel, path: Path = CONTROLNET_FILE) -> None:
+    """Load the fitted ControlNet weights (stored as float16)."""
+    controlnet.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)

@@ -40,22 +40,29 @@ def assert_rounding_close(a: np.ndarray, b: np.ndarray, where) -> None:
     assert difference.max() <= 1 and (difference > 0).mean() < 0.002, where
 
 
+def assert_batched_equal_alone(engine, settings: list[StreamConfig], backgrounds: list, steps: int) -> list:
+    """Each stream rendered alone, then all of them in one `render` per frame
+    (stream i draws `sketch(step, backgrounds[i])`): the same images to
+    within rounding.  Returns the batched streams' states."""
+    alone = []
+    for config, background in zip(settings, backgrounds):
+        state = engine.new_stream(config)
+        alone.append([engine(state, sketch(step, background)).image for step in range(steps)])
+    states = [engine.new_stream(config) for config in settings]
+    for step in range(steps):
+        outputs = engine.render([(state, sketch(step, bg)) for state, bg in zip(states, backgrounds)])
+        for index, output in enumerate(outputs):
+            assert_rounding_close(output.image, alone[index][step], (index, step))
+    return states
+
+
 BANKS = [BankConfig(merge_every=1), BankConfig(mode="queue", size=2, merge_every=1), BankConfig(mode="none")]
 
 
 @pytest.mark.parametrize("mode", ["stream", "latency"])
 @pytest.mark.parametrize("bank", BANKS, ids=["dyme", "queue2", "none"])
 def test_streams_rendered_together_equal_each_alone(engine, mode, bank):
-    settings = configs(mode, bank)
-    alone = []
-    for config, background in zip(settings, BACKGROUNDS):
-        state = engine.new_stream(config)
-        alone.append([engine(state, sketch(step, background)).image for step in range(8)])
-    states = [engine.new_stream(config) for config in settings]
-    for step in range(8):
-        outputs = engine.render([(state, sketch(step, bg)) for state, bg in zip(states, BACKGROUNDS)])
-        for index, output in enumerate(outputs):
-            assert_rounding_close(output.image, alone[index][step], (index, step))
+    states = assert_batched_equal_alone(engine, configs(mode, bank), BACKGROUNDS, 8)
     if bank.mode != "none":
         assert all(state.bank.nbytes() > 0 for state in states)
 
@@ -64,15 +71,7 @@ def test_guided_streams_batched_keep_their_own_scale_and_negative_prompt(engine)
     settings = [config.replace(guidance_scale=scale, negative_prompt=negative)
                 for config, scale, negative in zip(configs("stream", BankConfig(merge_every=1)), (2.0, 4.0, 1.5),
                                                    ("blurry", "dark, muddy", ""))]
-    alone = []
-    for config, background in zip(settings, BACKGROUNDS):
-        state = engine.new_stream(config)
-        alone.append([engine(state, sketch(step, background)).image for step in range(6)])
-    states = [engine.new_stream(config) for config in settings]
-    for step in range(6):
-        outputs = engine.render([(state, sketch(step, bg)) for state, bg in zip(states, BACKGROUNDS)])
-        for index, output in enumerate(outputs):
-            assert_rounding_close(output.image, alone[index][step], (index, step))
+    assert_batched_equal_alone(engine, settings, BACKGROUNDS, 6)
 
 
 @pytest.mark.parametrize("mode", ["stream", "latency"])

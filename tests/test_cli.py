@@ -72,6 +72,35 @@ def test_translate_without_bank(clip, tmp_path, capsys):
     assert_video(out, FRAMES, FPS, (64, 64))
 
 
+def test_translate_with_the_builtin_controlnet(clip, tmp_path, capsys):
+    """--controlnet conditions the render (scale 0 is the plain render; the
+    default strength rises with a ControlNet)."""
+    renders = {}
+    runs = {"plain": [], "off": ["--controlnet", "tiny", "--control-scale", "0"], "on": ["--controlnet", "tiny"],
+            "lines": ["--controlnet", "tiny", "--control-image", "lines"]}
+    for name, extra in runs.items():
+        out = tmp_path / f"{name}.mp4"
+        code = main(["translate", str(clip), str(out), *SMALL, "--mode", "latency", *extra])
+        err = capsys.readouterr().err
+        assert code == 0, err
+        assert_video(out, FRAMES, FPS, (64, 64))
+        renders[name] = np.stack(list(read_video(out)[0])).astype(int)
+        if name != "plain":
+            assert "ControlNet runs offline" in err
+    assert np.array_equal(renders["off"], renders["plain"])  # scale 0: no ControlNet, the plain default strength
+    assert np.abs(renders["on"] - renders["plain"]).mean() > 1
+    assert np.abs(renders["lines"] - renders["on"]).mean() > 0.5  # canny (default) vs lines
+
+
+@pytest.mark.parametrize("controlnet", ["missing.safetensors", "sv2v-nobody/no-controlnet"])
+def test_an_unloadable_controlnet_is_one_line_in_a_subprocess(clip, tmp_path, controlnet):
+    done = run_cli("translate", clip, tmp_path / "out.mp4", *SMALL, "--controlnet", controlnet, "--quiet")
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [done.stderr.strip()]  # one line: no warning, no traceback
+    assert done.stderr.startswith(f"error: could not load ControlNet '{controlnet}'")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_default_size_follows_the_input_aspect():
     assert output_size(128, 96, None, None, 64) == (512, 384)
     assert output_size(1920, 1080, None, None, 64) == (512, 320)
@@ -100,11 +129,17 @@ def bad_inputs(tmp_path, clip):
         "dyme size": ([str(clip), str(out), *SMALL, "--bank-size", "3"], 2),
         "width": ([str(clip), str(out), *SMALL, "--width", "100"], 2),  # tiny needs multiples of 32
         "model": ([str(clip), str(out), *SMALL, "--model", "/nonexistent"], 1),
+        "controlnet": ([str(clip), str(out), *SMALL, "--controlnet", str(tmp_path / "scribble.safetensors")], 1),
+        "controlnet id": ([str(clip), str(out), *SMALL, "--controlnet", "lllyasviel/sd-controlnet-scribble"], 1),
+        "control scale": ([str(clip), str(out), *SMALL, "--controlnet", "tiny", "--control-scale", "5"], 2),
+        "scale alone": ([str(clip), str(out), *SMALL, "--control-scale", "1"], 2),
+        "control image": ([str(clip), str(out), *SMALL, "--controlnet", "tiny", "--control-image", "depth"], 2),
     }
 
 
 @pytest.mark.parametrize("case", ["missing input", "text file", "truncated", "missing folder", "bad extension",
-                                  "strength", "bank", "dyme size", "width", "model"])
+                                  "strength", "bank", "dyme size", "width", "model", "controlnet", "controlnet id",
+                                  "control scale", "scale alone", "control image"])
 def test_bad_input_gives_one_error_line_and_no_output(case, clip, tmp_path, capsys):
     folder = tmp_path / "work"
     folder.mkdir()

@@ -166,6 +166,20 @@ def _scene(rng: random.Random, size: int, draw: ImageDraw.ImageDraw) -> None:
         draw.ellipse([x - r, y - 3.2 * r, x + r, y - 1.4 * r], fill=_jitter(rng, (40, 140, 50)))
 
 
+def wobbly_line(rng: random.Random, start: tuple[float, float], size: int, most: int, turn: float,
+                steps: tuple[float, float]) -> list[tuple[float, float]]:
+    """A pen stroke's points from `start`: 2 to `most` segments, each turning up to ±`turn` radians,
+    `steps` long (fractions of `size`)."""
+    x, y = start
+    points, heading = [(x, y)], rng.uniform(0, 2 * math.pi)
+    for _ in range(rng.randint(2, most)):
+        heading += rng.uniform(-turn, turn)
+        step = rng.uniform(*steps) * size
+        x, y = x + step * math.cos(heading), y + step * math.sin(heading)
+        points.append((x, y))
+    return points
+
+
 def sketch(rng: random.Random, size: int) -> np.ndarray:
     """One sketch-like RGB image (uint8 HxWx3): a canvas with strokes, shapes, fills, gradients, or a scene."""
     kind = rng.random()
@@ -194,14 +208,7 @@ def sketch(rng: random.Random, size: int) -> np.ndarray:
         shape = rng.random()
         colour = _colour(rng)
         if shape < 0.45:  # a pen stroke: a wobbly polyline, thin to thick
-            x, y = point()
-            pts = [(x, y)]
-            heading = rng.uniform(0, 2 * math.pi)
-            for _ in range(rng.randint(2, 12)):
-                heading += rng.uniform(-0.8, 0.8)
-                step = rng.uniform(0.03, 0.15) * size
-                x, y = x + step * math.cos(heading), y + step * math.sin(heading)
-                pts.append((x, y))
+            pts = wobbly_line(rng, point(), size, most=12, turn=0.8, steps=(0.03, 0.15))
             draw.line(pts, fill=colour, width=rng.randint(1, max(2, size // 8)), joint="curve")
         else:
             (x0, y0), (x1, y1) = point(), point()
@@ -257,6 +264,16 @@ def warmup_cosine(opt: torch.optim.Optimizer, steps: int, warmup: int = 20):
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def descend(opt: torch.optim.Optimizer, sched, loss: torch.Tensor, clip=None) -> None:
+    """One optimiser step on `loss` (gradient norm clipped to 1 over `clip`, when given)."""
+    opt.zero_grad()
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
+    sched.step()
+
+
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     k = int(torch.randint(0, 4, (1,), generator=g))
     x = torch.rot90(x, k, dims=(-2, -1))
@@ -284,10 +301,7 @@ def fit_vae(vae, images: torch.Tensor, steps: int, batch: int, crop: int) -> Non
         # so flat regions keep their hue (blue sky stays blue, green hill stays green)
         low = torch.nn.functional.avg_pool2d(y - x, 8)
         loss = (y - x).abs().mean() + (y - x).pow(2).mean() + low.abs().mean() + 2 * low.pow(2).mean() + 0.05 * reg
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+        descend(opt, sched, loss)
         if step % 50 == 0 or step == steps - 1:
             print(f"  vae step {step:5d} loss {loss.item():.4f} psnr {psnr(y.detach(), x):5.2f} "
                   f"latent std {std.mean().item():.2f} ({time.time() - start:.0f}s)", flush=True)
@@ -318,11 +332,7 @@ def fit_unet(unet, latent_sets: list[torch.Tensor], embeds: torch.Tensor, schedu
         eps = unet(x_t, t, prompt).sample
         x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
         loss = (x0 - z).pow(2).mean() + 0.1 * (eps - noise).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        descend(opt, sched, loss, clip=unet.parameters())
         if step % 50 == 0 or step == steps - 1:
             print(f"  unet step {step:5d} loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
     unet.eval()
