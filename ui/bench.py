@@ -24,14 +24,15 @@ warm-up:
 
 Cases: `echo:MS` is ui.echo.EchoEngine (the input comes back as the render
 after MS per frame: 0 shows the path's own cost, 15 a fast GPU, 40 a slower
-one) at 512²; `tiny:SIZE` is the built-in model, which is also run alone in
-the same mode on similar frames right before and right after its row, on the
-thread that renders for the app (the mean is the reference), so its
-renders/s can be compared with what the engine can do at all; and once
-more while the browser draws the same stroke on a bare canvas (no app), to
-tell the path's cost from the browser's: on a 2-core machine the drawing
-browser itself takes CPU from the model.  Rows never share a server
-or a browser, so a row does not depend on which others run with it.
+one) at 512²; `tiny:SIZE` is the built-in model.  Its renders/s are compared
+with what the engine can do at all: it is also run alone in the same mode on
+similar frames right before and right after its row, on the thread that
+renders for the app (the mean is the reference), and once more while the
+browser draws the same stroke on a bare canvas (no app), to tell the path's
+cost from the browser's.  The app and the engine alone both use
+--torch-threads (default 1): on a 2-core machine the browser, which stands in
+for a visitor's own computer, needs the other core.  Rows never share a
+server or a browser, so a row does not depend on which others run with it.
 
 Results go to OUT/live.json and OUT/live.md (default bench_results/).
 CPU timings on a shared machine are noisy: run with --repeat 3 and read the
@@ -491,8 +492,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=1, help="runs of every row (the table shows median and spread)")
     parser.add_argument("--out", type=Path, default=Path("bench_results"))
     parser.add_argument("--codecs", action="store_true", help="measure snapshot formats instead")
-    parser.add_argument("--torch-threads", type=int, default=None,
-                        help="torch intra-op threads for the built-in model (default: torch's own choice)")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch intra-op threads for the built-in model, in the app and alone alike (default 1: "
+                             "on a small machine the drawing browser needs a core of its own; 0: torch's choice)")
     return parser.parse_args(argv)
 
 
