@@ -115,6 +115,10 @@ class FeatureBank:
         seed = int(torch.randint(SEED_RANGE, (1,), generator=self.generator))
         return torch.Generator(device=device).manual_seed(seed)
 
+    def discard_pending(self) -> None:
+        """Forget what a UNet call that failed midway recorded (the bank itself is unchanged)."""
+        self._pending.clear()
+
     def reset(self) -> None:
         """Forget every past frame; the random splits start over from the seed."""
         self.layers.clear()

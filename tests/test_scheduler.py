@@ -1,4 +1,5 @@
-"""The render scheduler: one worker thread, newest frame wins per session, tasks never dropped."""
+"""The render scheduler: one worker thread, newest frame wins per session, batches with fair turns,
+tasks never dropped."""
 
 from __future__ import annotations
 
@@ -13,23 +14,24 @@ TIMEOUT = 10
 
 
 class Gate:
-    """A frame function that blocks on demand, recording what it ran and on which thread."""
+    """A batch function that blocks on demand, recording what it ran, in which batches, on which thread.
+    A frame that is an Exception fails (only itself)."""
 
     def __init__(self):
         self.open = threading.Event()
         self.open.set()
         self.entered = threading.Event()
         self.ran: list = []
+        self.batches: list = []
         self.threads: set = set()
 
-    def __call__(self, frame):
+    def __call__(self, frames):
         self.threads.add(threading.current_thread().name)
         self.entered.set()
         assert self.open.wait(TIMEOUT)
-        if isinstance(frame, Exception):
-            raise frame
-        self.ran.append(frame)
-        return f"render of {frame}"
+        self.batches.append(list(frames))
+        self.ran.extend(frame for frame in frames if not isinstance(frame, Exception))
+        return [frame if isinstance(frame, Exception) else f"render of {frame}" for frame in frames]
 
 
 @pytest.fixture()
@@ -39,7 +41,7 @@ def gate():
 
 @pytest.fixture()
 def scheduler(gate):
-    scheduler = RenderScheduler(gate)
+    scheduler = RenderScheduler(gate, max_batch=3)
     yield scheduler
     gate.open.set()
     scheduler.close()
@@ -59,7 +61,8 @@ def test_frames_render_on_one_worker_thread_with_their_timeline(scheduler, gate)
     assert [job.future.result(TIMEOUT) for job in jobs] == [f"render of {i}" for i in range(5)]
     assert gate.threads == {"sv2v-render"}
     assert all(job.started >= job.submitted and job.finished >= job.started for job in jobs)
-    assert scheduler.stats().rendered == 5
+    stats = scheduler.stats()
+    assert stats.rendered == 5 and sum(size * count for size, count in stats.batches.items()) == 5
 
 
 def test_a_newer_frame_replaces_the_waiting_one_of_the_same_session(scheduler, gate):
@@ -78,7 +81,7 @@ def test_a_newer_frame_replaces_the_waiting_one_of_the_same_session(scheduler, g
     assert (stats.submitted, stats.dropped, stats.rendered) == (4, 1, 3)
 
 
-def test_each_tick_serves_every_waiting_session_once_in_arrival_order(scheduler, gate):
+def test_each_tick_renders_every_waiting_session_once_in_one_batch_in_arrival_order(scheduler, gate):
     block_worker(scheduler, gate)
     jobs = [scheduler.submit("b", "b1"), scheduler.submit("a", "a1"), scheduler.submit("b", "b2"),
             scheduler.submit("c", "c1")]
@@ -86,7 +89,40 @@ def test_each_tick_serves_every_waiting_session_once_in_arrival_order(scheduler,
     for job in jobs[1:]:
         job.future.result(TIMEOUT)
     # b keeps its place (it arrived first) with its newest frame; nobody gets two turns.
-    assert gate.ran[1:] == ["b2", "a1", "c1"]
+    assert gate.batches[1:] == [["b2", "a1", "c1"]]
+    assert scheduler.stats().batches == {1: 1, 3: 1}
+    assert len({job.started for job in jobs[1:]}) == 1  # a batch's frames start together
+
+
+def test_sessions_beyond_the_batch_size_take_turns_and_fast_ones_get_no_extra_turns():
+    """max_batch 3, five sessions always waiting; "fast" sends a new frame before every tick."""
+    batches, entered, permit = [], threading.Semaphore(0), threading.Semaphore(0)
+
+    def run_batch(frames):  # one batch per permit
+        batches.append([frame.rstrip("0123456789x") for frame in frames])
+        entered.release()
+        assert permit.acquire(timeout=TIMEOUT)
+        return frames
+
+    scheduler = RenderScheduler(run_batch, max_batch=3)
+    try:
+        scheduler.submit("blocker", "blocker")
+        assert entered.acquire(timeout=TIMEOUT)
+        for key in ("fast", "a", "b", "c", "d"):
+            scheduler.submit(key, f"{key}0")
+        for tick in range(1, 6):
+            permit.release()  # the running batch finishes; the worker takes the next one and waits
+            assert entered.acquire(timeout=TIMEOUT)
+            for key in batches[-1]:  # whoever is being served draws again at once
+                scheduler.submit(key, f"{key}{tick}")
+            scheduler.submit("fast", f"fast{tick}x")  # and "fast" draws again and again
+    finally:
+        permit.release()
+        scheduler.close()
+    served = batches[1:]
+    assert all(len(batch) == 3 and len(set(batch)) == 3 for batch in served), served
+    counts = {key: sum(batch.count(key) for batch in served) for key in ("fast", "a", "b", "c", "d")}
+    assert counts == {"fast": 3, "a": 3, "b": 3, "c": 3, "d": 3}, (counts, served)
 
 
 def test_tasks_are_never_dropped_and_run_before_the_next_frames(scheduler, gate):
@@ -102,13 +138,34 @@ def test_tasks_are_never_dropped_and_run_before_the_next_frames(scheduler, gate)
 
 
 def test_an_error_goes_to_its_own_frame_only(scheduler, gate):
+    block_worker(scheduler, gate)
     failing = scheduler.submit("a", ValueError("bad frame"))
     fine = scheduler.submit("b", "b1")
+    gate.open.set()
     with pytest.raises(ValueError, match="bad frame"):
         failing.future.result(TIMEOUT)
     assert fine.future.result(TIMEOUT) == "render of b1"
+    assert gate.batches[1] == [failing.payload, "b1"]  # in the same batch
     assert scheduler.submit("a", "a2").future.result(TIMEOUT) == "render of a2"  # the worker lives on
     assert scheduler.stats().failed == 1
+
+
+def test_a_batch_function_that_raises_fails_its_frames_and_the_worker_lives_on():
+    calls = []
+
+    def run_batch(frames):
+        calls.append(frames)
+        if len(calls) == 1:
+            raise RuntimeError("device lost")
+        return [f"render of {frame}" for frame in frames]
+
+    scheduler = RenderScheduler(run_batch)
+    try:
+        with pytest.raises(RuntimeError, match="device lost"):
+            scheduler.submit("a", "a1").future.result(TIMEOUT)
+        assert scheduler.submit("a", "a2").future.result(TIMEOUT) == "render of a2"
+    finally:
+        scheduler.close()
 
 
 def test_work_runs_in_the_context_of_whoever_submitted_it(scheduler):

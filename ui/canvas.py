@@ -17,8 +17,8 @@ channels and paces them by flow control (see live.js):
 The render view's value (Gradio path only) is JSON too: {"image": JPEG data
 URL, "t": the page clock of the snapshot shown, "seq": that snapshot's
 number, "reply": the snapshot this answers (0: none, a settings change)}, or
-{"reply", "error": message} / {"reply", "dropped": true} when there is no
-render for it, so the page's flow control always gets its answer.  static/render.js draws renders
+{"reply", "error": message} / {"reply", "dropped": true} / {"reply", "busy":
+people ahead, "error": message} (every place taken) when there is no render for it, so the page's flow control always gets its answer.  static/render.js draws renders
 from both channels in order (never an older one after a newer one) and
 shows renders per second, snapshot-to-render latency and the channel.
 """
@@ -91,3 +91,8 @@ def no_render_value(reply: int, error: str | None = None) -> str:
     """The render view's value when snapshot `reply` got no render: an error, or dropped for a newer one."""
     return json.dumps({"reply": int(reply), "error": error} if error else {"reply": int(reply), "dropped": True})
 
+
+
+def busy_value(reply: int, ahead: int, message: str) -> str:
+    """The render view's value when snapshot `reply` was refused because every place is taken."""
+    return json.dumps({"reply": int(reply), "busy": int(ahead), "error": message})

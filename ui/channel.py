@@ -26,7 +26,12 @@ Bad input never reaches the model and never affects another connection:
   the connection is closed (1008), so its renders do not pile up in memory;
 - a connection dropped at any point: its waiting snapshot is dropped; the
   session (stream, bank, recording) stays for a reconnect until the page
-  unloads or the idle timeout frees it.
+  unloads or the idle timeout frees it (its GPU memory and its place go
+  after the shorter idle release, ui.sessions).
+
+When every place is taken (ui.sessions, `--max-sessions`) a snapshot is
+answered with ``{"type": "busy", "seq", "ahead", "message"}`` and never
+queued; the page shows the message and asks again every second.
 """
 
 from __future__ import annotations
@@ -44,9 +49,10 @@ from sv2v_core.images import ImageError
 from .inputs import decode_image_bytes
 from .scheduler import SchedulerClosed, Superseded
 from .service import CanvasService, Ticket
+from .sessions import Busy
 from .wire import (
-    MAX_SNAPSHOT_BYTES, SNAPSHOT_HEADER, ProtocolError, ServerTimings, dropped_message, error_message,
-    pack_render, ready_message, unpack_snapshot,
+    MAX_SNAPSHOT_BYTES, SNAPSHOT_HEADER, ProtocolError, ServerTimings, busy_message, dropped_message,
+    error_message, pack_render, ready_message, unpack_snapshot,
 )
 
 PATH = "/sv2v/ws"
@@ -161,6 +167,9 @@ class Connection:
         try:
             ticket = self.service.submit(self.session_id, frame, config, stamp=snapshot.stamp, seq=snapshot.seq,
                                          end=snapshot.end, cut=snapshot.cut, jpeg=snapshot.image)
+        except Busy as busy:
+            self.outbox.put_nowait(busy_message(snapshot.seq, busy.ahead, str(busy)))
+            return
         except (ValueError, SchedulerClosed) as error:
             self.outbox.put_nowait(error_message(str(error), snapshot.seq))
             return

@@ -1,21 +1,27 @@
 """A stand-in engine that returns its input, taking the time a GPU would.
 
 `EchoEngine` has the public interface of `sv2v_core.StreamV2V` (new_stream,
-configure, __call__, flush, translate, size_multiple, close) but no model: a
-frame's render is the frame itself (resized to the stream's size), after
-sleeping what the denoising would cost.  The latency benchmark (ui.bench)
-uses it to measure everything around the model: with 0 ms it shows the
-app's own overhead, with 15 or 40 ms per frame it plays a fast or a slower
-GPU.  Tests use it because its render shows exactly what was drawn.
+configure, prepare, batch_key, render, __call__, flush, translate,
+size_multiple, close) but no model: a frame's render is the frame itself
+(resized to the stream's size), after sleeping what the denoising would
+cost.  The latency benchmark (ui.bench) uses it to measure everything around
+the model: with 0 ms it shows the app's own overhead, with 15 or 40 ms per
+frame it plays a fast or a slower GPU.  The load test (ui.loadtest) uses its
+batch cost: 8 ms per call + 3 ms per frame, a common estimate of an H100
+running SD1.5 at 512².  Tests use it because its render shows exactly what
+was drawn.
 
-Cost model.  `frame_ms` is one frame in latency mode: `steps` UNet calls of
-batch 1, frame_ms / steps each.  In stream mode one UNet call of batch
-`steps` admits a frame; it costs `stream_cost` × frame_ms.  The default 0.5
-is an assumption, not a measurement: that a large GPU runs one batch-4 call
-of SD1.5 at 512² in about half the time of four batch-1 calls (a cost of
-8 ms + 3 ms per image, a common H100 estimate, gives 0.45).  Stream mode also lags like the real engine: a call
-returns the frame admitted steps − 1 calls earlier, and `flush` repeats the
-newest frame until it has come out.
+Cost model.  A `render` call with n frames of one group (equal `batch_key`:
+size, steps, mode) costs `call_ms` + n × `frame_ms` in latency mode (the
+frames' `steps` UNet calls, the time split evenly between them), and
+`stream_cost` times that in stream mode, where one UNet call of batch
+`steps` admits each frame.  The default `stream_cost` 0.5 is an assumption,
+not a measurement: that a large GPU runs one batch-4 call of SD1.5 at 512²
+in about half the time of four batch-1 calls (8 ms + 3 ms per image gives
+0.45).  Groups with different keys are separate calls, as in the real
+engine.  Stream mode also lags like the real engine: a call returns the
+frame admitted steps − 1 calls earlier, and `flush` repeats the newest frame
+until it has come out.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class EchoState:
         self.in_flight: deque[tuple[int, np.ndarray]] = deque()  # (input index, image), oldest first
         self.last_output: Output | None = None
         self.bank_resets = 0
+        self.device = "cpu"
 
     def reset_bank(self) -> None:
         self.bank_resets += 1
@@ -59,20 +66,23 @@ class EchoState:
         self.last_output = None
 
     def to(self, device) -> "EchoState":
+        self.device = str(device)  # nothing to move; tests read where it was sent
         return self
 
 
 class EchoEngine:
-    """Returns each frame as its own render after `frame_ms` (see the module docstring)."""
+    """Returns each frame as its own render after `call_ms` + n × `frame_ms` per call (see the module docstring)."""
 
     size_multiple = 8
 
-    def __init__(self, frame_ms: float = 0.0, stream_cost: float = 0.5) -> None:
-        if frame_ms < 0 or not 0 < stream_cost <= 1:
-            raise ValueError("frame_ms must be >= 0 and stream_cost in (0, 1]")
+    def __init__(self, frame_ms: float = 0.0, stream_cost: float = 0.5, *, call_ms: float = 0.0) -> None:
+        if frame_ms < 0 or call_ms < 0 or not 0 < stream_cost <= 1:
+            raise ValueError("frame_ms and call_ms must be >= 0 and stream_cost in (0, 1]")
         self.frame_ms = float(frame_ms)
+        self.call_ms = float(call_ms)
         self.stream_cost = float(stream_cost)
-        self.components = EchoComponents(f"echo-{frame_ms:g}ms")
+        name = f"echo-{call_ms:g}+{frame_ms:g}ms" if call_ms else f"echo-{frame_ms:g}ms"
+        self.components = EchoComponents(name)
         self._lock = threading.Lock()
         self._busy = 0.0
         self._sleeping_since: float | None = None
@@ -109,24 +119,50 @@ class EchoEngine:
             self._sleeping_since = None
             self.calls += 1
 
-    def __call__(self, state: EchoState, frame) -> Output:
+    def prepare(self, state: EchoState, frame) -> np.ndarray:
+        """`frame` as the stream's input (ImageError if unusable), like the real engine's."""
+        return images.resize(images.to_rgb_array(frame), state.config.width, state.config.height)
+
+    def batch_key(self, state: EchoState) -> tuple:
         config = state.config
-        image = images.resize(images.to_rgb_array(frame), config.width, config.height)
+        return config.width, config.height, config.steps, config.mode
+
+    def _call_seconds(self, config: StreamConfig, frames: int) -> float:
+        seconds = (self.call_ms + frames * self.frame_ms) / 1000.0
+        return seconds * (self.stream_cost if config.mode == "stream" else 1.0)
+
+    def __call__(self, state: EchoState, frame) -> Output:
+        return self.render([(state, frame)])[0]
+
+    def render(self, jobs) -> list[Output]:
+        """One output per (state, frame[, control]) job; one simulated call per group of equal `batch_key`."""
+        states = [job[0] for job in jobs]
+        if len({id(state) for state in states}) != len(states):
+            raise ValueError("a stream renders one frame per call; give each stream once")
+        prepared = [self.prepare(state, job[1]) for state, job in zip(states, jobs)]
+        groups: dict[tuple, list[int]] = {}
+        for position, state in enumerate(states):
+            groups.setdefault(self.batch_key(state), []).append(position)
+        outputs: list[Output] = [None] * len(jobs)  # type: ignore[list-item]
+        for positions in groups.values():
+            config = states[positions[0]].config
+            calls = config.steps if config.mode == "latency" else 1
+            for _ in range(calls):
+                self._unet(self._call_seconds(config, len(positions)) / calls)
+            for position in positions:
+                outputs[position] = self._advance(states[position], prepared[position])
+        return outputs
+
+    def _advance(self, state: EchoState, image: np.ndarray) -> Output:
         index = state.frames_in
         state.frames_in += 1
-        if config.mode == "latency":
-            for _ in range(config.steps):
-                self._unet(self.frame_ms / 1000.0 / config.steps)
+        if state.config.mode == "latency":
             state.last_output = Output(image, index)
             return state.last_output
-        return self._stream_call(state, index, image)
-
-    def _stream_call(self, state: EchoState, index: int, image: np.ndarray) -> Output:
         steps = state.config.steps
         if not state.in_flight:  # warm start: every slot holds the first frame
             state.in_flight.extend([(index - 1, image)] * (steps - 1))
         state.in_flight.append((index, image))
-        self._unet(self.frame_ms / 1000.0 * self.stream_cost)
         source, out = state.in_flight.popleft()
         state.last_output = Output(out, source)
         return state.last_output
@@ -138,7 +174,7 @@ class EchoEngine:
         newest_index, newest = state.in_flight[-1] if state.in_flight else (state.frames_in - 1, state.last_output.image)
         while state.last_output.source_index < newest_index:
             state.in_flight.append((newest_index, newest))
-            self._unet(self.frame_ms / 1000.0 * self.stream_cost)
+            self._unet(self._call_seconds(state.config, 1))
             source, out = state.in_flight.popleft()
             state.last_output = Output(out, source)
             outputs.append(state.last_output)

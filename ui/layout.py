@@ -28,13 +28,14 @@ import gradio as gr
 
 from sv2v_core.config import BANK_MODES, StreamConfig
 
-from .canvas import canvas_component, no_render_value, render_component, render_value
+from .canvas import busy_value, canvas_component, no_render_value, render_component, render_value
 from .channel import PATH as CHANNEL_PATH
 from .inputs import load_image_file, parse_snapshot
 from .presets import Preset
 from .recording import EXPORT_FORMATS, EXPORT_PACES
 from .scheduler import SchedulerClosed, Superseded
 from .service import CanvasService, Rendered, make_config
+from .sessions import Busy
 from .wire import SNAPSHOT_QUALITY
 
 # Render events wait on the scheduler, which runs one frame at a time; more
@@ -81,6 +82,8 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
                                       seq=snapshot.seq, end=snapshot.end, cut=snapshot.cut)
         except Superseded:
             return no_render_value(snapshot.seq)  # a newer snapshot of this page is on its way
+        except Busy as busy:  # every place is taken: the page shows it and asks again
+            return busy_value(snapshot.seq, busy.ahead, str(busy))
         except (ValueError, OSError, SchedulerClosed) as error:
             return no_render_value(snapshot.seq, str(error))
         return view_value(rendered, snapshot.seq)
@@ -101,7 +104,7 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
             rendered = service.rerender(request.session_hash)
         except Superseded:
             return gr.skip()
-        except (ValueError, OSError, SchedulerClosed) as error:
+        except (ValueError, OSError, SchedulerClosed, Busy) as error:
             gr.Warning(str(error))
             return gr.skip()
         return gr.skip() if rendered is None else view_value(rendered, 0)
@@ -121,7 +124,7 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
             return service.render(request.session_hash, frame, config, end=True).image
         except Superseded:
             raise gr.Error("a newer /render call of this session replaced this one") from None
-        except (ValueError, OSError, SchedulerClosed) as error:
+        except (ValueError, OSError, SchedulerClosed, Busy) as error:
             raise gr.Error(str(error)) from None
 
     def reset_bank(request: gr.Request):
@@ -151,7 +154,7 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
             return service.render(request.session_hash, frame, config, end=False).image
         except Superseded:
             return gr.skip()
-        except (ValueError, OSError, SchedulerClosed) as error:
+        except (ValueError, OSError, SchedulerClosed, Busy) as error:
             gr.Warning(str(error))
             return gr.skip()
 

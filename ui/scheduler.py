@@ -12,20 +12,32 @@ Two kinds of work:
   mailbox holding at most one waiting frame; a newer frame replaces it and
   the replaced one's future fails with `Superseded` (counted in
   `stats().dropped`).  A slow model so gets fewer, fresher frames instead of
-  a backlog.  Each *tick* the worker takes the newest waiting frame of every
-  key, in the order the keys' frames arrived, and runs them one after the
-  other through the `run_frame` function given to the constructor; no key
-  gets a second frame before every other waiting key got one.  (Taking every key's newest frame per tick is what
-  lets a later version render several sessions in one batched model call.)
+  a backlog.  Each *tick* the worker takes the newest waiting frame of up
+  to `max_batch` keys and hands them, as one list, to the `run_batch`
+  function given to the constructor, which renders them together (one
+  batched model call per group of compatible streams) and returns one
+  result per frame, in order: a value, or the exception that frame alone
+  raised (one bad frame fails only its own job).
 - **Tasks** (`call(fn)`): never dropped, run first-in first-out before the
-  next tick's frames: bank resets, video frames, warm-up.
+  next tick's frames: bank resets, video frames, warm-up, memory release.
+
+Fair turns.  The keys wait in the order they first asked for a turn: a key
+that was served goes to the back of the line when its next frame comes, a
+key whose newer frame replaces a waiting one keeps its place, and a tick
+serves the first `max_batch` keys of the line.  So each key has at most one
+frame per tick whatever its drawing rate, and when more keys wait than a
+tick takes, those left out are first in the next tick: nobody starves, and
+a page that sends fast gets no more turns than one that sends slowly.
 
 Work runs in the submitter's `contextvars` context (copied at submit time),
 so a function that looks up the current Gradio request — `spaces.GPU` on a
-ZeroGPU Space does — sees the request that asked for it.
+ZeroGPU Space does — sees the request that asked for it; a batch runs in
+the context of its first frame.
 
-Each `Job` records when it was submitted, started and finished, so callers
-can report the wait in the mailbox and the model time separately.
+Each `Job` records when it was submitted, started and finished (a batch's
+frames start and finish together), so callers can report the wait in the
+mailbox and the model time separately; `stats().batches` counts the ticks
+by batch size.
 """
 
 from __future__ import annotations
@@ -33,7 +45,7 @@ from __future__ import annotations
 import contextvars
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
@@ -82,18 +94,28 @@ class SchedulerStats:
     failed: int
     tasks: int
     busy_seconds: float
+    batches: dict[int, int] = field(default_factory=dict)  # batch size -> ticks that rendered that many frames
 
 
 class RenderScheduler:
-    """A single worker thread with one newest-wins mailbox per session."""
+    """A single worker thread with one newest-wins mailbox per session, serving them in batches.
 
-    def __init__(self, run_frame: Callable[[Any], Any], *, name: str = "sv2v-render") -> None:
-        self._run_frame = run_frame
+    run_batch: frames -> one result or Exception per frame, in order.
+    max_batch: at most this many frames per tick.
+    """
+
+    def __init__(self, run_batch: Callable[[list[Any]], list[Any]], *, max_batch: int = 8,
+                 name: str = "sv2v-render") -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self._run_batch = run_batch
+        self.max_batch = max_batch
         self._cond = threading.Condition()
         self._mailboxes: OrderedDict[str, Job] = OrderedDict()  # key -> waiting frame, in turn order
         self._tasks: deque[Job] = deque()
         self._closed = False
         self._counts = dict(submitted=0, rendered=0, dropped=0, failed=0, tasks=0)
+        self._batches: Counter[int] = Counter()
         self._busy = 0.0
         self._running_since: float | None = None
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
@@ -146,7 +168,8 @@ class RenderScheduler:
         """The counters now; busy time includes the part of the running job done so far."""
         with self._cond:
             running = 0.0 if self._running_since is None else time.monotonic() - self._running_since
-            return SchedulerStats(busy_seconds=self._busy + running, **self._counts)
+            return SchedulerStats(busy_seconds=self._busy + running, batches=dict(sorted(self._batches.items())),
+                                  **self._counts)
 
     def close(self, timeout: float = 10.0) -> None:
         """Refuse new work, fail what is waiting, and let the worker finish its current job."""
@@ -163,7 +186,7 @@ class RenderScheduler:
 
     # -- the worker -----------------------------------------------------------------
     def _next_tick(self) -> tuple[list[Job], list[Job]] | None:
-        """Wait for work; the waiting tasks and the newest frame of every session."""
+        """Wait for work; the waiting tasks and the newest frames of the first `max_batch` sessions in line."""
         with self._cond:
             while not self._closed and not self._tasks and not self._mailboxes:
                 self._cond.wait()
@@ -171,37 +194,64 @@ class RenderScheduler:
                 return None
             tasks = list(self._tasks)
             self._tasks.clear()
-            frames = list(self._mailboxes.values())
-            self._mailboxes.clear()
+            frames = []
+            while self._mailboxes and len(frames) < self.max_batch:
+                frames.append(self._mailboxes.popitem(last=False)[1])  # served: back of the line next time
             return tasks, frames
 
     def _work(self) -> None:
         while (tick := self._next_tick()) is not None:
             tasks, frames = tick
             for job in tasks:
-                self._run(job, job.payload, "tasks")
-            for job in frames:
-                self._run(job, lambda job=job: self._run_frame(job.payload), "rendered")
+                self._run_task(job)
+            if frames:
+                self._run_frames(frames)
 
-    def _run(self, job: Job, fn: Callable[[], Any], counter: str) -> None:
-        if not job.future.set_running_or_notify_cancel():
+    def _start(self, jobs: list[Job]) -> list[Job]:
+        """Mark `jobs` running (those whose future was not cancelled) and return them."""
+        running = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+        started = time.monotonic()
+        for job in running:
+            job.started = started
+        with self._cond:
+            self._running_since = started
+        return running
+
+    def _run_task(self, job: Job) -> None:
+        if not self._start([job]):
             return
-        job.started = time.monotonic()
-        with self._cond:
-            self._running_since = job.started
         try:
-            result = job.context.run(fn)
+            result = job.context.run(job.payload)
         except Exception as error:  # noqa: BLE001 - not swallowed: it goes to whoever waits on the job
-            job.finished = time.monotonic()
-            self._account(job, "failed")
-            job.future.set_exception(error)
+            self._finish([(job, error)])
         else:
-            job.finished = time.monotonic()
-            self._account(job, counter)
-            job.future.set_result(result)
+            self._finish([(job, result)], counter="tasks")
 
-    def _account(self, job: Job, counter: str) -> None:
+    def _run_frames(self, jobs: list[Job]) -> None:
+        jobs = self._start(jobs)
+        if not jobs:
+            return
+        try:
+            results = jobs[0].context.run(self._run_batch, [job.payload for job in jobs])
+            if len(results) != len(jobs):
+                raise RuntimeError(f"run_batch returned {len(results)} results for {len(jobs)} frames")
+        except Exception as error:  # noqa: BLE001 - not swallowed: every frame of the batch gets it
+            results = [error] * len(jobs)
         with self._cond:
-            self._counts[counter] += 1
-            self._busy += job.run_seconds
+            self._batches[len(jobs)] += 1
+        self._finish(list(zip(jobs, results)), counter="rendered")
+
+    def _finish(self, outcomes: list[tuple[Job, Any]], counter: str = "failed") -> None:
+        """Account for finished jobs, then hand each its result (an Exception instance fails it)."""
+        finished = time.monotonic()
+        with self._cond:
+            for job, result in outcomes:
+                job.finished = finished
+                self._counts["failed" if isinstance(result, Exception) else counter] += 1
+            self._busy += finished - outcomes[0][0].started
             self._running_since = None
+        for job, result in outcomes:
+            if isinstance(result, Exception):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)

@@ -42,7 +42,7 @@ from .gpu import ZERO_GPU
 from .layout import PAGE_CSS, build_app
 from .presets import Preset
 from .recording import Recorder
-from .service import CanvasService
+from .service import MAX_BATCH, CanvasService
 from .sessions import SessionRegistry
 from .wire import MAX_SNAPSHOT_BYTES
 
@@ -56,20 +56,29 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 PORTS_TO_TRY = 100
 SHUTDOWN_SECONDS = 3
+RELEASE_AFTER = 30.0  # seconds idle before a session's stream state leaves the GPU (and its place frees)
 
 log = logging.getLogger("sv2v.server")
 
 
-def create_service(engine, *, size: int, render_mode: str = "latency", idle_timeout: float = 1800.0) -> CanvasService:
+def create_service(engine, *, size: int, render_mode: str = "latency", idle_timeout: float = 1800.0,
+                   max_sessions: int | None = None, release_after: float = RELEASE_AFTER,
+                   max_batch: int = MAX_BATCH) -> CanvasService:
     """The app's service around `engine`, rendering the canvas at size×size.
 
-    ValueError for settings the config rejects (e.g. a size out of range).
+    max_sessions: at most this many sessions render at once (None: no
+    limit), release_after: seconds of idleness before a session's state
+    leaves the GPU and its place is freed, max_batch: frames per batch
+    (ui.sessions, ui.service).  ValueError for settings the config rejects
+    (e.g. a size out of range).
     """
     # No similarity skip for the canvas: it sends a snapshot only when the drawing
     # changed, and a small stroke (an eye, a dot) must still be rendered.  Webcam
     # frames turn the skip back on (ui/layout.py).
     base = StreamConfig(width=size, height=size, mode=render_mode, similarity_skip=None)
-    return CanvasService(engine, SessionRegistry(Recorder, idle_timeout=idle_timeout), base)
+    registry = SessionRegistry(Recorder, idle_timeout=idle_timeout, max_active=max_sessions,
+                               release_after=release_after)
+    return CanvasService(engine, registry, base, max_batch=max_batch)
 
 
 def fast_channel_available() -> tuple[bool, str]:

@@ -32,12 +32,36 @@ smoothness on a slow GPU. The page still sends "end" with the last snapshot
 of a stroke and the service flushes it, so stream mode also converges to the
 last stroke. Whole videos, where throughput is what counts, are translated
 in stream mode.
+
+Many artists on one GPU.  The scheduler hands each tick's frames (the newest
+of up to `max_batch` sessions, taking turns) to `_render_batch`, which makes
+one `on_gpu` call (`_step_on_device`) for the whole batch: each stream is
+configured (created, reconfigured, its bank emptied at a cut) and its frame
+checked (`engine.prepare`) on its own, so bad settings or a bad picture fail
+only that frame; the rest render in one `engine.render` call, which stacks
+compatible streams into shared UNet calls.  Should that call raise anyway
+(say, out of GPU memory for the batch), each of its frames is rendered
+again on its own, so the culprit gets its error and the others their
+renders.  Stream mode's end-of-stroke flush runs per stream afterwards.
+Webcam frames are canvas frames (same mailbox, same batches).  Video
+translation stays a series of tasks, one frame each between ticks: its
+frames must never be dropped (newest-wins would), and a video's stream
+(stream mode, the video's aspect) never shares a batch key with the
+canvases' (latency mode, square) anyway.
+
+Admission (ui.sessions): a frame is only queued for an admitted session;
+otherwise `submit` raises `Busy` ("busy: N people ahead of you").  A
+sweeper thread, and every submit, releases sessions idle for
+`release_after` seconds (their state moves to the CPU on the scheduler's
+thread, freeing GPU memory and their place; the next frame continues the
+stream) and frees sessions idle for the idle timeout.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,13 +76,18 @@ from sv2v_core.video import VideoWriter, probe_video, read_video
 
 from .gpu import ZERO_GPU, on_gpu
 from .recording import EXPORT_FORMATS, EXPORT_PACES, export_video
-from .scheduler import Job, RenderScheduler
+from .scheduler import Job, RenderScheduler, SchedulerClosed
 from .sessions import Session, SessionRegistry
 from .wire import encode_render
 
 MAX_VIDEO_SECONDS = 20.0
 MAX_VIDEO_FRAMES = 600
 VIDEO_GPU_SECONDS = 120
+SWEEP_SECONDS = 5.0
+# Frames per tick.  In the load test's cost model (an H100 at 512²: 8 ms per call + 3 ms per frame)
+# batch 8 renders 2.75x as many frames per second as one at a time and batch 16 only 3.1x, for
+# 24 ms more per tick (README, "Many users"); more sessions than this take turns.
+MAX_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -96,6 +125,19 @@ class FrameRequest:
     seq: int
     end: bool
     sketch: np.ndarray | bytes
+
+
+@dataclass
+class Step:
+    """One stream's part of a batch on the device: its state (None: not created yet), the
+    settings, the frame (at the render size), a stroke's end (flush) and a cut (empty the bank)."""
+
+    state: object
+    config: StreamConfig
+    frame: np.ndarray
+    end: bool = False
+    cut: bool = False
+    control: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -142,50 +184,127 @@ class CanvasService:
     "finishing" thread.  So neither holds up the model.
     """
 
-    def __init__(self, engine, registry: SessionRegistry, base: StreamConfig):
+    def __init__(self, engine, registry: SessionRegistry, base: StreamConfig, *, max_batch: int = MAX_BATCH,
+                 sweep_seconds: float = SWEEP_SECONDS):
         self.engine = engine
         self.registry = registry
         self.base = base
         self._step = on_gpu(self._step_on_device)
         self._translate = on_gpu(self._translate_on_device, duration=VIDEO_GPU_SECONDS)
-        self.scheduler = RenderScheduler(self._render_frame)
+        self.scheduler = RenderScheduler(self._render_batch, max_batch=max_batch)
         # One thread, so each session's frames are recorded in render order.
         self._finishing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sv2v-finish")
+        self._stop = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep_every, args=(sweep_seconds,), name="sv2v-sweeper",
+                                         daemon=True)
+        self._sweeper.start()
 
     def close(self) -> None:
         """Stop the worker threads (what they are doing finishes first) and free every session."""
+        self._stop.set()
         self.scheduler.close()
         self._finishing.shutdown(wait=True)
+        self._sweeper.join(timeout=SWEEP_SECONDS)
         self.registry.close_all()
 
     # -- the model work (on the scheduler's thread; on the GPU under ZeroGPU) -------
-    def _step_on_device(self, state, config: StreamConfig, frame: np.ndarray, end: bool, cut: bool):
-        """Render `frame` for `state` (created or reconfigured as needed); returns (state, output)."""
-        if state is None:
-            state = self.engine.new_stream(config)
-        elif state.config != config:
-            state = self.engine.configure(state, config)
-        if cut:
-            state.reset_bank()
-        output = self.engine(state, frame)
-        if end:
-            flushed = self.engine.flush(state)
-            output = flushed[-1] if flushed else output
-        if ZERO_GPU:
-            state.to("cpu")  # the GPU is gone between calls; the state comes back pickled
-        return state, output
+    def _step_on_device(self, steps: list[Step]) -> list[tuple[object, object]]:
+        """Render one batch: (state, output or the exception of that frame alone) per step.
 
-    def _render_frame(self, request: FrameRequest) -> Rendered:
-        """Render one queued frame (the scheduler's `run_frame`)."""
-        session = request.session
-        cut, session.cut_pending = session.cut_pending, False
+        One call per batch, so one `spaces.GPU` call on ZeroGPU, where the
+        states come in pickled and must be returned.
+        """
+        results: list = [None] * len(steps)
+        ready: list[int] = []
+        for index, step in enumerate(steps):
+            try:
+                step.state = self._configured(step.state, step.config)
+                if step.cut:
+                    step.state.reset_bank()
+                self.engine.prepare(step.state, step.frame)
+            except ValueError as error:  # bad settings or picture (ImageError is one): this frame only
+                results[index] = error
+            else:
+                ready.append(index)
+        if ready:
+            for index, output in zip(ready, self._render_together([steps[i] for i in ready])):
+                results[index] = output
+        for step, output in zip(steps, results):
+            if step.end and not isinstance(output, Exception):
+                try:
+                    flushed = self.engine.flush(step.state)
+                except (ValueError, RuntimeError) as error:
+                    output = error
+                else:
+                    output = flushed[-1] if flushed else output
+            if ZERO_GPU and step.state is not None:
+                step.state.to("cpu")  # the GPU is gone between calls; the state comes back pickled
+        return [(step.state, output) for step, output in zip(steps, results)]
+
+    def _configured(self, state, config: StreamConfig):
+        if state is None:
+            return self.engine.new_stream(config)
+        if state.config != config:
+            return self.engine.configure(state, config)
+        return state
+
+    def _render_together(self, steps: list[Step]) -> list:
+        """Outputs of one `engine.render` over `steps`; if it raises, each step again on its own."""
+        try:
+            return self.engine.render([(step.state, step.frame, step.control) for step in steps])
+        except (ValueError, RuntimeError) as error:  # e.g. out of memory for the batch
+            if len(steps) == 1:
+                return [error]
+        outputs = []
+        for step in steps:
+            bank = getattr(step.state, "bank", None)
+            if bank is not None:
+                bank.discard_pending()  # what the failed call recorded
+            try:
+                outputs.append(self.engine.render([(step.state, step.frame, step.control)])[0])
+            except (ValueError, RuntimeError) as error:
+                outputs.append(error)
+        return outputs
+
+    def _render_batch(self, requests: list[FrameRequest]) -> list[Rendered | Exception]:
+        """Render one tick's frames (the scheduler's `run_batch`): a `Rendered` or an exception each."""
+        steps = []
+        for request in requests:
+            session = request.session
+            cut, session.cut_pending = session.cut_pending, False
+            steps.append(Step(session.state, request.config, request.image, request.end, cut))
         started = time.monotonic()
-        session.state, output = self._step(session.state, request.config, request.image, request.end, cut)
+        outcomes = self._step(steps)
         model_seconds = time.monotonic() - started
-        session.remember_source(session.state.frames_in - 1, request.stamp, request.seq)
-        # Stream mode's warm-start renders (source −1) show the stream's first frame.
-        stamp, seq = session.sources.get(max(output.source_index, 0), (request.stamp, request.seq))
-        return Rendered(output.image, stamp, seq, output.skipped, model_seconds)
+        results: list[Rendered | Exception] = []
+        for request, step, (state, output) in zip(requests, steps, outcomes):
+            session = request.session
+            if state is not None:
+                session.state = state
+            if isinstance(output, Exception):
+                session.cut_pending = session.cut_pending or step.cut  # the next frame still starts afresh
+                results.append(output)
+                continue
+            session.remember_source(state.frames_in - 1, request.stamp, request.seq)
+            # Stream mode's warm-start renders (source −1) show the stream's first frame.
+            stamp, seq = session.sources.get(max(output.source_index, 0), (request.stamp, request.seq))
+            results.append(Rendered(output.image, stamp, seq, output.skipped, model_seconds))
+        return results
+
+    # -- idle sessions ------------------------------------------------------------------
+    def sweep(self) -> None:
+        """Release sessions idle for `release_after` (state to the CPU, on the scheduler's
+        thread) and free those idle for the idle timeout."""
+        for session in self.registry.release_idle():
+            self.scheduler.call(lambda session=session: session.state is not None and session.state.to("cpu"))
+        self.registry.evict_idle()
+
+    def _sweep_every(self, seconds: float) -> None:
+        while not self._stop.wait(seconds):
+            try:
+                self.sweep()
+            except SchedulerClosed:
+                return
 
     def _finish(self, ticket: Ticket, request: FrameRequest) -> None:
         """Encode a finished render and record it (on the finishing thread)."""
@@ -214,7 +333,9 @@ class CanvasService:
     def warm_up(self) -> None:
         """Render one blank frame on a throwaway stream, so the first visitor does not wait."""
         blank = np.full((self.base.height, self.base.width, 3), 255, np.uint8)
-        self.scheduler.call(lambda: self._step(None, self.base, blank, True, False)).result()
+        (_, output), = self.scheduler.call(lambda: self._step([Step(None, self.base, blank, end=True)])).result()
+        if isinstance(output, Exception):
+            raise output
 
     # -- per-visitor operations ---------------------------------------------
     def submit(self, session_id: str, image: np.ndarray, config: StreamConfig, *, stamp: float = 0.0,
@@ -223,9 +344,11 @@ class CanvasService:
 
         The frame is resized here, on the caller's thread, while the model may
         still be busy with the previous one.  jpeg: the JPEG `image` was decoded
-        from, if it came as one (recorded as the sketch as it is).
+        from, if it came as one (recorded as the sketch as it is).  Raises
+        `Busy` when every place is taken (ui.sessions).
         """
-        session = self.registry.get(session_id)
+        self.sweep()
+        session = self.registry.admit(session_id)
         frame = resize(image, config.width, config.height)
         session.last_frame, session.last_seq = frame, seq
         if cut:

@@ -1,11 +1,23 @@
 """Per-visitor sessions: one stream and one recording per browser session.
 
 A `SessionRegistry` belongs to one app instance (no module-level state).
-Sessions are created lazily on a visitor's first render, keyed by Gradio's
+Sessions are created lazily on a visitor's first use, keyed by Gradio's
 session hash (the fast channel connects with the same hash, so both channels
 share one stream, bank and recording), closed when the page unloads
 (`close`) and evicted after `idle_timeout` seconds without use (checked on
-every access), so an abandoned tab does not hold memory forever.
+every access and by the service's sweeper), so an abandoned tab does not
+hold memory forever.
+
+Admission.  At most `max_active` sessions render at once (None: no limit).
+A session becomes active when it renders (`admit`) and stays active until it
+closes, is evicted, or has been idle for `release_after` seconds
+(`release_idle`: the service then moves its stream state off the GPU; its
+next frame is admitted again and continues the stream where it was).  When
+every place is taken, `admit` puts the session in a first-come first-served
+line and raises `Busy` with the number of people ahead of it; a place that
+frees goes to the first in line, not to whoever asks first.  A session in
+line must keep asking (the page retries every second) or it leaves the line
+after `LINE_SECONDS`.
 
 Only the render scheduler's worker thread touches a session's `state` (see
 ui.scheduler); the other fields are set by request threads and read there.
@@ -22,6 +34,18 @@ from typing import Any, Callable
 from .recording import Recorder
 
 MAX_STAMPS = 64
+LINE_SECONDS = 10.0  # a waiting session that has not asked again for this long leaves the line
+
+
+class Busy(RuntimeError):
+    """Every place is taken: `ahead` people wait before this session, `active` are rendering."""
+
+    def __init__(self, ahead: int, active: int) -> None:
+        people = "person" if ahead == 1 else "people"
+        super().__init__(f"busy: {ahead} {people} ahead of you ({active} artists are drawing); "
+                         "you get in when one of them leaves")
+        self.ahead = ahead
+        self.active = active
 
 
 @dataclass
@@ -62,14 +86,21 @@ class Session:
 
 
 class SessionRegistry:
-    """Sessions by id, with idle eviction."""
+    """Sessions by id, with admission (a limit on active sessions), idle release and idle eviction."""
 
     def __init__(self, make_recorder: Callable[[], Recorder], idle_timeout: float = 1800.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, *, max_active: int | None = None,
+                 release_after: float = 30.0):
+        if max_active is not None and max_active < 1:
+            raise ValueError(f"the maximum of sessions must be at least 1, got {max_active}")
         self._make_recorder = make_recorder
         self.idle_timeout = idle_timeout
+        self.max_active = max_active
+        self.release_after = release_after
         self._clock = clock
         self._sessions: dict[str, Session] = {}
+        self._active: set[str] = set()
+        self._line: OrderedDict[str, float] = OrderedDict()  # waiting session -> when it last asked
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -93,10 +124,52 @@ class SessionRegistry:
             session.last_used = self._clock()
             return session
 
+    def admit(self, session_id: str | None) -> Session:
+        """The visitor's session, active (allowed to render); `Busy` when every place is taken."""
+        session = self.get(session_id)
+        with self._lock:
+            if session_id in self._active:
+                return session
+            now = self._clock()
+            for waiting, asked in list(self._line.items()):
+                if now - asked > LINE_SECONDS:
+                    del self._line[waiting]
+            self._line[session_id] = now  # a newcomer joins the back; one already in line keeps its place
+            ahead = list(self._line).index(session_id)
+            free = len(self._line) if self.max_active is None else self.max_active - len(self._active)
+            if ahead >= free:
+                raise Busy(ahead, len(self._active))
+            del self._line[session_id]
+            self._active.add(session_id)
+            return session
+
+    def active(self) -> int:
+        """Sessions admitted now."""
+        with self._lock:
+            return len(self._active)
+
+    def waiting(self) -> int:
+        """Sessions in line for a place."""
+        with self._lock:
+            return len(self._line)
+
+    def release_idle(self) -> list[Session]:
+        """Active sessions idle for longer than `release_after`: no longer active (their place is
+        free); the caller moves their state off the GPU."""
+        now = self._clock()
+        with self._lock:
+            idle = [self._sessions[sid] for sid in self._active
+                    if sid in self._sessions and now - self._sessions[sid].last_used > self.release_after]
+            for session in idle:
+                self._active.discard(session.session_id)
+            return idle
+
     def close(self, session_id: str | None) -> None:
         """Free a session (the page was closed); unknown ids are ignored."""
         with self._lock:
             session = self._sessions.pop(session_id, None) if session_id else None
+            self._active.discard(session_id)
+            self._line.pop(session_id, None)
         if session is not None:
             session.close()
 
@@ -106,6 +179,7 @@ class SessionRegistry:
         with self._lock:
             stale = [sid for sid, s in self._sessions.items() if now - s.last_used > self.idle_timeout]
             sessions = [self._sessions.pop(sid) for sid in stale]
+            self._active.difference_update(stale)
         for session in sessions:
             session.close()
         return stale
@@ -114,5 +188,7 @@ class SessionRegistry:
         with self._lock:
             sessions = list(self._sessions.values())
             self._sessions.clear()
+            self._active.clear()
+            self._line.clear()
         for session in sessions:
             session.close()

@@ -29,7 +29,9 @@ Server -> page text messages are JSON objects with a "type":
 connection is accepted (W×H is the render size: the page sends snapshots at
 that size), ``{"type": "error", "seq": n or null, "message": "..."}`` for a
 snapshot that could not be used, and ``{"type": "dropped", "seq": n}`` when
-a newer snapshot replaced one before the model got to it.  The page sends no
+a newer snapshot replaced one before the model got to it, and
+``{"type": "busy", "seq": n, "ahead": k, "message": "..."}`` when every
+place on the server is taken (k people wait before this page).  The page sends no
 text messages; render settings reach the server through the Gradio page's
 own events (see ui.layout).
 """
@@ -139,6 +141,10 @@ def ready_message(width: int, height: int) -> str:
 
 def error_message(message: str, seq: int | None = None) -> str:
     return json.dumps({"type": "error", "seq": seq, "message": message})
+
+
+def busy_message(seq: int, ahead: int, message: str) -> str:
+    return json.dumps({"type": "busy", "seq": seq, "ahead": ahead, "message": message})
 
 
 def dropped_message(seq: int) -> str:

@@ -6,11 +6,11 @@
 // changes.  The render view (render.js) draws what arrives; the two talk
 // through DOM events on `document`:
 //   "sv2v:render"  live -> view  a render to draw: {blob, seq, reply, stamp, channel, ...timings}
-//   "sv2v:answer"  view -> live  the Gradio path answered snapshot `reply`
+//   "sv2v:answer"  view -> live  the Gradio path answered snapshot `reply` (`busy`: refused, every place taken)
 //   "sv2v:shown"   view -> live  a render was drawn (or dropped as stale): time for the next snapshot
 //   "sv2v:channel" live -> view  which channel is in use, and why (again on "sv2v:hello",
 //                                which the view sends when it loads: either may load first)
-//   "sv2v:message" live -> view  an error about a snapshot, for the person drawing
+//   "sv2v:message" live -> view  an error about a snapshot, or the busy state, for the person drawing
 //
 // Channels: the fast channel is a WebSocket (ui/channel.py, format in
 // ui/wire.py) carrying JPEG snapshots and renders as binary messages; the
@@ -30,12 +30,15 @@
 // drawing.  When the page is the slow stage a second snapshot would only
 // queue behind the first on the page's own thread.  The end of a stroke
 // always sends a final snapshot ("end": the server renders it to convergence).
+// When the server is full ("busy: N people ahead of you") the page shows it
+// and sends its newest drawing again every BUSY_RETRY_MS until it gets in.
 function startLive(source, props, trigger) {
   const FLOOR_MS = 10;
   const HEADER = 16;       // snapshot header bytes (ui/wire.py)
   const RENDER_HEADER = 40;
   const MAGIC0 = 0x53, MAGIC1 = 0x56, VERSION = 1;
   const EMA = 0.2;
+  const BUSY_RETRY_MS = 1000;
   const params = new URLSearchParams(window.location.search);
   const forcedGradio = params.get("channel") === "gradio";
 
@@ -51,6 +54,7 @@ function startLive(source, props, trigger) {
   let timer = null;
   let lastSentAt = -Infinity;
   let busyUntil = 0;                       // predicted time the model is free
+  let retryAt = 0;                         // while the server is full: ask again no sooner than this
   // Running averages (ms); each starts at its first sample, so a slow model is known as slow at once.
   const est = { model: 0, pre: 5, post: 5, encode: 3, roundtrip: 200 };
   const sampled = new Set();
@@ -82,7 +86,7 @@ function startLive(source, props, trigger) {
   function pump() {
     if (timer !== null) { clearTimeout(timer); timer = null; }
     if (!dirty || inflight.size >= limit()) return;  // an answer calls pump again
-    let at = lastSentAt + FLOOR_MS;
+    let at = Math.max(lastSentAt + FLOOR_MS, retryAt);
     // Aim a little early (transfer and model times vary): a moment's wait beats an idle model.
     if (inflight.size > 0) at = Math.max(at, busyUntil - est.pre - Math.min(0.25 * est.model, 2 * est.pre + 2));
     const wait = at - performance.now();
@@ -159,6 +163,18 @@ function startLive(source, props, trigger) {
     return entry;
   }
 
+  // Snapshot `id` was refused because every place is taken: send the drawing again later.
+  function refused(id) {
+    const entry = inflight.get(id);
+    if (entry) {
+      dirty = true;
+      pendingEnd = pendingEnd || entry.end;
+      pendingCut = pendingCut || entry.cut;
+    }
+    retryAt = performance.now() + BUSY_RETRY_MS;
+    answered(id);
+  }
+
   // -- the fast channel ----------------------------------------------------------
   function onRender(buffer) {
     const receivedAt = performance.now();
@@ -206,6 +222,9 @@ function startLive(source, props, trigger) {
       pump();
     } else if (message.type === "dropped") {
       answered(message.seq);
+    } else if (message.type === "busy") {
+      refused(message.seq);
+      emit("sv2v:message", { text: message.message, busy: true });
     } else if (message.type === "error") {
       if (message.seq !== null && message.seq !== undefined) answered(message.seq);
       emit("sv2v:message", { text: message.message });
@@ -252,7 +271,7 @@ function startLive(source, props, trigger) {
     };
   }
 
-  document.addEventListener("sv2v:answer", (event) => answered(event.detail.reply));
+  document.addEventListener("sv2v:answer", (event) => (event.detail.busy ? refused : answered)(event.detail.reply));
   document.addEventListener("sv2v:shown", () => pump());
   document.addEventListener("sv2v:hello", () => emit("sv2v:channel", { channel, why: channelWhy }));
   connect();

@@ -55,6 +55,7 @@
     const bitmap = await createImageBitmap(render.blob);
     if (render.seq < stats.shownSeq) { stats.stale += 1; bitmap.close(); return; }  // a newer one was drawn meanwhile
     ctx.transferFromImageBitmap(bitmap);
+    if (element.dataset.busy) { delete element.dataset.busy; messageLine.textContent = ""; }  // got in
     const now = performance.now();
     stats.shownSeq = render.seq;
     stats.renders += 1;
@@ -78,7 +79,9 @@
     showStats();
   }
 
-  function message(text) {
+  // busy: the server is full (the page asks again every second, so this shows until it gets in)
+  function message(text, busy = false) {
+    if (busy) element.dataset.busy = "1";
     messageLine.textContent = text;
     if (messageTimer !== null) clearTimeout(messageTimer);
     messageTimer = setTimeout(() => { messageLine.textContent = ""; }, 6000);
@@ -91,15 +94,17 @@
     element.dataset.channel = stats.channel;
     showStats(true);
   });
-  document.addEventListener("sv2v:message", (event) => message(event.detail.text));
+  document.addEventListener("sv2v:message", (event) => message(event.detail.text, event.detail.busy));
 
   watch("value", async () => {
     let value;
     try { value = JSON.parse(props.value || "null"); } catch (error) { return; }
     if (!value) return;
     const receivedAt = performance.now();
-    if (value.reply) document.dispatchEvent(new CustomEvent("sv2v:answer", { detail: { reply: value.reply } }));
-    if (value.error) { message(value.error); return; }
+    if (value.reply) {
+      document.dispatchEvent(new CustomEvent("sv2v:answer", { detail: { reply: value.reply, busy: "busy" in value } }));
+    }
+    if (value.error) { message(value.error, "busy" in value); return; }
     if (!value.image) return;
     const blob = await (await fetch(value.image)).blob();
     show({ blob, seq: value.seq, reply: value.reply, stamp: value.t, channel: "gradio", receivedAt });
