@@ -208,9 +208,9 @@ def run_python_row(case: str, mode: str, seconds: float, tiny_cache: dict) -> Ro
     import io
 
     from PIL import Image
-    from websockets.sync.client import connect
 
     from . import wire
+    from .channel_client import ChannelClient
 
     engine, size = make_engine(case, tiny_cache)
     row = Row(case, mode, "python", seconds)
@@ -228,33 +228,19 @@ def run_python_row(case: str, mode: str, seconds: float, tiny_cache: dict) -> Ro
         pictures.append(buffer.getvalue())
     app = serve(service, load_presets(), port=_free_port(), block=False)
     busy = lambda: engine.busy_seconds if isinstance(engine, EchoEngine) else service.scheduler.stats().busy_seconds  # noqa: E731
-    latencies, models, sent = [], [], {}
     try:
-        with connect(app.url.replace("http://", "ws://") + "sv2v/ws?session=bench", compression=None) as ws:
-            ws.recv()  # ready
-            seq = 0
-
-            def send() -> None:
-                nonlocal seq
-                seq += 1
-                sent[seq] = time.perf_counter()
-                ws.send(wire.pack_snapshot(seq, 0.0, pictures[seq % len(pictures)]))
-
-            send()
-            send()
+        with ChannelClient(app.url, "bench", pictures) as client:
+            client.start()
             start_busy, start_wall, start_cpu = busy(), time.monotonic(), time.process_time()
             while time.monotonic() - start_wall < seconds:
-                message = ws.recv(FINAL_TIMEOUT)
-                if isinstance(message, bytes):
-                    reply, shows, _, timings, _, _ = wire.unpack_render(message)
-                    latencies.append((time.perf_counter() - sent[shows]) * 1000)
-                    models.append(timings.model)
-                send()
+                client.step()
             end_busy, end_wall = busy(), time.monotonic()
             row.server_cpu = (time.process_time() - start_cpu) / (end_wall - start_wall)
             row.final_shown = True
     finally:
         app.close()
+    latencies = [render.latency_ms for render in client.log.renders]
+    models = [render.model_ms for render in client.log.renders]
     try:
         if alone:
             row.engine_alone_runs.append(measure_alone())

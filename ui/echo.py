@@ -13,7 +13,7 @@ was drawn.
 
 Cost model.  A `render` call with n frames of one group (equal `batch_key`:
 size, steps, mode) costs `call_ms` + n × `frame_ms` in latency mode (the
-frames' `steps` UNet calls, the time split evenly between them), and
+frames' `steps` UNet calls, slept at once), and
 `stream_cost` times that in stream mode, where one UNet call of batch
 `steps` admits each frame.  The default `stream_cost` 0.5 is an assumption,
 not a measurement: that a large GPU runs one batch-4 call of SD1.5 at 512²
@@ -145,10 +145,9 @@ class EchoEngine:
             groups.setdefault(self.batch_key(state), []).append(position)
         outputs: list[Output] = [None] * len(jobs)  # type: ignore[list-item]
         for positions in groups.values():
-            config = states[positions[0]].config
-            calls = config.steps if config.mode == "latency" else 1
-            for _ in range(calls):
-                self._unet(self._call_seconds(config, len(positions)) / calls)
+            # One sleep for the group's UNet calls: each wake-up costs a GIL hand-over (up to 5 ms
+            # while other threads run Python), which would make the stand-in dearer than its model.
+            self._unet(self._call_seconds(states[positions[0]].config, len(positions)))
             for position in positions:
                 outputs[position] = self._advance(states[position], prepared[position])
         return outputs

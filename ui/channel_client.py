@@ -1,0 +1,120 @@
+"""A Python client of the fast channel that draws like the page does.
+
+`ChannelClient` connects to ``/sv2v/ws?session=...`` (ui.channel), sends
+pictures encoded in advance (so its own CPU does not skew the server's
+figures) and paces them as the page's flow control does: `depth` snapshots
+unanswered at most (two: one renders while the next waits), the next one
+sent as soon as an answer comes.  It records each render's latency (snapshot
+sent -> the render showing it received) and the server's timings, and
+counts the other answers.  The benchmarks (ui.bench, ui.loadtest) and the
+tests use it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import wire
+
+RECEIVE_TIMEOUT = 30.0
+
+
+@dataclass
+class Received:
+    """One render: when it arrived (time.perf_counter), its latency (ms) and what it shows."""
+
+    at: float
+    latency_ms: float
+    model_ms: float
+    reply: int
+    shows: int
+    jpeg: bytes
+
+
+@dataclass
+class ClientLog:
+    renders: list[Received] = field(default_factory=list)
+    dropped: int = 0
+    busy: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class ChannelClient:
+    """One simulated page on the fast channel (use as a context manager)."""
+
+    def __init__(self, url: str, session: str, pictures: list[bytes], *, depth: int = 2,
+                 on_render: Callable[[Received], None] | None = None) -> None:
+        if not pictures:
+            raise ValueError("a client needs at least one picture to send")
+        self.url = url.replace("http://", "ws://").rstrip("/") + f"/sv2v/ws?session={session}"
+        self.session = session
+        self.pictures = pictures
+        self.depth = depth
+        self.on_render = on_render
+        self.log = ClientLog()
+        self.seq = 0
+        self.sent: dict[int, float] = {}
+        self.unanswered = 0
+        self._ws = None
+
+    def __enter__(self) -> "ChannelClient":
+        from websockets.sync.client import connect
+
+        self._ws = connect(self.url, compression=None, open_timeout=RECEIVE_TIMEOUT, max_size=None)
+        ready = json.loads(self._ws.recv(RECEIVE_TIMEOUT))
+        if ready.get("type") != "ready":
+            raise RuntimeError(f"the server did not say ready: {ready}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._ws.close()
+
+    def send(self, *, end: bool = False) -> None:
+        """Send the next picture (they are sent in turn, round and round)."""
+        self.seq += 1
+        self.sent[self.seq] = time.perf_counter()
+        self._ws.send(wire.pack_snapshot(self.seq, 0.0, self.pictures[self.seq % len(self.pictures)], end=end))
+        self.unanswered += 1
+
+    def start(self) -> None:
+        """Fill the pipeline: `depth` snapshots in flight."""
+        while self.unanswered < self.depth:
+            self.send()
+
+    def receive(self) -> str:
+        """Wait for one answer and log it; its kind ("render", "dropped", "busy", "error")."""
+        message = self._ws.recv(RECEIVE_TIMEOUT)
+        if isinstance(message, bytes):
+            reply, shows, _, timings, _, jpeg = wire.unpack_render(message)
+            now = time.perf_counter()
+            received = Received(now, (now - self.sent.get(shows, now)) * 1000, timings.model, reply, shows, jpeg)
+            self.log.renders.append(received)
+            self.unanswered -= 1
+            if self.on_render is not None:
+                self.on_render(received)
+            return "render"
+        answer = json.loads(message)
+        kind = answer.get("type")
+        if kind == "dropped":
+            self.log.dropped += 1
+        elif kind == "busy":
+            self.log.busy += 1
+        else:
+            self.log.errors.append(answer.get("message", message))
+        if answer.get("seq") is not None:
+            self.unanswered -= 1
+        return kind
+
+    def step(self) -> str:
+        """Receive one answer, then send the next snapshot (flow control: one out per answer in)."""
+        kind = self.receive()
+        self.start()
+        return kind
+
+    def drain(self) -> None:
+        """Stop sending and wait for every answer still due."""
+        while self.unanswered > 0:
+            self.receive()
