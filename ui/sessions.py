@@ -38,14 +38,14 @@ LINE_SECONDS = 10.0  # a waiting session that has not asked again for this long 
 
 
 class Busy(RuntimeError):
-    """Every place is taken: `ahead` people wait before this session, `active` are rendering."""
+    """Every place is taken: `ahead` people wait before this session for one of the `places`."""
 
-    def __init__(self, ahead: int, active: int) -> None:
+    def __init__(self, ahead: int, places: int) -> None:
         people = "person" if ahead == 1 else "people"
-        super().__init__(f"busy: {ahead} {people} ahead of you ({active} artists are drawing); "
+        super().__init__(f"busy: {ahead} {people} ahead of you. The canvas renders for {places} artists at once; "
                          "you get in when one of them leaves")
         self.ahead = ahead
-        self.active = active
+        self.places = places
 
 
 @dataclass
@@ -138,7 +138,7 @@ class SessionRegistry:
             ahead = list(self._line).index(session_id)
             free = len(self._line) if self.max_active is None else self.max_active - len(self._active)
             if ahead >= free:
-                raise Busy(ahead, len(self._active))
+                raise Busy(ahead, self.max_active)
             del self._line[session_id]
             self._active.add(session_id)
             return session
