@@ -213,6 +213,20 @@ def test_an_idle_session_releases_its_state_and_place_and_is_freed_after_the_idl
         service.close()
 
 
+def test_a_session_is_not_freed_while_it_exports_however_long_that_takes():
+    """Found by the soak: an export outlasting the idle timeout had its recording deleted under it."""
+    clock = Clock()
+    registry = SessionRegistry(Recorder, idle_timeout=100, clock=clock)
+    folder = registry.get("a").recorder.folder
+    with registry.hold("a"):
+        clock.now += 500
+        assert registry.evict_idle() == [] and folder.exists()
+    clock.now += 50
+    assert registry.evict_idle() == []  # idle since the export ended, not since it began
+    clock.now += 51
+    assert registry.evict_idle() == ["a"] and not folder.exists()
+
+
 @pytest.fixture()
 def full_app():
     """The real server, at most one session: echo engine, 64²."""
@@ -266,15 +280,38 @@ def test_a_full_app_says_busy_on_the_fast_channel_and_the_api_and_lets_them_in_w
 
 
 # -- under load -------------------------------------------------------------------------------------
-def test_artists_under_load_only_ever_see_their_own_colour():
-    """Four artists over the real app (a server process; echo engine, stream mode, so each stream's
-    state carries its frames from call to call): no render shows another artist's colour."""
-    from ui.loadtest import run_row
+@pytest.fixture()
+def loaded_app():
+    """The real server (in this process), echo engine at 8 ms + 3 ms per frame, 512², stream mode, so
+    each stream's state carries its frames from call to call; short idle release and timeout."""
+    from ui.presets import load_presets
+    from ui.server import serve
 
-    row = run_row("echo:8+3", 4, 8, 3.0, mode="stream")
-    assert row.errors == 0 and row.leaks == 0, row
-    assert min(row.per_user) > 0
-    assert any(size > 1 for size in row.batches), row.batches  # they did share batches
+    service = make_service(EchoEngine(3, call_ms=8), mode="stream", release_after=0.5, idle_timeout=1.5,
+                           sweep_seconds=0.2, size=512)
+    running = serve(service, load_presets(), port=free_port(), block=False)
+    yield service, running.url
+    running.close()
+    service.close()
+
+
+def test_artists_under_load_only_ever_see_their_own_colour(loaded_app):
+    """Six artists, each drawing in its own colour: no render ever shows another artist's colour."""
+    from ui.loadtest import Artist
+
+    service, url = loaded_app
+    artists = [Artist(url, user, 6, 512, check_colour=True) for user in range(6)]
+    for artist in artists:
+        artist.thread.start()
+    time.sleep(3.0)
+    for artist in artists:
+        artist.stop.set()
+    for artist in artists:
+        artist.thread.join(TIMEOUT)
+    for artist in artists:
+        assert artist.failure is None and not artist.client.log.errors
+        assert len(artist.client.log.renders) > 5 and artist.leaks == 0, (artist.user, artist.leaks)
+    assert any(size > 1 for size in service.scheduler.stats().batches)  # they did share batches
 
 
 def test_a_short_soak_exports_every_artists_frames():
@@ -289,21 +326,7 @@ def test_a_short_soak_exports_every_artists_frames():
     assert soak.exports_ok == soak.sessions
 
 
-@pytest.fixture()
-def busy_app():
-    """The real server with a short idle release and timeout, so a client that went away is freed soon."""
-    from ui.presets import load_presets
-    from ui.server import serve
-
-    service = make_service(EchoEngine(5, call_ms=5), release_after=0.5, idle_timeout=1.5, sweep_seconds=0.2,
-                           size=512)
-    running = serve(service, load_presets(), port=free_port(), block=False)
-    yield service, running.url
-    running.close()
-    service.close()
-
-
-def test_bad_clients_under_load_harm_nobody_and_are_freed(busy_app):
+def test_bad_clients_under_load_harm_nobody_and_are_freed(loaded_app):
     """Three artists draw while one client disconnects mid-render, one sends garbage and one never reads."""
     import io
     import os
@@ -314,7 +337,7 @@ def test_bad_clients_under_load_harm_nobody_and_are_freed(busy_app):
     from ui import wire
     from ui.loadtest import Artist, drawing
 
-    service, url = busy_app
+    service, url = loaded_app
     artists = [Artist(url, user, 3, 512, check_colour=True, session=f"good{user}") for user in range(3)]
     for artist in artists:
         artist.thread.start()

@@ -36,7 +36,7 @@ Soak (`--soak MINUTES`): 8 artists (`--users`) for MINUTES; each draws for
 `--session-seconds`, exports its recording through the API (gradio_client,
 `/export`, a time-lapse MP4), checks that it decodes with one frame per
 render it received, and leaves; a new artist takes its place.  The server
-runs with a short idle release (10 s) and idle timeout (30 s), so the
+runs with a short idle release (10 s) and idle timeout (60 s), so the
 sessions of those who left are released and freed while the others draw.
 It reports the server's memory after warm-up (the first
 `--soak-warmup` minutes) and at the end, errors, leaks and exports.
@@ -428,7 +428,7 @@ def _export_frames(url: str, session: str) -> tuple[int, str]:
 
 
 def run_soak(minutes: float, users: int = 8, session_seconds: float = 60.0, warmup_minutes: float = 2.0,
-             engine: str = ECHO, idle_timeout: float = 30.0, release_after: float = 10.0) -> Soak:
+             engine: str = ECHO, idle_timeout: float = 60.0, release_after: float = 10.0) -> Soak:
     """`users` artists for `minutes`, each leaving after `session_seconds` with an exported recording."""
     server = Server(engine, max_batch=8, idle_timeout=idle_timeout, release_after=release_after)
     soak = Soak(minutes, users, session_seconds, load_start=_load())

@@ -414,12 +414,13 @@ class CanvasService:
             raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
         if pace not in EXPORT_PACES:
             raise ValueError(f"pace must be one of {', '.join(EXPORT_PACES)}, got {pace!r}")
-        recorder = self.registry.get(session_id).recorder
-        count = self.recorded(session_id)
-        folder = recorder.folder / "exports"
-        folder.mkdir(exist_ok=True)
-        name = f"streamv2v-{pace}{'-side-by-side' if side_by_side else ''}-{count}.{fmt}"
-        return export_video(recorder, folder / name, pace=pace, side_by_side=bool(side_by_side))
+        with self.registry.hold(session_id) as session:  # not freed for idleness while it exports
+            recorder = session.recorder
+            count = self.recorded(session_id)
+            folder = recorder.folder / "exports"
+            folder.mkdir(exist_ok=True)
+            name = f"streamv2v-{pace}{'-side-by-side' if side_by_side else ''}-{count}.{fmt}"
+            return export_video(recorder, folder / name, pace=pace, side_by_side=bool(side_by_side))
 
     def translate_video(self, source: str, config: StreamConfig, destination: Path,
                         progress: Callable[[int, int], None] = lambda done, total: None) -> Path:

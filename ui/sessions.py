@@ -28,8 +28,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .recording import Recorder
 
@@ -72,6 +73,7 @@ class Session:
     last_seq: int = 0
     cut_pending: bool = False
     last_used: float = field(default_factory=time.monotonic)
+    holds: int = 0  # operations under way (an export) that keep the session from being freed
     sources: OrderedDict = field(default_factory=OrderedDict)
 
     def remember_source(self, index: int, stamp: float, seq: int) -> None:
@@ -123,6 +125,20 @@ class SessionRegistry:
                 self._sessions[session_id] = session
             session.last_used = self._clock()
             return session
+
+    @contextmanager
+    def hold(self, session_id: str | None) -> Iterator[Session]:
+        """The visitor's session, never freed for idleness while the block runs (an export of a
+        long recording may take longer than the idle timeout)."""
+        session = self.get(session_id)
+        with self._lock:
+            session.holds += 1
+        try:
+            yield session
+        finally:
+            with self._lock:
+                session.holds -= 1
+                session.last_used = self._clock()
 
     def admit(self, session_id: str | None) -> Session:
         """The visitor's session, active (allowed to render); `Busy` when every place is taken."""
@@ -177,7 +193,8 @@ class SessionRegistry:
         """Close sessions unused for longer than `idle_timeout`; their ids."""
         now = self._clock()
         with self._lock:
-            stale = [sid for sid, s in self._sessions.items() if now - s.last_used > self.idle_timeout]
+            stale = [sid for sid, s in self._sessions.items()
+                     if now - s.last_used > self.idle_timeout and s.holds == 0]
             sessions = [self._sessions.pop(sid) for sid in stale]
             self._active.difference_update(stale)
         for session in sessions:
