@@ -11,9 +11,12 @@ rules, GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, else 127.0.0.1 and the first
 free port from 7860), --size (render side: 512, or 256 with the built-in
 model; --size 128 is ~3x faster on a CPU), --render-mode latency|stream (see
 ui/service.py for why latency is the default), --idle-timeout (seconds
-before an unused session is freed), --no-fast-channel (serve the Gradio page
-only).  The model is chosen only here, by whoever runs the app: the page
-never lets a visitor load a model or file.
+before an unused session is freed), --max-sessions (artists rendering at
+once, default 16; the next ones are told "busy: N people ahead of you"),
+--max-batch (frames rendered together per model call, default 8),
+--no-fast-channel (serve the Gradio page only).  The model is chosen only
+here, by whoever runs the app: the page never lets a visitor load a model or
+file.
 
 The live canvas.  The page sends canvas snapshots while you draw, as fast as
 the model takes them (flow control: at most one rendering and one waiting,
@@ -66,6 +69,7 @@ from sv2v_core.engine import StreamV2V
 from ui.gpu import ZERO_GPU
 from ui.presets import load_presets
 from ui.server import create_service, serve
+from ui.service import MAX_BATCH
 
 DEFAULT_MODEL = "SimianLuo/LCM_Dreamshaper_v7"
 DEFAULT_VAE = "madebyollin/taesd"
@@ -77,6 +81,10 @@ REAL_SIZE = 512
 # (measured 7-17 s on 2 busy cores, vs 1.5 s at 256² and 0.4 s at 128²), so it
 # renders smaller by default; the page shows the render scaled to the canvas.
 TINY_SIZE = 256
+# Artists rendering at once, by default: in the load test's H100 cost model (8 ms per call + 3 ms per
+# frame, 512²) 16 artists still get at least 8 renders/s each (README, "Many users").  On a CPU the
+# built-in model renders a few frames per second in all: set it lower there to keep each artist's share.
+MAX_SESSIONS = 16
 
 log = logging.getLogger("sv2v.app")
 
@@ -94,6 +102,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--render-mode", choices=RENDER_MODES, default="latency",
                         help="how canvas frames are rendered (see ui/service.py for why latency is the default)")
     parser.add_argument("--idle-timeout", type=float, default=1800.0, help="seconds before an unused session is freed")
+    parser.add_argument("--max-sessions", type=int, default=MAX_SESSIONS,
+                        help=f"artists rendering at once; more wait in line, and are told so (default {MAX_SESSIONS})")
+    parser.add_argument("--max-batch", type=int, default=MAX_BATCH,
+                        help=f"frames rendered together in one model call (default {MAX_BATCH}; lower it if a batch "
+                             "does not fit in GPU memory)")
     parser.add_argument("--no-fast-channel", dest="fast_channel", action="store_false",
                         help="serve no WebSocket channel: pages use Gradio's events only (it is off on ZeroGPU anyway)")
     return parser.parse_args(argv)
@@ -138,7 +151,8 @@ def main(argv=None) -> None:
     engine, notice = load_engine(args.model, args.vae)
     size = args.size or (TINY_SIZE if engine.components.name == "tiny" else REAL_SIZE)
     try:
-        service = create_service(engine, size=size, render_mode=args.render_mode, idle_timeout=args.idle_timeout)
+        service = create_service(engine, size=size, render_mode=args.render_mode, idle_timeout=args.idle_timeout,
+                                 max_sessions=args.max_sessions, max_batch=args.max_batch)
     except ValueError as error:  # e.g. a --size out of range
         raise SystemExit(f"cannot start: {error}") from error
     try:
