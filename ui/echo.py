@@ -56,7 +56,7 @@ class EchoState:
         self.in_flight: deque[tuple[int, np.ndarray]] = deque()  # (input index, image), oldest first
         self.last_output: Output | None = None
         self.bank_resets = 0
-        self.device = "cpu"
+        self.device = None  # where `to` last sent it (nothing: where the engine keeps it)
 
     def reset_bank(self) -> None:
         self.bank_resets += 1
