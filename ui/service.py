@@ -296,8 +296,15 @@ class CanvasService:
         """Release sessions idle for `release_after` (state to the CPU, on the scheduler's
         thread) and free those idle for the idle timeout."""
         for session in self.registry.release_idle():
-            self.scheduler.call(lambda session=session: session.state is not None and session.state.to("cpu"))
+            self.scheduler.call(lambda session=session: self._release(session))
         self.registry.evict_idle()
+
+    @staticmethod
+    def _release(session: Session) -> None:
+        """Move an idle session's stream state (bank, latents, noise) off the GPU; the engine moves
+        it back with its next frame."""
+        if session.state is not None:
+            session.state.to("cpu")
 
     def _sweep_every(self, seconds: float) -> None:
         while not self._stop.wait(seconds):
