@@ -143,11 +143,14 @@ class Server:
         self._sampler.start()
 
     def _ready(self) -> str:
-        deadline = time.monotonic() + START_TIMEOUT
-        line = self.process.stdout.readline()
-        if not line.startswith("ready ") or time.monotonic() > deadline:
+        import select
+
+        readable, _, _ = select.select([self.process.stdout], [], [], START_TIMEOUT)
+        line = self.process.stdout.readline() if readable else ""
+        if not line.startswith("ready "):
             self.process.kill()
-            raise RuntimeError(f"the app server did not start (it said {line!r})")
+            self.process.wait()
+            raise RuntimeError(f"the app server did not start within {START_TIMEOUT:.0f} s (it said {line!r})")
         return line.split()[1]
 
     def _sample(self) -> None:
