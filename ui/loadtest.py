@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import gc
 import io
 import json
 import os
@@ -74,6 +75,7 @@ LEAK_DISTANCE = 40  # a render's ink this far from its artist's colour (or neare
 # measured: own renders are within 2, neighbouring colours of 16 artists 81 apart
 RSS_EVERY = 0.5
 MIN_INK = 8  # pixels at 1/8 scale
+OBJECTS_EVERY = 60.0  # soak: seconds between counts of the server's live Python objects
 
 
 # -- the server (a child process) ------------------------------------------------------
@@ -109,11 +111,15 @@ def serve_forever(args: argparse.Namespace) -> None:
     print(f"ready {app.url}", flush=True)
     try:
         for line in sys.stdin:
-            if line.strip() == "stats":
+            if line.strip() in ("stats", "objects"):
                 stats = service.scheduler.stats()
-                print(json.dumps({"batches": stats.batches, "rendered": stats.rendered, "failed": stats.failed,
-                                  "dropped": stats.dropped, "sessions": len(service.registry),
-                                  "active": service.registry.active()}), flush=True)
+                answer = {"batches": stats.batches, "rendered": stats.rendered, "failed": stats.failed,
+                          "dropped": stats.dropped, "sessions": len(service.registry),
+                          "active": service.registry.active()}
+                if line.strip() == "objects":  # Python objects alive: a leak grows them, allocator slack does not
+                    gc.collect()
+                    answer["objects"] = len(gc.get_objects())
+                print(json.dumps(answer), flush=True)
     finally:
         app.close()
         service.close()
@@ -159,8 +165,9 @@ class Server:
             if mib is not None:
                 self.rss.append((time.monotonic(), mib))
 
-    def stats(self) -> dict:
-        self.process.stdin.write("stats\n")
+    def stats(self, objects: bool = False) -> dict:
+        """The server's scheduler and session counts (and, with `objects`, its live Python objects)."""
+        self.process.stdin.write("objects\n" if objects else "stats\n")
         self.process.stdin.flush()
         return json.loads(self.process.stdout.readline())
 
@@ -412,6 +419,7 @@ class Soak:
     rss_end: float = float("nan")
     growth: float = float("nan")
     rss_trace: list = field(default_factory=list)
+    objects_trace: list = field(default_factory=list)  # (minute, live Python objects, sessions) in the server
 
 
 def _export_frames(url: str, session: str) -> tuple[int, str]:
@@ -469,11 +477,15 @@ def run_soak(minutes: float, users: int = 8, session_seconds: float = 60.0, warm
                 shutil.rmtree(Path(path).parent, ignore_errors=True)
 
     seats = [threading.Thread(target=seat, args=(user,), daemon=True) for user in range(users)]
+    began = time.monotonic()
     try:
         for thread in seats:
             thread.start()
-        for thread in seats:
-            thread.join()
+        while any(thread.is_alive() for thread in seats):
+            stats = server.stats(objects=True)
+            soak.objects_trace.append((round((time.monotonic() - began) / 60, 1), stats["objects"], stats["sessions"]))
+            for thread in seats:
+                thread.join(timeout=OBJECTS_EVERY / len(seats))
     finally:
         server.close()
     soak.load_end = _load()
