@@ -112,6 +112,25 @@ def test_sessions_batched_by_the_app_render_what_each_renders_alone(engine, mode
                                   (index, step))
 
 
+def test_a_strokes_end_in_a_batch_is_flushed_to_its_own_last_snapshot():
+    """Stream mode lags by steps - 1 frames; a frame marked `end` comes back showing itself (the flush),
+    also when it shares its batch with sessions that are still drawing."""
+    service = make_service(EchoEngine(0), mode="stream")
+    try:
+        for seq in range(1, 6):
+            with Held(service):
+                ending = service.submit("ending", np.full((SIZE, SIZE, 3), 10 * seq, np.uint8), service.base,
+                                        seq=seq, end=seq == 5)
+                drawing = service.submit("drawing", np.full((SIZE, SIZE, 3), 10 * seq, np.uint8), service.base,
+                                         seq=seq, end=False)
+            ended, going = ending.future.result(TIMEOUT), drawing.future.result(TIMEOUT)
+        assert service.scheduler.stats().batches == {2: 5}
+    finally:
+        service.close()
+    assert ended.seq == 5 and ended.image.mean() == 50  # the stroke's end, flushed
+    assert going.seq == 2  # still steps - 1 = 3 frames behind
+
+
 class Poisoned:
     """The tiny engine, but any call with an all-black frame in it fails as a whole (as an out of
     memory error would): in a batch, and alone too."""

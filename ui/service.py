@@ -229,14 +229,14 @@ class CanvasService:
         if ready:
             for index, output in zip(ready, self._render_together([steps[i] for i in ready])):
                 results[index] = output
-        for step, output in zip(steps, results):
-            if step.end and not isinstance(output, Exception):
+        for index, step in enumerate(steps):
+            if step.end and not isinstance(results[index], Exception):  # a stroke's end: render it to convergence
                 try:
                     flushed = self.engine.flush(step.state)
                 except (ValueError, RuntimeError) as error:
-                    output = error
+                    results[index] = error
                 else:
-                    output = flushed[-1] if flushed else output
+                    results[index] = flushed[-1] if flushed else results[index]
             if ZERO_GPU and step.state is not None:
                 step.state.to("cpu")  # the GPU is gone between calls; the state comes back pickled
         return [(step.state, output) for step, output in zip(steps, results)]
