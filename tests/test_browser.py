@@ -501,6 +501,13 @@ def test_on_pen_up_a_stroke_renders_once_and_on_pause_while_the_pen_rests(browse
     assert (sent(page), renders(page)) == (first_sent + 1, first_renders + 2)
 
     page.get_by_label("on pause").check()
+    before = sent(page)
+    page.evaluate("""async () => {  // the drawing changes every 100 ms for 0.8 s: nothing goes out meanwhile
+      const live = document.querySelector("#sv2v-canvas [data-ready='1']").sv2vLive;
+      for (let i = 0; i < 8; i++) { live.changed(false, false); await new Promise((r) => setTimeout(r, 100)); }
+    }""")
+    assert sent(page) == before, "on pause, a snapshot went out while the drawing was still changing"
+    assert wait_for(lambda: sent(page) == before + 1, 10), "on pause, nothing went out once the drawing rested"
     count = renders(page)
     canvas = page.locator("canvas.sv2v-canvas")
     canvas.scroll_into_view_if_needed()  # the checkbox scrolled the page

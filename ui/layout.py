@@ -55,7 +55,7 @@ from .wire import SNAPSHOT_QUALITY
 # predecessor renders, and lets other sessions queue their frames meanwhile.
 GPU = dict(concurrency_id="gpu", concurrency_limit=8)
 PAGE_CSS = ("#sv2v-notice { background: #fff4d6; border: 1px solid #e0b84c; border-radius: 6px; padding: 4px 12px; }"
-            " #sv2v-dice { align-self: end; min-width: 3em; max-width: 4em; font-size: 1.3em; }")
+            " #sv2v-dice { align-self: end; }")
 # Plain img2img strength -> strength with a ControlNet holding the lines (0.4 -> 0.6).
 PLAIN_STRENGTH = StreamConfig.strength
 CONTROL_STRENGTH_BOOST = CONTROLLED_STRENGTH - PLAIN_STRENGTH
@@ -140,7 +140,7 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
         return strength_of(preset), preset.steps
 
     def roll_seed():
-        """The dice: a new random seed (a fixed seed otherwise stays as it is)."""
+        """The dice ("Random seed"): a new random seed, shown in the seed box; a typed seed stays as it is."""
         return secrets.randbelow(SEED_RANGE)
 
     def view_link(request: gr.Request) -> str:
@@ -245,7 +245,7 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
                                           label="Conditioning (ControlNet on the ink lines)", visible=controlled,
                                           info="0 is off: plain img2img" if controlled else None)
                 seed = gr.Number(value=service.base.seed, precision=0, minimum=0, label="Seed")
-                dice = gr.Button("🎲", elem_id="sv2v-dice", scale=0, min_width=48)
+                dice = gr.Button("Random seed", elem_id="sv2v-dice", scale=0, min_width=120)
             with gr.Row():
                 bank = gr.Radio(list(BANK_MODES), value=service.base.bank.mode, label="Feature bank")
                 ea = gr.Checkbox(value=service.base.bank.extended_attention, label="EA (extended attention)")
