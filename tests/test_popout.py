@@ -11,7 +11,8 @@ from __future__ import annotations
 import gc
 import io
 import json
-import socket
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +31,9 @@ from ui.recording import Recorder  # noqa: E402
 from ui.server import create_service, serve  # noqa: E402
 from ui.sessions import SessionRegistry  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other test modules live beside this file
+from test_channel import free_port  # noqa: E402
+
 SIZE = 64
 TIMEOUT = 20
 
@@ -46,12 +50,6 @@ class InkEngine(EchoEngine):
     def __call__(self, state, frame, control=None):
         self.controls.append(None if control is None else np.array(control))
         return super().__call__(state, frame)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
