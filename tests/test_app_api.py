@@ -255,6 +255,11 @@ def test_without_the_fast_channel_gradio_serves_the_page_and_the_api(tmp_path, i
 
         with pytest.raises(websockets.exceptions.InvalidStatus):  # no such route: pages use Gradio's events
             connect(url.replace("http://", "ws://") + "sv2v/ws?session=abc", open_timeout=10)
+        with urllib.request.urlopen(url + "view", timeout=10) as page:  # the pop-out view is served all the same
+            assert b"sv2v/view" in page.read()
+        with connect(url.replace("http://", "ws://") + "sv2v/view", open_timeout=10) as view:
+            view.send('{"token": "made-up"}')
+            assert "not valid" in view.recv(10)
         assert render(Client(url, verbose=False), images["one"]).shape == (64, 64, 3)
     finally:
         stop_app(process)
