@@ -291,6 +291,8 @@
     const blob = await (await fetch(value.image)).blob();
     show({ blob, seq: value.seq, reply: value.reply, stamp: value.t, channel: "gradio", receivedAt });
   });
+  statsLine.title = "flicker: how much the render changes where the drawing did not (mean absolute change, 0-255, " +
+    "over the steady parts of the last 20 pairs of renders); turn the feature bank off and on to compare";
   showStats(true);
   document.dispatchEvent(new CustomEvent("sv2v:hello"));  // the canvas says which channel it uses
 })();
