@@ -4,6 +4,8 @@ Run it:
 
     python app.py                      # real weights (SV2V_MODEL) on a GPU; built-in model otherwise
     python app.py --model tiny         # the built-in offline model (its pictures are not art)
+    python app.py --controlnet lllyasviel/control_v11p_sd15_scribble    # scribble conditioning
+    python app.py --model tiny --controlnet tiny                         # offline, not art
 
 Options: --model (or env SV2V_MODEL; default SimianLuo/LCM_Dreamshaper_v7
 with the TAESD autoencoder, env SV2V_VAE), --port, --host (default: Gradio's
@@ -14,9 +16,13 @@ ui/service.py for why latency is the default), --idle-timeout (seconds
 before an unused session is freed), --max-sessions (artists rendering at
 once, default 16; the next ones are told "busy: N people ahead of you"),
 --max-batch (frames rendered together per model call, default 8),
---no-fast-channel (serve the Gradio page only).  The model is chosen only
-here, by whoever runs the app: the page never lets a visitor load a model or
-file.
+--no-fast-channel (serve the Gradio page only), --controlnet ID_OR_PATH (an
+SD1.5 scribble / line-art ControlNet, or `tiny` with the built-in model: the
+canvas's ink layer conditions the render; the page then shows a conditioning
+slider and starts at strength 0.6) and --control-scale (its default
+conditioning scale, 1.0).  A ControlNet that cannot be loaded stops the
+start-up with one error line.  The model is chosen only here, by whoever
+runs the app: the page never lets a visitor load a model or file.
 
 The live canvas.  The page sends canvas snapshots while you draw, as fast as
 the model takes them (flow control: at most one rendering and one waiting,
@@ -42,7 +48,13 @@ feature bank and recording):
         "dyme",                       # bank: "dyme", "queue" or "none"
         True,                         # ea: extended self-attention over the bank
         True,                         # ff: feature fusion with the bank
+        1.0,                          # control_scale: 0-2, with --controlnet only (default: --control-scale)
         api_name="/render")           # -> path of the rendered PNG, render size (see --size)
+
+Every argument after the image has the page's default (prompt "", strength
+0.4 or 0.6 with a ControlNet, steps 4, seed 0, "dyme", EA and FF on), so
+`client.predict(handle_file("sketch.png"), "a watercolor painting",
+api_name="/render")` is enough.
     client.predict(api_name="/reset_bank")                   # -> status text; empties this session's bank
     video = client.predict("mp4", "timelapse", True,          # format "mp4"|"gif", pace "real"|"timelapse",
                            api_name="/export")               # side_by_side -> path of the video file
@@ -64,7 +76,8 @@ import os
 
 import torch
 
-from sv2v_core.config import RENDER_MODES
+from sv2v_core.config import MAX_CONTROL_SCALE, RENDER_MODES
+from sv2v_core.cli import quiet_library_warnings
 from sv2v_core.engine import StreamV2V
 from ui.gpu import ZERO_GPU
 from ui.presets import load_presets
@@ -109,11 +122,42 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "does not fit in GPU memory)")
     parser.add_argument("--no-fast-channel", dest="fast_channel", action="store_false",
                         help="serve no WebSocket channel: pages use Gradio's events only (it is off on ZeroGPU anyway)")
-    return parser.parse_args(argv)
+    parser.add_argument("--controlnet", default=None, metavar="ID_OR_PATH",
+                        help="an SD1.5 ControlNet (Hub id, diffusers folder or .safetensors file, e.g. "
+                             "lllyasviel/control_v11p_sd15_scribble), or 'tiny' with --model tiny: the canvas's "
+                             "ink layer conditions the render")
+    parser.add_argument("--control-scale", type=float, default=None,
+                        help=f"the ControlNet's default conditioning scale, 0-{MAX_CONTROL_SCALE:g} (default 1.0; "
+                             "the page has a slider; needs --controlnet)")
+    args = parser.parse_args(argv)
+    if args.control_scale is not None and args.controlnet is None:
+        parser.error("--control-scale needs --controlnet (a ControlNet to condition with)")
+    return args
 
 
-def load_engine(model: str | None, vae: str | None) -> tuple[StreamV2V, str | None]:
-    """The engine, and a notice for the page when it runs a built-in model."""
+def load_engine(model: str | None, vae: str | None, controlnet: str | None = None) -> tuple[StreamV2V, str | None]:
+    """The engine, and a notice for the page when it runs a built-in model.
+
+    controlnet: a ControlNet for the loaded model; one that cannot be loaded
+    (or does not fit the model) ends the start-up with one error line.
+    """
+    components, notice = _load_components(model, vae)
+    if controlnet is not None:
+        from sv2v_core.models import ModelLoadError, load_controlnet
+
+        try:
+            with quiet_library_warnings():  # huggingface_hub's deprecation chatter; the error says it all
+                loaded = load_controlnet(controlnet, components.unet, components.name)
+        except ModelLoadError as error:
+            raise SystemExit(f"cannot start: {' '.join(str(error).split())}") from None
+        components.controlnet = loaded.eval().requires_grad_(False).to(components.unet.device, components.unet.dtype)
+        components.controlnet_name = controlnet.strip()
+        log.info("conditioning on the canvas's ink layer with ControlNet %s", controlnet)
+    return StreamV2V(components), notice
+
+
+def _load_components(model: str | None, vae: str | None):
+    """The model's components (falling back to the built-in model), and the page's notice."""
     from sv2v_core.models import BUILTIN_MODELS, ModelLoadError, load_components
 
     has_gpu = ZERO_GPU or torch.cuda.is_available()
@@ -136,23 +180,24 @@ def load_engine(model: str | None, vae: str | None) -> tuple[StreamV2V, str | No
             log.warning("could not load %s: %s; falling back to the built-in model 'tiny'", model, error)
         else:
             log.info("loaded %s on %s", components.name, device)
-            return StreamV2V(components), BUILTIN_NOTICE if components.builtin else None
+            return components, BUILTIN_NOTICE if components.builtin else None
     try:
         components = load_components("tiny", device=device, dtype=torch.float32)
     except ModelLoadError as error:
         raise SystemExit(f"cannot start: {error}") from error
     log.warning("running the built-in offline model 'tiny': its pictures are not art. %s", HOW_TO_REAL)
-    return StreamV2V(components), BUILTIN_NOTICE
+    return components, BUILTIN_NOTICE
 
 
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    engine, notice = load_engine(args.model, args.vae)
+    engine, notice = load_engine(args.model, args.vae, args.controlnet)
     size = args.size or (TINY_SIZE if engine.components.name == "tiny" else REAL_SIZE)
     try:
         service = create_service(engine, size=size, render_mode=args.render_mode, idle_timeout=args.idle_timeout,
-                                 max_sessions=args.max_sessions, max_batch=args.max_batch)
+                                 max_sessions=args.max_sessions, max_batch=args.max_batch,
+                                 control_scale=args.control_scale)
     except ValueError as error:  # e.g. a --size out of range
         raise SystemExit(f"cannot start: {error}") from error
     try:

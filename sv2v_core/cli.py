@@ -15,6 +15,7 @@ running (unreadable video, unwritable output, model that will not load) and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import re
 import sys
@@ -265,10 +266,17 @@ def _error(err: BaseException) -> str:
 QUIET_WARNINGS = ("The `local_dir_use_symlinks` argument is deprecated",)
 
 
-def main(argv: list[str] | None = None) -> int:
+@contextlib.contextmanager
+def quiet_library_warnings():
+    """Silence QUIET_WARNINGS inside the block (the app loads models under it too)."""
     with warnings.catch_warnings():
         for message in QUIET_WARNINGS:
             warnings.filterwarnings("ignore", message=re.escape(message), category=UserWarning)
+        yield
+
+
+def main(argv: list[str] | None = None) -> int:
+    with quiet_library_warnings():
         return _main(argv)
 
 

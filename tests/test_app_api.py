@@ -146,6 +146,63 @@ def test_two_clients_keep_separate_streams(app_url, images):
     assert np.abs(b_second.astype(int) - c_second.astype(int)).max() <= 1
 
 
+PAGE_DEFAULTS = dict(strength=0.4, steps=4, seed=0, bank="dyme", ea=True, ff=True)
+
+
+def api_defaults(url: str) -> dict:
+    info = Client(url, verbose=False).view_api(print_info=False, return_format="dict")
+    return {p["parameter_name"]: p["parameter_default"] for p in info["named_endpoints"]["/render"]["parameters"]
+            if p["parameter_has_default"]}
+
+
+def test_render_needs_only_the_image_the_rest_are_the_pages_defaults(app_url, images):
+    assert api_defaults(app_url) == {"prompt": "", **PAGE_DEFAULTS, "control_scale": 0}
+    explicit = render(Client(app_url, verbose=False), images["one"], **PAGE_DEFAULTS)
+    short = Client(app_url, verbose=False).predict(handle_file(str(images["one"])), "a house", api_name="/render")
+    with Image.open(short) as image:
+        assert np.abs(np.asarray(image.convert("RGB")).astype(int) - explicit.astype(int)).max() <= 1
+    bare = Client(app_url, verbose=False).predict(handle_file(str(images["one"])), api_name="/render")
+    with Image.open(bare) as image:
+        assert image.size == (SIZE, SIZE)
+    with pytest.raises(Exception, match="no ControlNet"):
+        Client(app_url, verbose=False).predict(handle_file(str(images["one"])), "", 0.4, 4, 0, "dyme", True, True,
+                                               1.0, api_name="/render")
+
+
+def test_with_the_builtin_controlnet_the_api_conditions_on_the_drawing(tmp_path, images):
+    """--controlnet tiny: strength 0.6 and scale 1.0 by default; scale 0 is plain img2img, 1 pulls toward the lines."""
+    process, url = start_app(tmp_path, 64, "--controlnet", "tiny")
+    try:
+        assert api_defaults(url) == {"prompt": "", **PAGE_DEFAULTS, "strength": 0.6, "control_scale": 1.0}
+
+        def conditioned(scale):
+            path = Client(url, verbose=False).predict(handle_file(str(images["one"])), "", 0.6, 4, 0, "dyme",
+                                                      True, True, scale, api_name="/render")
+            with Image.open(path) as image:
+                return np.asarray(image.convert("RGB")).astype(int)
+
+        assert np.abs(conditioned(0.0) - conditioned(1.0)).mean() > 1.0, "the ControlNet changed nothing"
+        with pytest.raises(Exception, match="control scale"):
+            conditioned(5.0)
+    finally:
+        stop_app(process)
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--model", "tiny", "--controlnet", "/nowhere/scribble.safetensors"], 1, "cannot start: could not load ControlNet"),
+    (["--model", "tiny", "--controlnet", "lllyasviel/control_v11p_sd15_scribble"], 1, "cannot start:"),
+    (["--model", "tiny", "--control-scale", "0.5"], 2, "--control-scale needs --controlnet"),
+])
+def test_a_controlnet_that_cannot_be_used_stops_the_start_with_one_line(args, code, message):
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "app.py", *args, "--port", str(free_port())], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == code
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert message in last, done.stderr[-2000:]
+
+
 def test_export_returns_a_video_with_one_frame_per_render(app_url, images):
     client = Client(app_url, verbose=False)
     for name in ("one", "two", "three"):
@@ -198,6 +255,11 @@ def test_without_the_fast_channel_gradio_serves_the_page_and_the_api(tmp_path, i
 
         with pytest.raises(websockets.exceptions.InvalidStatus):  # no such route: pages use Gradio's events
             connect(url.replace("http://", "ws://") + "sv2v/ws?session=abc", open_timeout=10)
+        with urllib.request.urlopen(url + "view", timeout=10) as page:  # the pop-out view is served all the same
+            assert b"sv2v/view" in page.read()
+        with connect(url.replace("http://", "ws://") + "sv2v/view", open_timeout=10) as view:
+            view.send('{"token": "made-up"}')
+            assert "not valid" in view.recv(10)
         assert render(Client(url, verbose=False), images["one"]).shape == (64, 64, 3)
     finally:
         stop_app(process)

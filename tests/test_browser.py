@@ -393,3 +393,239 @@ def test_a_render_older_than_the_one_shown_is_never_drawn(browser, echo_url):
     assert pixels.shape[:2] == (16, 16) and pixels[..., 1].mean() > 200 and pixels[..., 0].mean() < 60, \
         "an older render replaced a newer one"
     assert page.evaluate("() => window.sv2vStats.stale") == 1
+
+
+# -- drawing assist: history, update policy, dice, pop-out, flicker, the ink layer -------------
+
+def stroke(page, points, colour: str | None = None) -> None:
+    """One stroke through `points` (canvas pixels of the 512² drawing), button released at the end."""
+    if colour:
+        set_colour(page, colour)
+    box = page.locator("canvas.sv2v-canvas").bounding_box()
+    scale = box["width"] / 512
+    at = [(box["x"] + x * scale, box["y"] + y * scale) for x, y in points]
+    page.mouse.move(*at[0])
+    page.mouse.down()
+    for point in at[1:]:
+        page.mouse.move(*point)
+    page.mouse.up()
+
+
+def sent(page) -> int:
+    """How many snapshots the page has sent."""
+    return int(page.locator("canvas.sv2v-canvas").get_attribute("data-seq") or 0)
+
+
+def canvas_at(page, x: int, y: int) -> list[int]:
+    return page.evaluate("([x, y]) => Array.from(document.querySelector('canvas.sv2v-canvas')"
+                         ".getContext('2d').getImageData(x, y, 1, 1).data.slice(0, 3))", [x, y])
+
+
+def history_size(page) -> int:
+    return page.locator(".sv2v-history button").count()
+
+
+def test_history_click_keep_download_use_as_canvas_and_undo(browser, echo_url, tmp_path):
+    page = open_page(browser, echo_url[0], "ws")
+    page.context.set_default_timeout(30_000)
+    stroke(page, [(60, 100), (250, 100), (450, 110)], "#dc1414")        # red, then wait for its end render
+    assert wait_for(lambda: history_size(page) == 1, 30), "the stroke's end render did not enter the history"
+    after_red = picture(canvas_pixels(page), ECHO_SIZE)
+    stroke(page, [(60, 380), (250, 380), (450, 390)], "#1414dc")        # blue
+    assert wait_for(lambda: history_size(page) == 2, 30)
+    final_render_matches_canvas(page)
+    count = renders(page)
+    assert count > 2, "mid-stroke renders were drawn too; only the two ends are in the history"
+
+    page.locator(".sv2v-history button").first.click()                  # show the red-only render large
+    past = page.locator(".sv2v-render-past")
+    assert past.is_visible() and past.bounding_box()["width"] > 300
+    shown = picture(past.evaluate("img => { const c = document.createElement('canvas'); c.width = img.naturalWidth;"
+                                  " c.height = img.naturalHeight; c.getContext('2d').drawImage(img, 0, 0);"
+                                  " return c.toDataURL(); }"))
+    assert np.abs(shown - after_red).mean() < 6, "the history does not show the first stroke's render"
+
+    page.get_by_role("button", name="Keep", exact=True).click()
+    assert "sv2v-kept" in page.locator(".sv2v-history button").first.get_attribute("class")
+    assert page.get_by_role("button", name="Unkeep").is_visible()
+    with page.expect_download() as info:
+        page.get_by_role("button", name="Download PNG").click()
+    path = tmp_path / info.value.suggested_filename
+    info.value.save_as(path)
+    with Image.open(path) as png:
+        assert png.format == "PNG" and png.size == (ECHO_SIZE, ECHO_SIZE)
+        assert np.abs(np.asarray(png.convert("RGB"), np.float32) - shown).max() < 2
+
+    before = canvas_pixels(page)
+    page.get_by_role("button", name="Use as canvas").click()
+    assert wait_for(lambda: page.locator("#sv2v-canvas [data-ready='1']").get_attribute("data-backgrounds") == "1", 10)
+    assert past.is_hidden(), "the view did not go back to live"
+    blue = canvas_at(page, 250, 380)
+    assert blue[0] < 80 and blue[2] > 150, f"the ink (blue stroke) is gone: {blue}"
+    page.keyboard.press("e")                                             # erase the blue stroke: the render shows
+    stroke(page, [(40, 380), (250, 382), (470, 384)])                    # through (it has no blue stroke)
+    assert min(canvas_at(page, 250, 380)) > 200, \
+        "erasing the ink did not reveal the render underneath: the ink was flattened into the background"
+    assert max(np.abs(np.array(canvas_at(page, 250, 100)) - (220, 20, 20))) < 40  # red: ink and background
+    page.locator("canvas.sv2v-canvas").focus()
+    page.keyboard.press("Control+z")                                     # undo the erasing
+    page.keyboard.press("Control+z")                                     # undo "use as canvas"
+    assert canvas_pixels(page) == before, "undo did not restore the canvas from before 'use as canvas'"
+    kept = page.locator(".sv2v-history button.sv2v-kept")
+    assert kept.count() == 1, "the kept render is gone"
+    flicker = page.evaluate("() => window.sv2vStats.flicker")
+    assert flicker and max(flicker) < 4, f"the echo engine's renders flicker where nothing was drawn: {flicker}"
+    assert "flicker" in page.locator("#sv2v-render .sv2v-stats").text_content()
+
+
+def test_on_pen_up_a_stroke_renders_once_and_on_pause_while_the_pen_rests(browser, echo_url):
+    page = open_page(browser, echo_url[0], "ws")
+    page.get_by_label("on pen-up").check()
+    first_sent, first_renders = sent(page), renders(page)
+    box = page.locator("canvas.sv2v-canvas").bounding_box()
+    x, y = box["x"] + 60, box["y"] + 200
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for step in range(1, 5):
+        page.mouse.move(x + 40 * step, y + 10 * step)
+    time.sleep(0.5)
+    assert sent(page) == first_sent and renders(page) == first_renders, "rendered before the pen was lifted"
+    page.mouse.up()
+    assert wait_for(lambda: renders(page) > first_renders, 30), "the stroke was never rendered"
+    time.sleep(0.5)
+    assert (sent(page), renders(page)) == (first_sent + 1, first_renders + 1), "not exactly one render per stroke"
+    final_render_matches_canvas(page)
+    page.get_by_label("EA (extended attention)").uncheck()              # a settings change: rendered once
+    assert wait_for(lambda: renders(page) == first_renders + 2, 30), "the settings change was not rendered"
+    time.sleep(0.5)
+    assert (sent(page), renders(page)) == (first_sent + 1, first_renders + 2)
+
+    page.get_by_label("on pause").check()
+    before = sent(page)
+    page.evaluate("""async () => {  // the drawing changes every 100 ms for 0.8 s: nothing goes out meanwhile
+      const live = document.querySelector("#sv2v-canvas [data-ready='1']").sv2vLive;
+      for (let i = 0; i < 8; i++) { live.changed(false, false); await new Promise((r) => setTimeout(r, 100)); }
+    }""")
+    assert sent(page) == before, "on pause, a snapshot went out while the drawing was still changing"
+    assert wait_for(lambda: sent(page) == before + 1, 10), "on pause, nothing went out once the drawing rested"
+    count = renders(page)
+    canvas = page.locator("canvas.sv2v-canvas")
+    canvas.scroll_into_view_if_needed()  # the checkbox scrolled the page
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + 60, box["y"] + 320)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 140, box["y"] + 330)
+    assert wait_for(lambda: renders(page) > count, 30), "nothing was rendered while the pen rested"
+    page.mouse.up()
+    final_render_matches_canvas(page)
+
+
+def test_the_dice_rolls_a_seed_shows_it_and_it_then_stays(browser, echo_url):
+    url, service = echo_url
+    page = open_page(browser, url, "ws")
+    session = page.evaluate("() => window.__gradio_session_hash__")
+    seed_box = page.get_by_label("Seed")
+    stroke_until_rendered(page, moves=2)
+    final_render_matches_canvas(page)
+    count = renders(page)
+    page.locator("#sv2v-dice").click()
+    assert wait_for(lambda: seed_box.input_value() not in ("", "0"), 10), "the dice showed no new seed"
+    seed = int(seed_box.input_value())
+    assert wait_for(lambda: service.config_of(session).seed == seed, 10)
+    assert wait_for(lambda: renders(page) == count + 1, 30), "the new seed was not rendered"
+    stroke_until_rendered(page, moves=2)
+    final_render_matches_canvas(page)
+    assert int(seed_box.input_value()) == seed and service.registry.get(session).state.config.seed == seed, \
+        "a fixed seed changed by itself"
+    page.locator("#sv2v-dice").click()
+    assert wait_for(lambda: seed_box.input_value() != str(seed), 10)
+
+
+def view_state(view) -> tuple[str, int]:
+    return tuple(view.evaluate("() => [document.body.dataset.state, Number(document.body.dataset.frames)]"))
+
+
+def test_the_popout_view_follows_its_own_drawing_and_nothing_else(browser, echo_url):
+    url, _ = echo_url
+    drawer, other = open_page(browser, url, "ws"), open_page(browser, url, "ws")
+    link = drawer.locator("#sv2v-popout a.sv2v-popout")
+    link.wait_for(timeout=30_000)
+    token = link.get_attribute("href").split("#", 1)[1]
+    assert len(token) >= 32 and token != drawer.evaluate("() => window.__gradio_session_hash__")
+    with drawer.context.expect_page() as opened:
+        link.click()
+    view = opened.value
+    other_link = other.locator("#sv2v-popout a.sv2v-popout")
+    other_link.wait_for(timeout=30_000)
+    other_view = browser.new_page()
+    other_view.goto(url + other_link.get_attribute("href"))
+    made_up = browser.new_page()
+    made_up.goto(url + "view#" + "A" * 32)
+    assert wait_for(lambda: view_state(view)[0] == "ready" and view_state(other_view)[0] == "ready", 20)
+
+    set_colour(drawer, "#dc1414")
+    stroke_until_rendered(drawer, moves=3)
+    final_render_matches_canvas(drawer)
+    drawn = picture(canvas_pixels(drawer), ECHO_SIZE)
+    shown = lambda: picture(view.evaluate("() => document.querySelector('canvas').toDataURL()"))  # noqa: E731
+    assert wait_for(lambda: view_state(view)[1] >= 2 and shown().shape == drawn.shape
+                    and np.abs(shown() - drawn).mean() < 6, 30), "the pop-out view does not show the drawing"
+    assert view.locator("canvas").bounding_box()["width"] >= 1000, "the view is not full-window"
+    assert view_state(other_view) == ("ready", 0), "another session's view got this session's render"
+    assert view_state(made_up) == ("refused", 0) and "not valid" in made_up.locator("#message").text_content()
+
+
+def test_with_a_controlnet_the_page_sends_its_ink_layer_whatever_the_background(browser):
+    """The ControlNet's control source is the ink alone, white on black, on both channels; the slider shows."""
+    from test_app_api import free_port
+    from test_popout import InkEngine
+    from ui.presets import load_presets
+    from ui.server import create_service, serve
+
+    engine = InkEngine()
+    service = create_service(engine, size=ECHO_SIZE)
+    running = serve(service, load_presets(), port=free_port(), block=False)
+    try:
+        for channel in ("ws", "gradio"):
+            page = open_page(browser, running.url, channel)
+            assert page.get_by_role("slider", name="range slider for Conditioning").is_visible()
+            assert page.get_by_role("spinbutton", name="number input for Strength").input_value() == "0.6"
+            page.evaluate("() => { document.querySelector('input.sv2v-bg').value = '#204080'; }")
+            page.get_by_role("button", name="Fill").click()
+            stroke(page, [(60, 256), (250, 256), (450, 260)], "#f0e020")
+            final_render_matches_canvas(page)
+            control = engine.controls[-1]
+            assert control is not None and control.shape == (ECHO_SIZE, ECHO_SIZE, 3)
+            line, elsewhere = control[56:72, 30:100].max(axis=0), control[:40]  # the stroke: y 64 of 128
+            assert line.min() > 150 and elsewhere.max() < 40, \
+                f"{channel}: the control source is not the ink alone (white strokes on black)"
+            page.close()
+    finally:
+        running.close()
+        service.close()
+
+
+FLICKER_CASE = """() => {
+  const side = 8, cells = side * side;
+  const grid = () => new Uint8ClampedArray(4 * cells).fill(255);
+  const set = (a, x, y, v) => { const o = 4 * (y * side + x); a[o] = a[o + 1] = a[o + 2] = v; };
+  const sketchBefore = grid(), sketchAfter = grid(), renderBefore = grid(), renderAfter = grid();
+  set(sketchAfter, 0, 0, 155);           // a stroke in the corner cell
+  set(renderAfter, 0, 0, 55);            // the render follows it there,
+  set(renderAfter, 1, 1, 55);            // and next to it (the model's reach: not flicker),
+  set(renderAfter, 7, 7, 225);           // and changes by 30 far away, where nothing was drawn: flicker
+  const steady = window.sv2vFlicker(sketchBefore, sketchAfter, renderBefore, renderAfter, side);
+  const everything = grid();
+  for (let i = 0; i < cells; i++) set(everything, i % side, Math.floor(i / side), 0);
+  return [steady, window.sv2vFlicker(sketchBefore, everything, renderBefore, renderAfter, side)];
+}"""
+
+
+def test_flicker_counts_only_where_the_drawing_did_not_change(browser, echo_url):
+    page = open_page(browser, echo_url[0], "ws")
+    steady, redrawn = page.evaluate(FLICKER_CASE)
+    assert steady == pytest.approx(30 / 60), "flicker is the mean change over the 60 cells away from the stroke"
+    assert redrawn is None, "a pair where the whole drawing changed has no steady part to measure"
+    stroke_until_rendered(page, moves=3)
+    final_render_matches_canvas(page)
+    assert wait_for(lambda: "flicker " in page.locator("#sv2v-render .sv2v-stats").text_content(), 10)

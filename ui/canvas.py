@@ -20,7 +20,8 @@ number, "reply": the snapshot this answers (0: none, a settings change)}, or
 {"reply", "error": message} / {"reply", "dropped": true} / {"reply", "busy":
 people ahead, "error": message} (every place taken) when there is no render for it, so the page's flow control always gets its answer.  static/render.js draws renders
 from both channels in order (never an older one after a newer one) and
-shows renders per second, snapshot-to-render latency and the channel.
+shows renders per second, snapshot-to-render latency, flicker and the
+channel, and keeps the history strip under the render (see render.js).
 """
 
 from __future__ import annotations
@@ -37,8 +38,17 @@ RENDER_TEMPLATE = (
     '<div class="sv2v-stats" aria-live="polite"></div>'
     '<div class="sv2v-render-box"><canvas class="sv2v-render-canvas" width="512" height="512" role="img"'
     ' aria-label="live render"></canvas>'
-    '<div class="sv2v-render-empty">Draw on the canvas: the render appears here.</div></div>'
+    '<div class="sv2v-render-empty">Draw on the canvas: the render appears here.</div>'
+    '<img class="sv2v-render-past" alt="a render from the history" hidden></div>'
     '<div class="sv2v-message" role="status"></div>'
+    '<div class="sv2v-past-bar" hidden><span class="sv2v-past-label"></span>'
+    '<button type="button" data-past="keep">Keep</button>'
+    '<button type="button" data-past="download">Download PNG</button>'
+    '<button type="button" data-past="canvas" title="Put this render on the canvas as its background; your '
+    'strokes stay editable (undo brings the old canvas back)">Use as canvas</button>'
+    '<button type="button" data-past="live">Back to live</button></div>'
+    '<div class="sv2v-history" role="list" aria-label="Render history (the render at the end of each stroke or '
+    'settings change; kept ones stay until you leave)"></div>'
 )
 
 
@@ -50,12 +60,13 @@ def _data_url(path: Path, mime: str) -> str:
     return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def canvas_component(channel_path: str, size: int, quality: float) -> gr.HTML:
+def canvas_component(channel_path: str, size: int, quality: float, *, control: bool = False) -> gr.HTML:
     """The 512×512 drawing canvas with its toolbar; fires "snapshot" on the Gradio path.
 
     channel_path: the fast channel's path relative to the page ("" when the
     server has none); size, quality: snapshots on the Gradio path are JPEGs
-    of size×size at this quality (the fast channel's server says its own).
+    of size×size at this quality (the fast channel's server says its own);
+    control: the app has a ControlNet: send the ink layer with each snapshot.
     """
     return gr.HTML(
         value="",
@@ -67,6 +78,7 @@ def canvas_component(channel_path: str, size: int, quality: float) -> gr.HTML:
         channel_path=channel_path,
         snapshot_size=size,
         snapshot_quality=quality,
+        control=control,
     )
 
 

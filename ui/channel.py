@@ -158,15 +158,19 @@ class Connection:
             return
         self.last_seq = snapshot.seq
         config = self.service.config_of(self.session_id)
+        size = (config.width, config.height)
         try:
-            frame = await asyncio.to_thread(decode_image_bytes, snapshot.image, (config.width, config.height))
+            frame = await asyncio.to_thread(decode_image_bytes, snapshot.image, size)
+            # The ink layer, the ControlNet's control source (sent only when the app has one).
+            control = None if snapshot.control is None else await asyncio.to_thread(decode_image_bytes,
+                                                                                     snapshot.control, size)
         except ImageError as error:
             self.outbox.put_nowait(error_message(str(error), snapshot.seq))
             return
         decode_ms = (time.monotonic() - received) * 1000
         try:
             ticket = self.service.submit(self.session_id, frame, config, stamp=snapshot.stamp, seq=snapshot.seq,
-                                         end=snapshot.end, cut=snapshot.cut, jpeg=snapshot.image)
+                                         end=snapshot.end, cut=snapshot.cut, jpeg=snapshot.image, control=control)
         except Busy as busy:
             self.outbox.put_nowait(busy_message(snapshot.seq, busy.ahead, str(busy)))
             return

@@ -38,6 +38,8 @@ class Snapshot:
     cut: True when the picture was replaced (clear, new background, upload):
         the feature bank no longer describes the scene.
     seq: the page's number for it (increasing), echoed with its render.
+    control: the canvas's ink layer alone (white strokes on black), sent
+        when the app has a ControlNet: its control source.
     """
 
     image: np.ndarray
@@ -45,6 +47,7 @@ class Snapshot:
     end: bool
     cut: bool
     seq: int = 0
+    control: np.ndarray | None = None
 
 
 def decode_image_bytes(data: bytes, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -99,7 +102,8 @@ def decode_data_url(url: str) -> np.ndarray:
 
 
 def parse_snapshot(payload: str) -> Snapshot:
-    """The canvas component's value (JSON) as a `Snapshot`, or `ImageError`."""
+    """The canvas component's value (JSON: "image", "t", "end", "cut", "seq",
+    and "control" with a ControlNet) as a `Snapshot`, or `ImageError`."""
     try:
         message = json.loads(payload)
     except (json.JSONDecodeError, TypeError) as error:
@@ -112,5 +116,8 @@ def parse_snapshot(payload: str) -> Snapshot:
     seq = message.get("seq", 0)
     if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < 2**32:
         seq = 0
+    control = message.get("control")
+    if control is not None and not isinstance(control, str):
+        raise ImageError("the canvas sent a control image that is not a data URL")
     return Snapshot(decode_data_url(message["image"]), float(stamp), bool(message.get("end")), bool(message.get("cut")),
-                    seq)
+                    seq, None if control is None else decode_data_url(control))

@@ -16,21 +16,34 @@ Event wiring:
 - every settings control's change -> the session's settings on the server
   (what the fast channel renders with), and on page load too;
 - a settings change that should show at once (Enter in the prompt, a slider
-  released, a preset, the bank controls) re-renders the newest snapshot;
-- named API endpoints: /render, /reset_bank, /export (see app.py).
+  released, a preset, the bank controls, the seed dice) re-renders the
+  newest snapshot, once, whatever the page's update policy (static/live.js);
+- page load -> the pop-out view's link (ui.popout) for this session;
+- named API endpoints: /render, /reset_bank, /export (see app.py); every
+  /render argument after the image has the page's default.
+
+With a ControlNet (`service.controlled`) the page shows a conditioning
+slider, each preset's strength is raised by CONTROL_STRENGTH_BOOST (the
+plain preset: 0.4 -> 0.6, sv2v_core.control.CONTROLLED_STRENGTH, as
+measured in the README) and the canvas sends its ink layer with every
+snapshot as the control source.
 """
 
 from __future__ import annotations
 
+import html
+import secrets
 import uuid
 
 import gradio as gr
 
-from sv2v_core.config import BANK_MODES, StreamConfig
+from sv2v_core.config import BANK_MODES, MAX_CONTROL_SCALE, StreamConfig
+from sv2v_core.control import CONTROLLED_STRENGTH
 
 from .canvas import busy_value, canvas_component, no_render_value, render_component, render_value
 from .channel import PATH as CHANNEL_PATH
 from .inputs import load_image_file, parse_snapshot
+from .popout import PAGE_PATH as VIEW_PATH
 from .presets import Preset
 from .recording import EXPORT_FORMATS, EXPORT_PACES
 from .scheduler import SchedulerClosed, Superseded
@@ -42,7 +55,13 @@ from .wire import SNAPSHOT_QUALITY
 # than one at once lets a waiting event be replaced (always_last) while its
 # predecessor renders, and lets other sessions queue their frames meanwhile.
 GPU = dict(concurrency_id="gpu", concurrency_limit=8)
-PAGE_CSS = "#sv2v-notice { background: #fff4d6; border: 1px solid #e0b84c; border-radius: 6px; padding: 4px 12px; }"
+PAGE_CSS = ("#sv2v-notice { background: #fff4d6; border: 1px solid #e0b84c; border-radius: 6px; padding: 4px 12px; }"
+            " #sv2v-dice { align-self: end; }")
+# Plain img2img strength -> strength with a ControlNet holding the lines (0.4 -> 0.6).
+PLAIN_STRENGTH = StreamConfig.strength
+CONTROL_STRENGTH_BOOST = CONTROLLED_STRENGTH - PLAIN_STRENGTH
+MAX_PRESET_STRENGTH = 0.8  # above it the drawing's colours are mostly gone, even with conditioning
+SEED_RANGE = 2**31  # the dice's seeds: what a person can read and type back
 
 
 def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str | None = None,
@@ -54,19 +73,28 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
     """
     preset_names = list(presets)
     default = presets[preset_names[0]]
+    controlled = service.controlled
 
-    def config_for(subject, preset_name, strength, steps, seed, bank, ea, ff):
+    def strength_of(preset: Preset) -> float:
+        """The preset's strength, raised when a ControlNet holds the lines."""
+        if not controlled:
+            return preset.strength
+        return round(min(MAX_PRESET_STRENGTH, max(preset.strength, preset.strength + CONTROL_STRENGTH_BOOST)), 2)
+
+    def config_for(subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale):
         preset = presets.get(preset_name)
         if preset is None:
             raise ValueError(f"unknown style preset {preset_name!r}")
         return make_config(service.base, prompt=preset.prompt(subject or ""), strength=strength,
-                           steps=steps, seed=seed, bank=bank, ea=ea, ff=ff)
+                           steps=steps, seed=seed, bank=bank, ea=ea, ff=ff,
+                           control_scale=control_scale if controlled else None)
 
     # -- handlers ---------------------------------------------------------
     def view_value(rendered: Rendered, reply: int) -> str:
         return render_value(rendered.jpeg, rendered.stamp, rendered.seq, reply)
 
-    def on_snapshot(payload, subject, preset_name, strength, steps, seed, bank, ea, ff, request: gr.Request):
+    def on_snapshot(payload, subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale,
+                    request: gr.Request):
         """Render the canvas snapshot just sent by the page (the Gradio path of the live canvas)."""
         if not payload:
             return gr.skip()
@@ -76,10 +104,10 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
             gr.Warning(str(error))
             return gr.skip()
         try:
-            config = config_for(subject, preset_name, strength, steps, seed, bank, ea, ff)
+            config = config_for(subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale)
             service.set_config(request.session_hash, config)
             rendered = service.render(request.session_hash, snapshot.image, config, stamp=snapshot.stamp,
-                                      seq=snapshot.seq, end=snapshot.end, cut=snapshot.cut)
+                                      seq=snapshot.seq, end=snapshot.end, cut=snapshot.cut, control=snapshot.control)
         except Superseded:
             return no_render_value(snapshot.seq)  # a newer snapshot of this page is on its way
         except Busy as busy:  # every place is taken: the page shows it and asks again
@@ -88,19 +116,20 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
             return no_render_value(snapshot.seq, str(error))
         return view_value(rendered, snapshot.seq)
 
-    def store_settings(subject, preset_name, strength, steps, seed, bank, ea, ff, request: gr.Request):
+    def store_settings(subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale,
+                       request: gr.Request):
         """Keep the page's settings on the server, for the fast channel's next frame."""
         try:
             service.set_config(request.session_hash, config_for(subject, preset_name, strength, steps, seed,
-                                                                bank, ea, ff))
+                                                                bank, ea, ff, control_scale))
         except ValueError as error:
             gr.Warning(str(error))
 
-    def on_settings(subject, preset_name, strength, steps, seed, bank, ea, ff, request: gr.Request):
+    def on_settings(subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale, request: gr.Request):
         """Re-render the newest snapshot with new settings."""
         try:
             service.set_config(request.session_hash, config_for(subject, preset_name, strength, steps, seed,
-                                                                bank, ea, ff))
+                                                                bank, ea, ff, control_scale))
             rendered = service.rerender(request.session_hash)
         except Superseded:
             return gr.skip()
@@ -111,15 +140,29 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
 
     def on_preset(preset_name):
         preset = presets.get(preset_name, default)
-        return preset.strength, preset.steps
+        return strength_of(preset), preset.steps
 
-    def render(image, prompt, strength, steps, seed, bank, ea, ff, request: gr.Request):
+    def roll_seed():
+        """The dice ("Random seed"): a new random seed, shown in the seed box; a typed seed stays as it is."""
+        return secrets.randbelow(SEED_RANGE)
+
+    def view_link(request: gr.Request) -> str:
+        """The pop-out view's link for this page's session (its token in the fragment)."""
+        token = service.view_token(request.session_hash)
+        return (f'<a class="sv2v-popout" href="{VIEW_PATH.lstrip("/")}#{html.escape(token)}" target="_blank" '
+                'rel="noopener noreferrer">Pop-out view ↗</a> <span class="sv2v-popout-hint">this session\'s '
+                'live render alone, full-window: for a second monitor or a streaming tool\'s browser source. '
+                'Whoever has the link can watch (never draw).</span>')
+
+    def render(image, prompt, strength, steps, seed, bank, ea, ff, control_scale=None, request: gr.Request = None):
         """Render one canvas image for this session; returns the rendered image."""
         if image is None:
             raise gr.Error("no image was given")
         try:
+            if control_scale is not None and not controlled and float(control_scale) > 0:
+                raise ValueError("this app has no ControlNet: control_scale must be 0 (start it with --controlnet)")
             config = make_config(service.base, prompt=prompt, strength=strength, steps=steps, seed=seed,
-                                 bank=bank, ea=ea, ff=ff)
+                                 bank=bank, ea=ea, ff=ff, control_scale=control_scale if controlled else None)
             frame = load_image_file(image)
             return service.render(request.session_hash, frame, config, end=True).image
         except Superseded:
@@ -144,13 +187,16 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
         service.clear_recording(request.session_hash)
         return "Recording cleared."
 
-    def on_webcam(frame, subject, preset_name, strength, steps, seed, bank, ea, ff, request: gr.Request):
+    def on_webcam(frame, subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale,
+                  request: gr.Request):
         if frame is None:
             return gr.skip()
         try:
-            config = config_for(subject, preset_name, strength, steps, seed, bank, ea, ff)
-            # A still camera sends near-identical frames: let the engine re-emit instead of re-render.
-            config = config.replace(similarity_skip=StreamConfig.similarity_skip)
+            config = config_for(subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale)
+            # A still camera sends near-identical frames: let the engine re-emit instead of re-render;
+            # a camera picture has no ink layer: a ControlNet gets its edges.
+            config = config.replace(similarity_skip=StreamConfig.similarity_skip,
+                                    control_image="canny" if controlled else config.control_image)
             return service.render(request.session_hash, frame, config, end=False).image
         except Superseded:
             return gr.skip()
@@ -158,12 +204,12 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
             gr.Warning(str(error))
             return gr.skip()
 
-    def translate(video, subject, preset_name, strength, steps, seed, bank, ea, ff, request: gr.Request,
-                  progress=gr.Progress()):
+    def translate(video, subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale,
+                  request: gr.Request, progress=gr.Progress()):
         if not video:
             raise gr.Error("upload a video first")
         try:
-            config = config_for(subject, preset_name, strength, steps, seed, bank, ea, ff)
+            config = config_for(subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale)
             folder = service.registry.get(request.session_hash).recorder.folder / "videos"
             folder.mkdir(exist_ok=True)
             destination = folder / f"translated-{uuid.uuid4().hex[:12]}.mp4"
@@ -187,17 +233,22 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
             with gr.Row(equal_height=False):
                 with gr.Column(scale=1, min_width=360):
                     canvas = canvas_component(CHANNEL_PATH.lstrip("/") if fast_channel else "",
-                                              service.base.width, SNAPSHOT_QUALITY)
+                                              service.base.width, SNAPSHOT_QUALITY, control=controlled)
                 with gr.Column(scale=1, min_width=360):
                     view = render_component()
+                    popout = gr.HTML(elem_id="sv2v-popout")
             with gr.Row():
                 subject = gr.Textbox(label="Subject (prompt)", placeholder="e.g. a house on a hill at sunset",
                                      max_length=500, scale=3)
                 preset = gr.Dropdown(preset_names, value=preset_names[0], label="Style preset", scale=2)
             with gr.Row():
-                strength = gr.Slider(0.05, 1.0, value=default.strength, step=0.05, label="Strength")
+                strength = gr.Slider(0.05, 1.0, value=strength_of(default), step=0.05, label="Strength")
                 steps = gr.Slider(1, 4, value=default.steps, step=1, label="Steps")
+                control_scale = gr.Slider(0.0, MAX_CONTROL_SCALE, value=service.base.control_scale or 0.0, step=0.05,
+                                          label="Conditioning (ControlNet on the ink lines)", visible=controlled,
+                                          info="0 is off: plain img2img" if controlled else None)
                 seed = gr.Number(value=service.base.seed, precision=0, minimum=0, label="Seed")
+                dice = gr.Button("Random seed", elem_id="sv2v-dice", scale=0, min_width=120)
             with gr.Row():
                 bank = gr.Radio(list(BANK_MODES), value=service.base.bank.mode, label="Feature bank")
                 ea = gr.Checkbox(value=service.base.bank.extended_attention, label="EA (extended attention)")
@@ -227,18 +278,20 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
         # Inputs of the /render API only (the page sends its canvas through the snapshot event).
         # Plain types (a File, not an Image; Numbers, not Sliders) so that every value reaches
         # `render` unchecked and a bad one gets a message naming the setting.
+        # Their values are the page's defaults, which gradio_client uses for arguments left out.
         api_image = gr.File(type="filepath", file_types=["image"], visible=False, label="image")
-        api_prompt = gr.Textbox(visible=False, label="prompt")
-        api_strength = gr.Number(visible=False, label="strength")
-        api_steps = gr.Number(visible=False, label="steps")
-        api_seed = gr.Number(visible=False, label="seed")
-        api_bank = gr.Textbox(visible=False, label="bank")
-        api_ea = gr.Checkbox(visible=False, label="ea")
-        api_ff = gr.Checkbox(visible=False, label="ff")
+        api_prompt = gr.Textbox(value="", visible=False, label="prompt")
+        api_strength = gr.Number(value=strength_of(default), visible=False, label="strength")
+        api_steps = gr.Number(value=service.base.steps, visible=False, label="steps")
+        api_seed = gr.Number(value=service.base.seed, visible=False, label="seed")
+        api_bank = gr.Textbox(value=service.base.bank.mode, visible=False, label="bank")
+        api_ea = gr.Checkbox(value=service.base.bank.extended_attention, visible=False, label="ea")
+        api_ff = gr.Checkbox(value=service.base.bank.feature_fusion, visible=False, label="ff")
+        api_control_scale = gr.Number(value=service.base.control_scale or 0.0, visible=False, label="control_scale")
         api_output = gr.Image(type="numpy", format="png", visible=False, label="render")
         api_button = gr.Button(visible=False)
 
-        settings = [subject, preset, strength, steps, seed, bank, ea, ff]
+        settings = [subject, preset, strength, steps, seed, bank, ea, ff, control_scale]
         canvas.snapshot(on_snapshot, inputs=[canvas, *settings], outputs=view, trigger_mode="always_last",
                         show_progress="hidden", api_visibility="private", **GPU)
         for control in settings:
@@ -249,13 +302,16 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
                         show_progress="hidden", api_visibility="private", **GPU)
         subject.submit(**rerender)
         preset.input(on_preset, inputs=preset, outputs=[strength, steps], api_visibility="private").then(**rerender)
-        for control in (strength, steps):
+        for control in (strength, steps, control_scale):
             control.release(**rerender)
         seed.submit(**rerender)
+        dice.click(roll_seed, outputs=seed, api_visibility="private", queue=False).then(**rerender)
+        demo.load(view_link, outputs=popout, api_visibility="private", queue=False)
         for control in (bank, ea, ff):
             control.input(**rerender)
 
-        api_button.click(render, inputs=[api_image, api_prompt, api_strength, api_steps, api_seed, api_bank, api_ea, api_ff],
+        api_button.click(render, inputs=[api_image, api_prompt, api_strength, api_steps, api_seed, api_bank, api_ea, api_ff,
+                                         api_control_scale],
                          outputs=api_output, api_name="render", **GPU)
         reset_btn.click(reset_bank, outputs=status, api_name="reset_bank")
         export_btn.click(export, inputs=[fmt, pace, side_by_side], outputs=export_file, api_name="export")

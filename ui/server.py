@@ -18,6 +18,10 @@ inside a `spaces.GPU` call made from a Gradio request, which a WebSocket
 handler is not; or when no WebSocket library is installed) the page is
 served by Gradio's own `launch`, exactly as a plain Gradio app, and uses
 the Gradio event path.
+
+Either way the server also serves the pop-out view (ui.popout: GET /view
+and its WebSocket /sv2v/view), which only reads renders the live path has
+made, so it needs no GPU and works on ZeroGPU too.
 """
 
 from __future__ import annotations
@@ -36,10 +40,12 @@ import gradio as gr
 import uvicorn
 
 from sv2v_core.config import StreamConfig
+from sv2v_core.control import CONTROLLED_STRENGTH
 
 from .channel import channel_route
 from .gpu import ZERO_GPU
 from .layout import PAGE_CSS, build_app
+from .popout import view_routes
 from .presets import Preset
 from .recording import Recorder
 from .service import MAX_BATCH, CanvasService
@@ -62,20 +68,24 @@ log = logging.getLogger("sv2v.server")
 
 
 def create_service(engine, *, size: int, render_mode: str = "latency", idle_timeout: float = 1800.0,
-                   max_sessions: int | None = None, release_after: float = RELEASE_AFTER,
-                   max_batch: int = MAX_BATCH) -> CanvasService:
+                   control_scale: float | None = None, max_sessions: int | None = None,
+                   release_after: float = RELEASE_AFTER, max_batch: int = MAX_BATCH) -> CanvasService:
     """The app's service around `engine`, rendering the canvas at size×size.
 
-    max_sessions: at most this many sessions render at once (None: no
-    limit), release_after: seconds of idleness before a session's state
-    leaves the GPU and its place is freed, max_batch: frames per batch
-    (ui.sessions, ui.service).  ValueError for settings the config rejects
+    control_scale: the default conditioning scale when the engine has a
+    ControlNet (None: 1.0).  max_sessions: at most this many sessions render
+    at once (None: no limit), release_after: seconds of idleness before a
+    session's state leaves the GPU and its place is freed, max_batch: frames
+    per batch (ui.sessions, ui.service).  ValueError for settings the config rejects
     (e.g. a size out of range).
     """
     # No similarity skip for the canvas: it sends a snapshot only when the drawing
     # changed, and a small stroke (an eye, a dot) must still be rendered.  Webcam
     # frames turn the skip back on (ui/layout.py).
     base = StreamConfig(width=size, height=size, mode=render_mode, similarity_skip=None)
+    if getattr(engine, "controlnet", None) is not None:
+        base = base.replace(control_scale=1.0 if control_scale is None else control_scale, control_image="lines",
+                            strength=CONTROLLED_STRENGTH)
     registry = SessionRegistry(Recorder, idle_timeout=idle_timeout, max_active=max_sessions,
                                release_after=release_after)
     return CanvasService(engine, registry, base, max_batch=max_batch)
@@ -119,10 +129,12 @@ def serve(service: CanvasService, presets: dict[str, Preset], *, notice: str | N
     demo.queue(default_concurrency_limit=QUEUE_CONCURRENCY)
     if not fast_channel:
         demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, css=PAGE_CSS, show_error=True,
-                    prevent_thread_lock=not block, quiet=not block)
+                    prevent_thread_lock=not block, quiet=not block,
+                    app_kwargs={"routes": view_routes(service.views)})
         return None if block else RunningApp(demo, demo.local_url, False, demo.close)
 
-    app = fastapi.FastAPI(routes=[channel_route(service)], docs_url=None, redoc_url=None, openapi_url=None)
+    app = fastapi.FastAPI(routes=[channel_route(service), *view_routes(service.views)], docs_url=None, redoc_url=None,
+                          openapi_url=None)
     gr.mount_gradio_app(app, demo, path="/", max_file_size=MAX_UPLOAD, css=PAGE_CSS, show_error=True)
     host = host or os.environ.get("GRADIO_SERVER_NAME") or DEFAULT_HOST
     port = port or _free_port(host, int(os.environ.get("GRADIO_SERVER_PORT") or DEFAULT_PORT))

@@ -75,6 +75,7 @@ from sv2v_core.images import fit_size, resize
 from sv2v_core.video import VideoWriter, probe_video, read_video
 
 from .gpu import ZERO_GPU, on_gpu
+from .popout import ViewLinks
 from .recording import EXPORT_FORMATS, EXPORT_PACES, export_video
 from .scheduler import Job, RenderScheduler, SchedulerClosed
 from .sessions import Session, SessionRegistry
@@ -116,6 +117,8 @@ class FrameRequest:
 
     sketch: what to record as the sketch beside the render: the frame itself,
     or the JPEG it was decoded from (no encoding needed then).
+    control: the ControlNet's control source for this frame (the canvas's
+    ink layer, at the render size), or None: derived from the frame.
     """
 
     session: Session
@@ -125,6 +128,7 @@ class FrameRequest:
     seq: int
     end: bool
     sketch: np.ndarray | bytes
+    control: np.ndarray | None = None
 
 
 @dataclass
@@ -149,8 +153,12 @@ class Ticket:
     future: Future
 
 
-def make_config(base: StreamConfig, *, prompt, strength, steps, seed, bank, ea, ff) -> StreamConfig:
-    """`base` with the visitor's settings; ValueError with a readable message."""
+def make_config(base: StreamConfig, *, prompt, strength, steps, seed, bank, ea, ff,
+                control_scale=None) -> StreamConfig:
+    """`base` with the visitor's settings; ValueError with a readable message.
+
+    control_scale: the ControlNet's conditioning scale (None: keep base's).
+    """
     if prompt is None:
         prompt = ""
     steps_value = _whole("steps", steps)
@@ -159,9 +167,15 @@ def make_config(base: StreamConfig, *, prompt, strength, steps, seed, bank, ea, 
         strength_value = float(strength)
     except (TypeError, ValueError):
         raise ValueError(f"strength must be a number, got {strength!r}") from None
+    if control_scale is not None:
+        try:
+            control_scale = float(control_scale)
+        except (TypeError, ValueError):
+            raise ValueError(f"conditioning scale must be a number, got {control_scale!r}") from None
     return base.replace(
         prompt=str(prompt).strip(), strength=strength_value, steps=steps_value, seed=seed_value,
         bank_mode=str(bank), bank_extended_attention=bool(ea), bank_feature_fusion=bool(ff),
+        control_scale=base.control_scale if control_scale is None else control_scale,
     )
 
 
@@ -192,6 +206,7 @@ class CanvasService:
         self._step = on_gpu(self._step_on_device)
         self._translate = on_gpu(self._translate_on_device, duration=VIDEO_GPU_SECONDS)
         self.scheduler = RenderScheduler(self._render_batch, max_batch=max_batch)
+        self.views = ViewLinks()
         # One thread, so each session's frames are recorded in render order.
         self._finishing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sv2v-finish")
         self._stop = threading.Event()
@@ -206,6 +221,11 @@ class CanvasService:
         self._finishing.shutdown(wait=True)
         self._sweeper.join(timeout=SWEEP_SECONDS)
         self.registry.close_all()
+
+    @property
+    def controlled(self) -> bool:
+        """Whether the engine has a ControlNet (the page then sends its ink layer as the control source)."""
+        return getattr(self.engine, "controlnet", None) is not None
 
     # -- the model work (on the scheduler's thread; on the GPU under ZeroGPU) -------
     def _step_on_device(self, steps: list[Step]) -> list[tuple[object, object]]:
@@ -272,7 +292,7 @@ class CanvasService:
         for request in requests:
             session = request.session
             cut, session.cut_pending = session.cut_pending, False
-            steps.append(Step(session.state, request.config, request.image, request.end, cut))
+            steps.append(Step(session.state, request.config, request.image, request.end, cut, request.control))
         started = time.monotonic()
         outcomes = self._step(steps)
         model_seconds = time.monotonic() - started
@@ -326,6 +346,8 @@ class CanvasService:
             jpeg = encode_render(rendered.image)
             encoded = dataclasses.replace(rendered, jpeg=jpeg, encode_seconds=time.monotonic() - started)
             request.session.recorder.add(jpeg, request.sketch, job.finished)
+            if request.session.feed is not None:  # the pop-out view shows the same JPEG: no second render
+                request.session.feed.publish(jpeg)
         except Exception as error:  # noqa: BLE001 - not swallowed: whoever waits on the ticket gets it
             ticket.future.set_exception(error)
         else:
@@ -346,40 +368,47 @@ class CanvasService:
 
     # -- per-visitor operations ---------------------------------------------
     def submit(self, session_id: str, image: np.ndarray, config: StreamConfig, *, stamp: float = 0.0,
-               seq: int = 0, end: bool = True, cut: bool = False, jpeg: bytes | None = None) -> Ticket:
+               seq: int = 0, end: bool = True, cut: bool = False, jpeg: bytes | None = None,
+               control: np.ndarray | None = None) -> Ticket:
         """Queue one canvas frame of a visitor (newest wins); the ticket's future gives a `Rendered`.
 
         The frame is resized here, on the caller's thread, while the model may
         still be busy with the previous one.  jpeg: the JPEG `image` was decoded
-        from, if it came as one (recorded as the sketch as it is).  Raises
-        `Busy` when every place is taken (ui.sessions).
+        from, if it came as one (recorded as the sketch as it is).  control:
+        the ControlNet's control source (the canvas's ink layer); ignored
+        when the engine has no ControlNet.  Raises `Busy` when every place is
+        taken (ui.sessions).
         """
         self.sweep()
         session = self.registry.admit(session_id)
         frame = resize(image, config.width, config.height)
-        session.last_frame, session.last_seq = frame, seq
+        control = resize(control, config.width, config.height) if control is not None and self.controlled else None
+        session.last_frame, session.last_seq, session.last_control = frame, seq, control
         if cut:
             session.cut_pending = True
         sketch = frame if jpeg is None else jpeg
-        request = FrameRequest(session, frame, config, stamp, seq, end, sketch)
+        request = FrameRequest(session, frame, config, stamp, seq, end, sketch, control)
         ticket = Ticket(self.scheduler.submit(session_id, request), Future())
         ticket.job.future.add_done_callback(lambda _: self._finishing.submit(self._finish, ticket, request))
         return ticket
 
     def render(self, session_id: str, image: np.ndarray, config: StreamConfig, *,
-               stamp: float = 0.0, seq: int = 0, end: bool = True, cut: bool = False) -> Rendered:
+               stamp: float = 0.0, seq: int = 0, end: bool = True, cut: bool = False,
+               control: np.ndarray | None = None) -> Rendered:
         """Render one canvas frame for a visitor and record it.
 
         Raises `Superseded` when a newer frame of the same visitor replaced it first.
         """
-        return self.submit(session_id, image, config, stamp=stamp, seq=seq, end=end, cut=cut).future.result()
+        return self.submit(session_id, image, config, stamp=stamp, seq=seq, end=end, cut=cut,
+                           control=control).future.result()
 
     def rerender(self, session_id: str) -> Rendered | None:
         """Render the visitor's newest frame again with their current settings (None: nothing drawn)."""
         session = self.registry.get(session_id)
         if session.last_frame is None:
             return None
-        return self.render(session_id, session.last_frame, self.config_of(session_id), seq=session.last_seq)
+        return self.render(session_id, session.last_frame, self.config_of(session_id), seq=session.last_seq,
+                           control=session.last_control)
 
     def set_config(self, session_id: str, config: StreamConfig) -> None:
         """The settings the visitor's page shows now (used by the fast channel)."""
@@ -399,6 +428,10 @@ class CanvasService:
             return True
 
         return self.scheduler.call(reset).result()
+
+    def view_token(self, session_id: str) -> str:
+        """The unguessable token of the visitor's pop-out view link (ui.popout), made on first use."""
+        return self.views.token_for(self.registry.get(session_id))
 
     def close_session(self, session_id: str | None) -> None:
         """The visitor left: drop their waiting frame and free their stream and recording."""
@@ -446,6 +479,8 @@ class CanvasService:
         width, height = fit_size(info.width, info.height, max(self.base.width, self.base.height),
                                    self.engine.size_multiple)
         config = dataclasses.replace(config, width=width, height=height, mode="stream")
+        if self.controlled:  # a video has no ink layer: condition on its edges
+            config = config.replace(control_image="canny")
         renders = self._translate(config, source)
         try:
             with VideoWriter(destination, fps=info.fps) as writer:

@@ -57,12 +57,15 @@ class Session:
     recorder: every frame rendered for this visitor, for export.
     config: the settings the page last reported (None until it did); the
         fast channel renders with these.
-    last_frame, last_seq: the newest canvas frame submitted and its page
-        sequence number, re-rendered when a setting changes.
+    last_frame, last_seq, last_control: the newest canvas frame submitted,
+        its page sequence number and its control source (the ink layer, with
+        a ControlNet), re-rendered when a setting changes.
     cut_pending: a submitted frame replaced the picture; the next frame that
         runs empties the bank (even if a newer frame replaced that one).
     sources: (page stamp, page seq) of recent inputs, by the stream's input
         index, so a render can be matched to the snapshot it shows.
+    feed: the pop-out view's feed of this session's renders (ui.popout;
+        None until the page asks for its link); closed with the session.
     """
 
     session_id: str
@@ -71,10 +74,12 @@ class Session:
     config: Any = None
     last_frame: Any = None
     last_seq: int = 0
+    last_control: Any = None
     cut_pending: bool = False
     last_used: float = field(default_factory=time.monotonic)
     holds: int = 0  # operations under way (an export) that keep the session from being freed
     sources: OrderedDict = field(default_factory=OrderedDict)
+    feed: Any = None
 
     def remember_source(self, index: int, stamp: float, seq: int) -> None:
         self.sources[index] = (stamp, seq)
@@ -84,6 +89,9 @@ class Session:
     def close(self) -> None:
         self.state = None
         self.last_frame = None
+        self.last_control = None
+        if self.feed is not None:
+            self.feed.close()
         self.recorder.close()
 
 

@@ -6,10 +6,19 @@ Page -> server, one binary message per canvas snapshot:
     0       2     magic b"SV"
     2       1     version (1)
     3       1     flags: 1 = end of a stroke (render to convergence), 2 = cut
-                  (the picture was replaced: empty the feature bank)
+                  (the picture was replaced: empty the feature bank),
+                  4 = a control image follows the picture (see below)
     4       4     seq: uint32, strictly increasing per connection
     8       8     stamp: float64, the page clock (ms) when the snapshot was taken
     16      ...   the image: JPEG (what the page sends), PNG or WebP
+
+With flag 4 (sent when the app has a ControlNet) the image is followed by
+the control source, the canvas's ink layer alone (white strokes on black,
+whatever the background):
+
+    16      4     n: uint32, the picture's length in bytes
+    20      n     the picture
+    20+n    ...   the ink layer, as an image (JPEG)
 
 Server -> page, one binary message per render:
 
@@ -48,9 +57,10 @@ from PIL import Image
 
 MAGIC = b"SV"
 VERSION = 1
-END, CUT = 1, 2
+END, CUT, CONTROL = 1, 2, 4
 SKIPPED = 1
 SNAPSHOT_HEADER = struct.Struct("<2sBBId")
+PICTURE_LENGTH = struct.Struct("<I")
 RENDER_HEADER = struct.Struct("<2sBBIId5f")
 MAX_SNAPSHOT_BYTES = 2 * 1024 * 1024  # a 512² JPEG from the page is 10-60 KB
 # Measured (ui.bench --codecs): Chromium encodes a 512² canvas as JPEG in
@@ -71,6 +81,7 @@ class SnapshotMessage:
     end: bool
     cut: bool
     image: bytes
+    control: bytes | None = None  # the ink layer (the ControlNet's control source), if sent
 
 
 @dataclass(frozen=True)
@@ -84,10 +95,14 @@ class ServerTimings:
     total: float = 0.0
 
 
-def pack_snapshot(seq: int, stamp: float, image: bytes, *, end: bool = False, cut: bool = False) -> bytes:
+def pack_snapshot(seq: int, stamp: float, image: bytes, *, end: bool = False, cut: bool = False,
+                  control: bytes | None = None) -> bytes:
     """A snapshot message (what the page sends; used by tests and load clients)."""
-    flags = (END if end else 0) | (CUT if cut else 0)
-    return SNAPSHOT_HEADER.pack(MAGIC, VERSION, flags, seq, stamp) + image
+    flags = (END if end else 0) | (CUT if cut else 0) | (CONTROL if control is not None else 0)
+    header = SNAPSHOT_HEADER.pack(MAGIC, VERSION, flags, seq, stamp)
+    if control is None:
+        return header + image
+    return header + PICTURE_LENGTH.pack(len(image)) + image + control
 
 
 def unpack_snapshot(message: bytes) -> SnapshotMessage:
@@ -103,11 +118,21 @@ def unpack_snapshot(message: bytes) -> SnapshotMessage:
         raise ProtocolError("not a canvas snapshot (bad magic bytes)")
     if version != VERSION:
         raise ProtocolError(f"snapshot format version {version} is not supported (expected {VERSION}); reload the page")
-    if flags & ~(END | CUT):
+    if flags & ~(END | CUT | CONTROL):
         raise ProtocolError(f"unknown snapshot flags {flags:#x}")
     if stamp != stamp or stamp in (float("inf"), float("-inf")):
         raise ProtocolError("the snapshot's time stamp is not a number")
-    return SnapshotMessage(seq, stamp, bool(flags & END), bool(flags & CUT), bytes(message[SNAPSHOT_HEADER.size:]))
+    body = message[SNAPSHOT_HEADER.size:]
+    control = None
+    if flags & CONTROL:
+        if len(body) < PICTURE_LENGTH.size:
+            raise ProtocolError("a snapshot with a control image needs the picture's length")
+        (length,) = PICTURE_LENGTH.unpack_from(body)
+        if not 0 < length < len(body) - PICTURE_LENGTH.size:
+            raise ProtocolError(f"the picture's length {length} leaves no room for it and the control image")
+        control = bytes(body[PICTURE_LENGTH.size + length:])
+        body = body[PICTURE_LENGTH.size:PICTURE_LENGTH.size + length]
+    return SnapshotMessage(seq, stamp, bool(flags & END), bool(flags & CUT), bytes(body), control)
 
 
 def pack_render(reply: int, shows: int, stamp: float, image: bytes, timings: ServerTimings,

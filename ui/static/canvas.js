@@ -9,6 +9,12 @@
 // snapshot: while a stroke is drawn as often as the model keeps up, and
 // always once more at the end of the stroke (end) or after an edit that
 // replaces the picture (cut: the feature bank no longer describes it).
+//
+// "Use as canvas" (the render view's history, render.js, fires
+// "sv2v:use-as-canvas" with a render's blob): the render becomes the
+// background, the ink stays as it is and editable; undo brings the previous
+// background back.  The update policy selector (live / on pause / on pen-up)
+// is handed to live.js.
 (() => {
   const SIZE = 512;
   const MAX_HISTORY = 30;
@@ -71,7 +77,7 @@
   }
 
   // -- snapshots --------------------------------------------------------
-  const live = startLive(view, props, trigger);
+  const live = startLive(view, props, trigger, () => ink);
   const send = (end, cut) => live.changed(end, cut);
   element.sv2vLive = live;  // for tests and the benchmark
 
@@ -115,6 +121,7 @@
     view.setPointerCapture(event.pointerId);
     remember();
     drawing = true;
+    document.dispatchEvent(new CustomEvent("sv2v:drawing"));  // the render view goes back to live
     last = point(event);
     if (segment(last, last)) compose();
     send(false, false);
@@ -159,7 +166,8 @@
     compose();
     send(true, true);
   }
-  function startFrom(source) {
+  // A picture as the background (cropped to fill the square); keepInk: the strokes stay on top.
+  function startFrom(source, keepInk = false) {
     const image = new Image();
     image.onload = () => {
       remember();
@@ -168,10 +176,11 @@
       const h = image.height * scale;
       fillBackground("#ffffff");
       bgCtx.drawImage(image, (SIZE - w) / 2, (SIZE - h) / 2, w, h);
-      inkCtx.clearRect(0, 0, SIZE, SIZE);
+      if (!keepInk) inkCtx.clearRect(0, 0, SIZE, SIZE);
       compose();
       send(true, true);
       if (source.startsWith("blob:")) URL.revokeObjectURL(source);
+      element.dataset.backgrounds = String(Number(element.dataset.backgrounds || 0) + 1);
     };
     image.onerror = () => alert("That file is not an image the browser can read.");
     image.src = source;
@@ -186,6 +195,9 @@
   };
   element.querySelectorAll("[data-tool]").forEach((b) => b.addEventListener("click", () => setTool(b.dataset.tool)));
   element.querySelectorAll("[data-action]").forEach((b) => b.addEventListener("click", () => actions[b.dataset.action]()));
+  document.addEventListener("sv2v:use-as-canvas", (event) => startFrom(URL.createObjectURL(event.detail.blob), true));
+  const policyInputs = element.querySelectorAll("input.sv2v-policy");
+  policyInputs.forEach((input) => input.addEventListener("change", () => { if (input.checked) live.setPolicy(input.value); }));
   fileInput.addEventListener("change", () => {
     const file = fileInput.files && fileInput.files[0];
     if (file) startFrom(URL.createObjectURL(file));

@@ -11,6 +11,8 @@
 //   "sv2v:channel" live -> view  which channel is in use, and why (again on "sv2v:hello",
 //                                which the view sends when it loads: either may load first)
 //   "sv2v:message" live -> view  an error about a snapshot, or the busy state, for the person drawing
+//   "sv2v:sketch"  live -> view  a snapshot was sent: {seq, end, pixels: a THUMB×THUMB RGBA thumbnail},
+//                                for the flicker readout and the history (render.js)
 //
 // Channels: the fast channel is a WebSocket (ui/channel.py, format in
 // ui/wire.py) carrying JPEG snapshots and renders as binary messages; the
@@ -32,13 +34,26 @@
 // always sends a final snapshot ("end": the server renders it to convergence).
 // When the server is full ("busy: N people ahead of you") the page shows it
 // and sends its newest drawing again every BUSY_RETRY_MS until it gets in.
-function startLive(source, props, trigger) {
+//
+// Update policy (live.setPolicy): "live" (the default) sends as described
+// above; "pause" sends once the drawing has not changed for PAUSE_MS (the pen
+// rests, or was lifted); "penup" sends only the end of a stroke (or an edit:
+// undo, clear, a new background), so each stroke renders once.  Settings
+// changes re-render on the server (ui/layout.py), once, whatever the policy.
+//
+// With a ControlNet on the server (props.control) every snapshot carries the
+// ink layer alone (`ink()`, given by canvas.js) as white strokes on black:
+// the control source, whatever background the canvas has.
+function startLive(source, props, trigger, ink) {
   const FLOOR_MS = 10;
   const HEADER = 16;       // snapshot header bytes (ui/wire.py)
   const RENDER_HEADER = 40;
   const MAGIC0 = 0x53, MAGIC1 = 0x56, VERSION = 1;
   const EMA = 0.2;
   const BUSY_RETRY_MS = 1000;
+  const PAUSE_MS = 400;
+  const THUMB = 64;       // sketch thumbnails for the flicker readout (render.js)
+  const POLICIES = ["live", "pause", "penup"];
   const params = new URLSearchParams(window.location.search);
   const forcedGradio = params.get("channel") === "gradio";
 
@@ -61,6 +76,15 @@ function startLive(source, props, trigger) {
   const inflight = new Map();              // seq -> {sentAt, encodeMs, end, cut, channel}
   const scratch = document.createElement("canvas");
   const scratchCtx = scratch.getContext("2d");
+  const mask = document.createElement("canvas");     // the ink layer as white on black
+  const maskCtx = mask.getContext("2d");
+  const white = document.createElement("canvas");    // the ink's shape in white (alpha kept)
+  const whiteCtx = white.getContext("2d");
+  const thumb = document.createElement("canvas");
+  thumb.width = thumb.height = THUMB;
+  const thumbCtx = thumb.getContext("2d", { willReadFrequently: true });
+  let policy = "live";
+  let changedAt = -Infinity;
 
   const emit = (name, detail) => document.dispatchEvent(new CustomEvent(name, { detail }));
   const average = (key, value) => {
@@ -80,13 +104,23 @@ function startLive(source, props, trigger) {
     dirty = true;
     pendingEnd = pendingEnd || end;
     pendingCut = pendingCut || cut;
+    changedAt = performance.now();
     pump();
+  }
+
+  function setPolicy(name) {
+    if (!POLICIES.includes(name)) throw new Error(`unknown update policy ${name}`);
+    policy = name;
+    source.dataset.policy = name;
+    pump();  // what the old policy held back goes out now if the new one allows it
   }
 
   function pump() {
     if (timer !== null) { clearTimeout(timer); timer = null; }
     if (!dirty || inflight.size >= limit()) return;  // an answer calls pump again
+    if (policy === "penup" && !pendingEnd) return;     // the end of the stroke calls pump again
     let at = Math.max(lastSentAt + FLOOR_MS, retryAt);
+    if (policy === "pause") at = Math.max(at, changedAt + PAUSE_MS);
     // Aim a little early (transfer and model times vary): a moment's wait beats an idle model.
     if (inflight.size > 0) at = Math.max(at, busyUntil - est.pre - Math.min(0.25 * est.model, 2 * est.pre + 2));
     const wait = at - performance.now();
@@ -111,17 +145,44 @@ function startLive(source, props, trigger) {
     return target.toDataURL("image/jpeg", quality);
   }
 
-  // A snapshot message (ui/wire.py): header, then the JPEG bytes of `url`.
-  function snapshotMessage(url, id, stamp, end, cut) {
+  // The ink layer alone at the render size, white strokes on black, as a JPEG data URL.
+  function controlUrl() {
+    const layer = ink();
+    for (const c of [mask, white]) { c.width = size; c.height = size; }
+    whiteCtx.drawImage(layer, 0, 0, size, size);
+    whiteCtx.globalCompositeOperation = "source-in";
+    whiteCtx.fillStyle = "#ffffff";
+    whiteCtx.fillRect(0, 0, size, size);
+    maskCtx.fillStyle = "#000000";
+    maskCtx.fillRect(0, 0, size, size);
+    maskCtx.drawImage(white, 0, 0);
+    return mask.toDataURL("image/jpeg", quality);
+  }
+
+  // A small copy of the snapshot for the render view (flicker readout, history).
+  function announce(id, end) {
+    thumbCtx.drawImage(source, 0, 0, THUMB, THUMB);
+    emit("sv2v:sketch", { seq: id, end, pixels: thumbCtx.getImageData(0, 0, THUMB, THUMB).data });
+  }
+
+  // A snapshot message (ui/wire.py): header, then the JPEG bytes of `url`
+  // (with a control image: the picture's length, the picture, the control image).
+  function snapshotMessage(url, id, stamp, end, cut, control) {
     const bytes = atob(url.slice(url.indexOf(",") + 1));
-    const buffer = new ArrayBuffer(HEADER + bytes.length);
+    const extra = control ? atob(control.slice(control.indexOf(",") + 1)) : null;
+    const lead = extra === null ? 0 : 4;
+    const buffer = new ArrayBuffer(HEADER + lead + bytes.length + (extra === null ? 0 : extra.length));
     const header = new DataView(buffer);
     header.setUint8(0, MAGIC0); header.setUint8(1, MAGIC1); header.setUint8(2, VERSION);
-    header.setUint8(3, (end ? 1 : 0) | (cut ? 2 : 0));
+    header.setUint8(3, (end ? 1 : 0) | (cut ? 2 : 0) | (extra === null ? 0 : 4));
     header.setUint32(4, id, true);
     header.setFloat64(8, stamp, true);
-    const body = new Uint8Array(buffer, HEADER);
+    if (extra !== null) header.setUint32(HEADER, bytes.length, true);
+    const body = new Uint8Array(buffer, HEADER + lead);
     for (let i = 0; i < bytes.length; i++) body[i] = bytes.charCodeAt(i);
+    if (extra !== null) {
+      for (let i = 0; i < extra.length; i++) body[bytes.length + i] = extra.charCodeAt(i);
+    }
     return buffer;
   }
 
@@ -134,17 +195,21 @@ function startLive(source, props, trigger) {
     const id = seq;
     source.dataset.seq = String(id);
     const url = snapshotUrl();
+    const control = props.control && ink ? controlUrl() : null;
     const entry = { sentAt: stamp, encodeMs: performance.now() - stamp, end, cut, channel };
     average("encode", entry.encodeMs);
     inflight.set(id, entry);
+    announce(id, end);
     if (channel === "ws" && ws && ws.readyState === WebSocket.OPEN) {
-      ws.send(snapshotMessage(url, id, stamp, end, cut));
+      ws.send(snapshotMessage(url, id, stamp, end, cut, control));
       // The model takes this one when it is free, after the transfer.
       busyUntil = Math.max(stamp + est.pre, busyUntil) + est.model;
     } else {
       entry.channel = "gradio";
       entry.timeout = setTimeout(() => answered(id), Math.max(2000, 4 * est.roundtrip));
-      props.value = JSON.stringify({ image: url, t: stamp, end, cut, seq: id });
+      const message = { image: url, t: stamp, end, cut, seq: id };
+      if (control) message.control = control;
+      props.value = JSON.stringify(message);
       trigger("snapshot");
     }
     pump();
@@ -277,6 +342,8 @@ function startLive(source, props, trigger) {
   connect();
   return {
     changed,
+    setPolicy,
+    policy: () => policy,
     // For tests and the benchmark: close the socket as a network failure would.
     dropConnection: () => ws && ws.close(4000, "dropped by the page"),
     state: () => ({ channel, inflight: inflight.size, seq, estimates: { ...est } }),

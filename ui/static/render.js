@@ -3,9 +3,29 @@
 // path as this component's value (JSON: image data URL, t, seq, reply); both
 // are decoded off the main thread (createImageBitmap) and handed to the
 // <canvas> (no copy), newest first: a render showing an older snapshot than one
-// already shown is never drawn.  The stats line shows renders per second,
-// snapshot-to-render latency and the channel; window.sv2vStats keeps the
-// numbers for the browser test and the benchmark (ui/bench.py).
+// already shown is never drawn.  The stats line
+// shows renders per second, snapshot-to-render latency, flicker and the channel; window.sv2vStats
+// keeps the numbers for the browser test and the benchmark (ui/bench.py).
+//
+// Flicker: how much the render changes where the drawing did not.  For each
+// pair of consecutive renders, both pictures and the two snapshots they show
+// (thumbnails from live.js, "sv2v:sketch") are cut into a THUMB×THUMB grid of
+// cells (8×8 pixels of a 512² canvas).  A cell is steady when neither it nor
+// any of its 8 neighbours changed in the sketch by more than SKETCH_TOLERANCE
+// levels; the pair's flicker is the mean absolute change of the render's
+// colour (0-255, over R, G, B) in the steady cells.  Pairs with less than
+// MIN_STEADY of the picture steady, and renders of a settings change (the
+// picture is meant to change), are left out; the readout is the mean of the
+// last FLICKER_PAIRS pairs.  With the echo engine (render = sketch) it is 0
+// up to JPEG noise; turning the feature bank off and on shows what it does.
+//
+// History: the render at the end of each stroke (a snapshot marked "end":
+// pen-up, undo, clear, a new background) and of each settings change goes
+// into a strip under the view, newest last, at most MAX_HISTORY of them plus
+// the kept ones (at most MAX_KEPT), as the JPEGs the page received.  Clicking
+// one shows it over the live view, with Keep (pinned until the page is
+// closed), Download PNG, Use as canvas ("sv2v:use-as-canvas" to canvas.js)
+// and Back to live; starting a stroke also goes back to live.
 (() => {
   const canvas = element.querySelector("canvas.sv2v-render-canvas");
   // "bitmaprenderer": a decoded render is handed to the canvas without a copy.
@@ -13,11 +33,70 @@
   const statsLine = element.querySelector(".sv2v-stats");
   const messageLine = element.querySelector(".sv2v-message");
   const placeholder = element.querySelector(".sv2v-render-empty");
+  const pastImage = element.querySelector(".sv2v-render-past");
+  const pastBar = element.querySelector(".sv2v-past-bar");
+  const pastLabel = element.querySelector(".sv2v-past-label");
+  const strip = element.querySelector(".sv2v-history");
   const MAX_SAMPLES = 5000;
+  const THUMB = 64, SKETCH_TOLERANCE = 3, MIN_STEADY = 0.25, FLICKER_PAIRS = 20;
+  const MAX_SKETCHES = 48, MAX_HISTORY = 24, MAX_KEPT = 24;
   const arrivals = [];
-  const stats = { latencies: [], samples: [], renders: 0, stale: 0, shownSeq: 0, channel: "gradio", why: "" };
+  const stats = { latencies: [], samples: [], renders: 0, stale: 0, shownSeq: 0, channel: "gradio", why: "",
+                  flicker: [] };
   window.sv2vStats = stats;
   let messageTimer = null;
+  const sketches = new Map();  // seq -> {end, pixels}
+  const thumb = new OffscreenCanvas(THUMB, THUMB);
+  const thumbCtx = thumb.getContext("2d", { willReadFrequently: true });
+  let previous = null;         // {seq, pixels} of the last render drawn
+  const history = [];          // {id, blob, url, seq, kept}
+  let historyIds = 0;
+  let pastShown = null;
+
+  // The flicker of one pair of renders (see above), or null when too little of the picture is steady.
+  function flickerBetween(sketchBefore, sketchAfter, renderBefore, renderAfter, side) {
+    const cells = side * side;
+    const changed = new Uint8Array(cells);
+    for (let i = 0; i < cells; i++) {
+      const o = 4 * i;
+      const d = Math.max(Math.abs(sketchAfter[o] - sketchBefore[o]), Math.abs(sketchAfter[o + 1] - sketchBefore[o + 1]),
+                         Math.abs(sketchAfter[o + 2] - sketchBefore[o + 2]));
+      if (d > SKETCH_TOLERANCE) changed[i] = 1;
+    }
+    let sum = 0, steady = 0;
+    for (let y = 0; y < side; y++) {
+      for (let x = 0; x < side; x++) {
+        let near = 0;
+        for (let dy = -1; dy <= 1 && !near; dy++) {
+          for (let dx = -1; dx <= 1 && !near; dx++) {
+            const yy = y + dy, xx = x + dx;
+            if (yy >= 0 && yy < side && xx >= 0 && xx < side) near = changed[yy * side + xx];
+          }
+        }
+        if (near) continue;
+        const o = 4 * (y * side + x);
+        sum += (Math.abs(renderAfter[o] - renderBefore[o]) + Math.abs(renderAfter[o + 1] - renderBefore[o + 1]) +
+                Math.abs(renderAfter[o + 2] - renderBefore[o + 2])) / 3;
+        steady += 1;
+      }
+    }
+    return steady < MIN_STEADY * cells ? null : sum / steady;
+  }
+  window.sv2vFlicker = flickerBetween;  // for the browser test
+
+  function measureFlicker(render, bitmap) {
+    thumbCtx.drawImage(bitmap, 0, 0, THUMB, THUMB);
+    const current = { seq: render.seq, pixels: thumbCtx.getImageData(0, 0, THUMB, THUMB).data };
+    const before = previous;
+    previous = current;
+    if (!before || render.reply === 0) return;  // a settings change is meant to change the picture
+    const a = sketches.get(before.seq), b = sketches.get(current.seq);
+    if (!a || !b) return;
+    const value = flickerBetween(a.pixels, b.pixels, before.pixels, current.pixels, THUMB);
+    if (value === null) return;
+    stats.flicker.push(value);
+    if (stats.flicker.length > MAX_SAMPLES) stats.flicker.shift();
+  }
 
   const median = (values) => {
     if (!values.length) return NaN;
@@ -37,8 +116,11 @@
     const fps = arrivals.length > 1 && span > 0 ? (arrivals.length - 1) / span : 0;
     const recent = stats.latencies.slice(-20);
     const latest = recent.length ? recent[recent.length - 1] : NaN;
+    const flicker = stats.flicker.slice(-FLICKER_PAIRS);
+    const meanFlicker = flicker.length ? flicker.reduce((a, b) => a + b, 0) / flicker.length : NaN;
     statsLine.textContent = `${fps.toFixed(1)} renders/s · latency ${isNaN(latest) ? "–" : latest.toFixed(0)} ms` +
       ` (median of last ${recent.length}: ${isNaN(median(recent)) ? "–" : median(recent).toFixed(0)} ms)` +
+      ` · flicker ${isNaN(meanFlicker) ? "–" : meanFlicker.toFixed(1)}` +
       ` · channel: ${channelName()}`;
   }
 
@@ -54,8 +136,10 @@
     if (render.seq < stats.shownSeq) { stats.stale += 1; return; }
     const bitmap = await createImageBitmap(render.blob);
     if (render.seq < stats.shownSeq) { stats.stale += 1; bitmap.close(); return; }  // a newer one was drawn meanwhile
+    measureFlicker(render, bitmap);
     ctx.transferFromImageBitmap(bitmap);
     if (element.dataset.busy) { delete element.dataset.busy; messageLine.textContent = ""; }  // got in
+    remember(render);
     const now = performance.now();
     stats.shownSeq = render.seq;
     stats.renders += 1;
@@ -78,6 +162,109 @@
     }
     showStats();
   }
+
+  // -- the history strip ----------------------------------------------------------
+  function remember(render) {
+    const sketch = sketches.get(render.seq);
+    if (!(render.reply === 0 || (sketch && sketch.end))) return;  // mid-stroke renders pass by
+    const last = history[history.length - 1];
+    if (last && last.seq === render.seq && render.reply !== 0) return;  // the same snapshot again
+    historyIds += 1;
+    history.push({ id: historyIds, blob: render.blob, url: URL.createObjectURL(render.blob), seq: render.seq,
+                   kept: false });
+    let loose = history.filter((entry) => !entry.kept).length;
+    for (let i = 0; loose > MAX_HISTORY && i < history.length; ) {
+      const entry = history[i];
+      if (entry.kept || entry === pastShown) { i += 1; continue; }
+      URL.revokeObjectURL(entry.url);
+      history.splice(i, 1);
+      loose -= 1;
+    }
+    drawStrip();
+  }
+
+  function drawStrip() {
+    strip.replaceChildren(...history.map((entry) => {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.dataset.id = String(entry.id);
+      button.setAttribute("role", "listitem");
+      button.title = `render ${entry.id}${entry.kept ? " (kept)" : ""}: click to show it`;
+      button.classList.toggle("sv2v-kept", entry.kept);
+      button.classList.toggle("sv2v-selected", entry === pastShown);
+      const image = document.createElement("img");
+      image.src = entry.url;
+      image.alt = `render ${entry.id}`;
+      button.append(image);
+      button.addEventListener("click", () => showPast(entry));
+      return button;
+    }));
+    element.dataset.history = String(history.length);
+    element.dataset.kept = String(history.filter((entry) => entry.kept).length);
+  }
+
+  function showPast(entry) {
+    pastShown = entry;
+    pastImage.src = entry.url;
+    pastImage.hidden = false;
+    pastBar.hidden = false;
+    pastLabel.textContent = `Render ${entry.id}${entry.kept ? " (kept)" : ""}`;
+    pastBar.querySelector("[data-past='keep']").textContent = entry.kept ? "Unkeep" : "Keep";
+    element.dataset.showing = String(entry.id);
+    drawStrip();
+  }
+
+  function backToLive() {
+    if (!pastShown) return;
+    pastShown = null;
+    pastImage.hidden = true;
+    pastImage.removeAttribute("src");
+    pastBar.hidden = true;
+    element.dataset.showing = "";
+    drawStrip();
+  }
+
+  async function downloadPng(entry) {
+    const bitmap = await createImageBitmap(entry.blob);
+    const canvas = document.createElement("canvas");
+    canvas.width = bitmap.width;
+    canvas.height = bitmap.height;
+    canvas.getContext("2d").drawImage(bitmap, 0, 0);
+    bitmap.close();
+    const png = await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+    const link = document.createElement("a");
+    link.href = URL.createObjectURL(png);
+    link.download = `streamv2v-render-${entry.id}.png`;
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(link.href), 60000);
+  }
+
+  const pastActions = {
+    keep: (entry) => {
+      if (!entry.kept && history.filter((e) => e.kept).length >= MAX_KEPT) {
+        message(`${MAX_KEPT} renders are kept already: download and unkeep one first.`);
+        return;
+      }
+      entry.kept = !entry.kept;
+      showPast(entry);
+    },
+    download: downloadPng,
+    canvas: (entry) => {
+      document.dispatchEvent(new CustomEvent("sv2v:use-as-canvas", { detail: { blob: entry.blob } }));
+      backToLive();
+    },
+    live: backToLive,
+  };
+  pastBar.querySelectorAll("[data-past]").forEach((button) => button.addEventListener("click", () => {
+    if (pastShown) pastActions[button.dataset.past](pastShown);
+  }));
+  document.addEventListener("sv2v:drawing", backToLive);
+  document.addEventListener("sv2v:sketch", (event) => {
+    sketches.set(event.detail.seq, event.detail);
+    while (sketches.size > MAX_SKETCHES) sketches.delete(sketches.keys().next().value);
+  });
 
   // busy: the server is full (the page asks again every second, so this shows until it gets in)
   function message(text, busy = false) {
@@ -109,6 +296,8 @@
     const blob = await (await fetch(value.image)).blob();
     show({ blob, seq: value.seq, reply: value.reply, stamp: value.t, channel: "gradio", receivedAt });
   });
+  statsLine.title = "flicker: how much the render changes where the drawing did not (mean absolute change, 0-255, " +
+    "over the steady parts of the last 20 pairs of renders); turn the feature bank off and on to compare";
   showStats(true);
   document.dispatchEvent(new CustomEvent("sv2v:hello"));  // the canvas says which channel it uses
 })();
