@@ -125,6 +125,27 @@ def test_sessions_beyond_the_batch_size_take_turns_and_fast_ones_get_no_extra_tu
     assert counts == {"fast": 3, "a": 3, "b": 3, "c": 3, "d": 3}, (counts, served)
 
 
+def test_a_tick_waits_briefly_for_the_sessions_that_drew_in_the_last_second():
+    """a, b, c were served together; a's next frame comes first, b's and c's a few ms later: one batch."""
+    batches = []
+    scheduler = RenderScheduler(lambda frames: batches.append(frames) or frames, max_batch=4, gather=1.0)
+    try:
+        blocker = Gate()
+        blocker.open.clear()
+        first = [scheduler.call(lambda: blocker.open.wait(TIMEOUT))]  # hold the worker
+        jobs = [scheduler.submit(key, f"{key}1") for key in "abc"]
+        blocker.open.set()
+        [job.future.result(TIMEOUT) for job in jobs + []]
+        first[0].result(TIMEOUT)
+        later = [scheduler.submit("a", "a2")]
+        threading.Event().wait(0.05)
+        later += [scheduler.submit("b", "b2"), scheduler.submit("c", "c2")]
+        [job.future.result(TIMEOUT) for job in later]
+    finally:
+        scheduler.close()
+    assert batches == [["a1", "b1", "c1"], ["a2", "b2", "c2"]]
+
+
 def test_tasks_are_never_dropped_and_run_before_the_next_frames(scheduler, gate):
     block_worker(scheduler, gate)
     order = []
