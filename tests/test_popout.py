@@ -47,9 +47,10 @@ class InkEngine(EchoEngine):
         super().__init__(0)
         self.controls: list[np.ndarray | None] = []
 
-    def __call__(self, state, frame, control=None):
-        self.controls.append(None if control is None else np.array(control))
-        return super().__call__(state, frame)
+    def render(self, jobs):  # the app renders its batches through `render`
+        for _, _, *control in jobs:
+            self.controls.append(None if not control or control[0] is None else np.array(control[0]))
+        return super().render(jobs)
 
 
 @pytest.fixture(scope="module")
