@@ -80,6 +80,7 @@ from sv2v_core.config import MAX_CONTROL_SCALE, RENDER_MODES
 from sv2v_core.cli import quiet_library_warnings
 from sv2v_core.engine import StreamV2V
 from ui.gpu import ZERO_GPU
+from ui.memory import limit_malloc_arenas
 from ui.presets import load_presets
 from ui.server import create_service, serve
 from ui.service import MAX_BATCH
@@ -192,6 +193,7 @@ def _load_components(model: str | None, vae: str | None):
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
+    limit_malloc_arenas()  # memory stays flat under many sessions' threads (ui/memory.py)
     engine, notice = load_engine(args.model, args.vae, args.controlnet)
     size = args.size or (TINY_SIZE if engine.components.name == "tiny" else REAL_SIZE)
     try:

@@ -98,9 +98,11 @@ def serve_forever(args: argparse.Namespace) -> None:
     """The child: serve the app, answer "stats" lines on stdin with JSON, stop at end of input."""
     import torch
 
+    from .memory import limit_malloc_arenas
     from .presets import load_presets
     from .server import create_service, serve
 
+    limit_malloc_arenas()  # as app.py does
     torch.set_num_threads(args.torch_threads)
     engine, size = make_engine(args.serve, args.tiny_size)
     service = create_service(engine, size=size, render_mode=args.mode, max_sessions=args.max_sessions,
