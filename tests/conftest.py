@@ -20,3 +20,31 @@ def engine():
     engine = StreamV2V(load_components("tiny"))
     yield engine
     engine.close()
+
+
+# The Ray back end's tests (tests/test_ray.py, and the Ray half of
+# tests/test_renderer.py) share one local cluster with fake resources and one
+# CanvasWorker deployment: two replicas of the built-in model on the CPU.
+RAY_SESSIONS_PER_REPLICA = 4
+RAY_REPLICAS = 2
+
+
+@pytest.fixture(scope="session")
+def ray_renderer():
+    """A RayRenderer on two CanvasWorker replicas (skipped when ray is not installed)."""
+    ray = pytest.importorskip("ray", reason="ray is optional: pip install -r requirements-ray.txt")
+    from ray import serve
+
+    from sv2v_core.config import StreamConfig
+    from ui.ray_renderer import WorkerOptions, deploy
+
+    ray.init(num_cpus=4, num_gpus=RAY_REPLICAS, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {name: os.environ[name] for name in
+                                       ("OMP_NUM_THREADS", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")}})
+    base = StreamConfig(width=64, height=64, mode="latency", similarity_skip=None)
+    renderer = deploy(WorkerOptions(model="tiny", base=base, max_sessions=RAY_SESSIONS_PER_REPLICA,
+                                    torch_threads=1), replicas=RAY_REPLICAS)
+    yield renderer
+    renderer.shutdown()
+    serve.shutdown()
+    ray.shutdown()
