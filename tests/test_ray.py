@@ -1,0 +1,138 @@
+"""The Ray Serve back end on a local cluster: pinning, spread, busy state, failover.
+
+Two CanvasWorker replicas of the built-in model on the CPU, with fake
+resources (`ray.init(num_cpus=4, num_gpus=2)`, tests/conftest.py), each
+taking RAY_SESSIONS_PER_REPLICA sessions.  Skipped when ray is not installed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import wait
+
+import numpy as np
+import pytest
+
+from tests.conftest import RAY_REPLICAS, RAY_SESSIONS_PER_REPLICA
+from tests.test_renderer import LATENCY, TIMEOUT, frames
+from ui.renderer import RendererBusy, StepRequest, local_renderer
+
+ray = pytest.importorskip("ray", reason="ray is optional: pip install -r requirements-ray.txt")
+
+FULL = RAY_REPLICAS * RAY_SESSIONS_PER_REPLICA
+
+
+def step_all(renderer, inputs: dict[str, np.ndarray]) -> dict:
+    """One frame of every session at once; each session's reply."""
+    futures = {session_id: renderer.step(session_id, StepRequest(frame, LATENCY)) for session_id, frame in inputs.items()}
+    wait(futures.values(), TIMEOUT)
+    return {session_id: future.result() for session_id, future in futures.items()}
+
+
+def wait_for_replicas(count: int, seconds: float = 120.0) -> None:
+    from ray import serve
+
+    from ui.ray_renderer import APP_NAME
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        deployment = serve.status().applications[APP_NAME].deployments["CanvasWorker"]
+        if deployment.replica_states.get("RUNNING", 0) == count:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"Serve did not bring back {count} replicas in {seconds:.0f} s")
+
+
+def test_sessions_stay_on_one_replica_spread_over_both_and_render_as_in_process(ray_renderer, engine):
+    sessions = [f"pin-{index}" for index in range(FULL)]
+    inputs = {session_id: frames(50, seed) for seed, session_id in enumerate(sessions)}
+    served_before = sum(stats["served"] for stats in ray_renderer.stats(RAY_REPLICAS))
+    workers: dict[str, Counter] = defaultdict(Counter)
+    replies: dict[str, list] = defaultdict(list)
+    for index in range(50):
+        for session_id, reply in step_all(ray_renderer, {s: inputs[s][index] for s in sessions}).items():
+            workers[session_id][reply.worker] += 1
+            replies[session_id].append(reply)
+
+    assert all(len(counts) == 1 for counts in workers.values()), dict(workers)  # pinned: one replica each
+    owners = Counter(next(iter(counts)) for counts in workers.values())
+    assert len(owners) == RAY_REPLICAS and set(owners.values()) == {RAY_SESSIONS_PER_REPLICA}  # spread
+    stats = ray_renderer.stats(RAY_REPLICAS)
+    assert sum(s["served"] for s in stats) - served_before == 50 * FULL  # each frame rendered once, nowhere else
+    assert all(len({reply.epoch for reply in replies[s]}) == 1 for s in sessions)
+
+    local = local_renderer(engine)
+    try:
+        for session_id in sessions[:3]:  # the in-process renderer, same inputs: the same pictures
+            for frame, reply in zip(inputs[session_id], replies[session_id]):
+                expected = local.step(session_id, StepRequest(frame, LATENCY)).result(TIMEOUT)
+                np.testing.assert_array_equal(reply.image, expected.image)
+    finally:
+        local.shutdown()
+
+    # The cluster is full: a newcomer is told so, and nobody is evicted for it.
+    with pytest.raises(RendererBusy):
+        ray_renderer.open("pin-newcomer")
+    after = step_all(ray_renderer, {s: inputs[s][0] for s in sessions})
+    assert all(after[s].epoch == replies[s][0].epoch and after[s].input_index == 50 for s in sessions)
+    # A leaving session frees its slot and its state: the newcomer gets its room.
+    leaving = sessions[0]
+    ray_renderer.close(leaving)
+    assert sorted(s["sessions"] for s in ray_renderer.stats(RAY_REPLICAS)) == [RAY_SESSIONS_PER_REPLICA - 1,
+                                                                             RAY_SESSIONS_PER_REPLICA]
+    ray_renderer.open("pin-newcomer")
+    newcomer = step_all(ray_renderer, {"pin-newcomer": inputs[leaving][0]})["pin-newcomer"]
+    assert newcomer.worker == next(iter(workers[leaving]))
+    for session_id in sessions[1:] + ["pin-newcomer"]:
+        ray_renderer.close(session_id)
+    assert [s["sessions"] for s in ray_renderer.stats(RAY_REPLICAS)] == [0] * RAY_REPLICAS
+
+
+def test_a_killed_replica_s_sessions_warm_start_on_the_other_and_the_rest_never_notice(ray_renderer, engine):
+    from ui.ray_renderer import APP_NAME
+
+    sessions = [f"kill-{index}" for index in range(4)]
+    inputs = {session_id: frames(9, 20 + seed) for seed, session_id in enumerate(sessions)}
+    history: dict[str, list] = defaultdict(list)
+    for index in range(5):
+        for session_id, reply in step_all(ray_renderer, {s: inputs[s][index] for s in sessions}).items():
+            history[session_id].append(reply)
+    owner = {s: history[s][-1].worker for s in sessions}
+    assert len(set(owner.values())) == 2
+    victim = owner[sessions[0]]
+    moved = [s for s in sessions if owner[s] == victim]
+    stayed = [s for s in sessions if owner[s] != victim]
+
+    # Kill the victim while a frame of every session is in flight.
+    futures = {s: ray_renderer.step(s, StepRequest(inputs[s][5], LATENCY)) for s in sessions}
+    ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP_NAME}#CanvasWorker#{victim}", namespace="serve"), no_restart=True)
+    wait(futures.values(), TIMEOUT)
+    for session_id, future in futures.items():
+        history[session_id].append(future.result())  # no frame is lost: every one got its render
+    for index in range(6, 9):
+        for session_id, reply in step_all(ray_renderer, {s: inputs[s][index] for s in sessions}).items():
+            history[session_id].append(reply)
+
+    for session_id in stayed:  # same replica, same stream, same pictures as if nothing happened
+        got = history[session_id]
+        assert {reply.worker for reply in got} == {owner[session_id]}
+        assert len({reply.epoch for reply in got}) == 1 and [r.input_index for r in got] == list(range(9))
+    for session_id in moved:
+        got = history[session_id]
+        before, after = got[:5], got[5:]
+        assert {reply.worker for reply in after} == {owner[stayed[0]]} != {victim}
+        assert len({reply.epoch for reply in after}) == 1 and after[0].epoch != before[0].epoch  # a new epoch
+        assert [reply.input_index for reply in after] == [0, 1, 2, 3]  # warm-started from the frame it lost
+    local = local_renderer(engine)
+    try:
+        for session_id in (moved[0], stayed[0]):
+            restart = 5 if session_id in moved else 0
+            for frame, reply in zip(inputs[session_id][restart:], history[session_id][restart:]):
+                expected = local.step(session_id, StepRequest(frame, LATENCY)).result(TIMEOUT)
+                np.testing.assert_array_equal(reply.image, expected.image)
+    finally:
+        local.shutdown()
+        for session_id in sessions:
+            ray_renderer.close(session_id)
+        wait_for_replicas(RAY_REPLICAS)  # Serve replaces the killed replica; later tests get two again
