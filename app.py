@@ -6,6 +6,13 @@ Run it:
     python app.py --model tiny         # the built-in offline model (its pictures are not art)
     python app.py --controlnet lllyasviel/control_v11p_sd15_scribble    # scribble conditioning
     python app.py --model tiny --controlnet tiny                         # offline, not art
+    python app.py --ray local          # sessions on CanvasWorker replicas, one per GPU, on Ray Serve
+    python app.py --ray auto           # ... on the Ray cluster this host joined (`ray start`)
+
+With --ray ADDRESS (or env SV2V_RAY) the app loads no model: it stays the
+page, API, recordings and exports, and each session's stream lives on a
+CanvasWorker replica (ui/ray_renderer.py; pip install -r requirements-ray.txt).
+Without it nothing of Ray is imported.
 
 Options: --model (or env SV2V_MODEL; default SimianLuo/LCM_Dreamshaper_v7
 with the TAESD autoencoder, env SV2V_VAE), --port, --host (default: Gradio's
@@ -82,7 +89,7 @@ from sv2v_core.engine import StreamV2V
 from ui.gpu import ZERO_GPU
 from ui.memory import limit_malloc_arenas
 from ui.presets import load_presets
-from ui.server import create_service, serve
+from ui.server import create_base_config, create_service, serve
 from ui.service import MAX_BATCH
 
 DEFAULT_MODEL = "SimianLuo/LCM_Dreamshaper_v7"
@@ -116,8 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--render-mode", choices=RENDER_MODES, default="latency",
                         help="how canvas frames are rendered (see ui/service.py for why latency is the default)")
     parser.add_argument("--idle-timeout", type=float, default=1800.0, help="seconds before an unused session is freed")
-    parser.add_argument("--max-sessions", type=int, default=MAX_SESSIONS,
-                        help=f"artists rendering at once; more wait in line, and are told so (default {MAX_SESSIONS})")
+    parser.add_argument("--max-sessions", type=int, default=None,
+                        help=f"artists rendering at once; more wait in line, and are told so (default {MAX_SESSIONS}; "
+                             "with --ray none: each replica's --sessions-per-replica limits it)")
     parser.add_argument("--max-batch", type=int, default=MAX_BATCH,
                         help=f"frames rendered together in one model call (default {MAX_BATCH}; lower it if a batch "
                              "does not fit in GPU memory)")
@@ -130,6 +138,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--control-scale", type=float, default=None,
                         help=f"the ControlNet's default conditioning scale, 0-{MAX_CONTROL_SCALE:g} (default 1.0; "
                              "the page has a slider; needs --controlnet)")
+    parser.add_argument("--ray", metavar="ADDRESS", default=os.environ.get("SV2V_RAY") or None,
+                        help="render on CanvasWorker replicas on Ray Serve: 'local' (a Ray instance started here), "
+                             "'auto' (the cluster this host joined with `ray start`) or ray://HOST:10001 "
+                             "(default: $SV2V_RAY; none: render in this process)")
+    parser.add_argument("--ray-replicas", type=int, default=None,
+                        help="CanvasWorker replicas (default: one per GPU in the Ray cluster)")
+    parser.add_argument("--sessions-per-replica", type=int, default=8,
+                        help="at most this many sessions per replica (fewer if its GPU memory holds fewer)")
     args = parser.parse_args(argv)
     if args.control_scale is not None and args.controlnet is None:
         parser.error("--control-scale needs --controlnet (a ControlNet to condition with)")
@@ -190,16 +206,48 @@ def _load_components(model: str | None, vae: str | None):
     return components, BUILTIN_NOTICE
 
 
+def start_ray(args: argparse.Namespace):
+    """(renderer, notice, size): CanvasWorker replicas on the Ray cluster at `args.ray`."""
+    try:
+        from ui.ray_renderer import WorkerOptions, connect, deploy
+    except ImportError as error:
+        raise SystemExit(f"cannot start: --ray needs Ray Serve ({error}); pip install -r requirements-ray.txt") from None
+    model = args.model or DEFAULT_MODEL  # replicas have GPUs
+    size = args.size or (TINY_SIZE if model == "tiny" else REAL_SIZE)
+    try:
+        base = create_base_config(size, args.render_mode, controlled=args.controlnet is not None,
+                                  control_scale=args.control_scale)
+        options = WorkerOptions(model=model, vae=args.vae or (None if model == "tiny" else DEFAULT_VAE), base=base,
+                                controlnet=args.controlnet, max_sessions=args.sessions_per_replica,
+                                max_batch=args.max_batch, idle_timeout=args.idle_timeout)
+    except ValueError as error:
+        raise SystemExit(f"cannot start: {error}") from error
+    connect(args.ray)
+    renderer = deploy(options, replicas=args.ray_replicas)
+    return renderer, BUILTIN_NOTICE if renderer.builtin else None, size
+
+
+def app_sessions(args: argparse.Namespace) -> int | None:
+    """The app's own limit on artists rendering at once (with --ray the replicas have theirs)."""
+    if args.max_sessions is not None:
+        return args.max_sessions
+    return None if args.ray else MAX_SESSIONS
+
+
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     limit_malloc_arenas()  # memory stays flat under many sessions' threads (ui/memory.py)
-    engine, notice = load_engine(args.model, args.vae, args.controlnet)
-    size = args.size or (TINY_SIZE if engine.components.name == "tiny" else REAL_SIZE)
+    if args.ray:
+        engine = None
+        renderer, notice, size = start_ray(args)
+    else:
+        engine, notice = load_engine(args.model, args.vae, args.controlnet)
+        renderer, size = None, args.size or (TINY_SIZE if engine.components.name == "tiny" else REAL_SIZE)
     try:
         service = create_service(engine, size=size, render_mode=args.render_mode, idle_timeout=args.idle_timeout,
-                                 max_sessions=args.max_sessions, max_batch=args.max_batch,
-                                 control_scale=args.control_scale)
+                                 max_sessions=app_sessions(args), max_batch=args.max_batch,
+                                 control_scale=args.control_scale, renderer=renderer)
     except ValueError as error:  # e.g. a --size out of range
         raise SystemExit(f"cannot start: {error}") from error
     try:
@@ -212,7 +260,8 @@ def main(argv=None) -> None:
               fast_channel=args.fast_channel)
     finally:
         service.close()
-        engine.close()
+        if engine is not None:
+            engine.close()
 
 
 if __name__ == "__main__":

@@ -367,7 +367,7 @@ def test_settings_typed_on_the_page_reach_the_fast_channel(browser, echo_url):
     assert wait_for(lambda: "a lighthouse at dusk" in prompt() and "watercolor" in prompt(), 15), prompt()
     stroke_until_rendered(page, moves=2)
     final_render_matches_canvas(page)
-    state = service.registry.get(session).state
+    state = service.renderer.stream_state(session)
     assert state.config.prompt == prompt() and state.config.strength == 0.5  # the preset's strength
 
 
@@ -535,7 +535,7 @@ def test_the_dice_rolls_a_seed_shows_it_and_it_then_stays(browser, echo_url):
     assert wait_for(lambda: renders(page) == count + 1, 30), "the new seed was not rendered"
     stroke_until_rendered(page, moves=2)
     final_render_matches_canvas(page)
-    assert int(seed_box.input_value()) == seed and service.registry.get(session).state.config.seed == seed, \
+    assert int(seed_box.input_value()) == seed and service.renderer.stream_state(session).config.seed == seed, \
         "a fixed seed changed by itself"
     page.locator("#sv2v-dice").click()
     assert wait_for(lambda: seed_box.input_value() != str(seed), 10)

@@ -87,8 +87,7 @@ def test_a_snapshot_comes_back_as_its_render_with_timings(app):
             assert picture.shape == (SIZE, SIZE, 3) and near(picture, colour)
             assert (reply, shows, stamp) == (seq, seq, 1000.0 + seq)
             assert timings.total >= timings.model >= 0 and timings.decode >= 0
-    session = service.registry.get("roundtrip")
-    assert session.state.frames_in == 2
+    assert service.renderer.stream_state("roundtrip").frames_in == 2
     assert service.recorded("roundtrip") == 2  # the channel records like the Gradio path
 
 
@@ -97,7 +96,7 @@ def test_settings_from_the_page_reach_the_fast_channel(app):
     service.set_config("settings", service.base.replace(prompt="a watercolor", steps=2, strength=0.6))
     with open_channel(url, "settings") as ws:
         render(ws, 1, (10, 10, 200))
-    config = service.registry.get("settings").state.config
+    config = service.renderer.stream_state("settings").config
     assert (config.prompt, config.steps, config.strength) == ("a watercolor", 2, 0.6)
 
 
@@ -174,10 +173,10 @@ def test_a_reconnect_continues_the_same_stream(app):
     with open_channel(url, "reconnect") as ws:
         render(ws, 1, (100, 0, 0))
         render(ws, 2, (0, 100, 0))
-    state = service.registry.get("reconnect").state
+    state = service.renderer.stream_state("reconnect")
     with open_channel(url, "reconnect") as ws:  # a new connection starts its sequence afresh
         render(ws, 1, (0, 0, 100))
-    assert service.registry.get("reconnect").state is state and state.frames_in == 3
+    assert service.renderer.stream_state("reconnect") is state and state.frames_in == 3
     assert service.recorded("reconnect") == 3
 
 
@@ -201,7 +200,7 @@ def test_two_pages_drawing_at_once_never_get_each_others_renders(app):
     assert not wrong
     service, _ = app
     for session in colours:  # and each page drew into its own stream
-        assert service.registry.get(session).state.frames_in == 15
+        assert service.renderer.stream_state(session).frames_in == 15
 
 
 def raw_channel(url: str, session: str, receive_buffer: int | None = None) -> socket.socket:
@@ -258,7 +257,7 @@ def test_a_client_that_never_reads_its_renders_is_dropped_and_harms_nobody(big_a
                 break
         deaf.close()
         assert dropped, "the server kept taking snapshots from a client that reads nothing"
-        frames = service.registry.get("deaf").state.frames_in
+        frames = service.renderer.stream_state("deaf").frames_in
         assert frames < 399  # it stopped rendering for it
         bystander.send(wire.pack_snapshot(1, 0.0, jpeg((0, 120, 0))))
         _, _, _, _, _, shown = wire.unpack_render(bystander.recv(TIMEOUT))
@@ -276,4 +275,4 @@ def test_a_closed_session_frees_its_state_and_a_new_connection_starts_afresh(app
     assert "leaver" not in service.registry and not folder.exists()
     with open_channel(url, "leaver") as ws:
         render(ws, 1, (10, 200, 10))
-    assert service.registry.get("leaver").state.frames_in == 1
+    assert service.renderer.stream_state("leaver").frames_in == 1

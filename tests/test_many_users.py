@@ -210,8 +210,7 @@ def test_an_idle_session_releases_its_state_and_place_and_is_freed_after_the_idl
     frame = np.full((SIZE, SIZE, 3), 200, np.uint8)
     try:
         service.render("a", frame, service.base)
-        session = service.registry.get("a")
-        state, folder = session.state, session.recorder.folder
+        state, folder = service.renderer.stream_state("a"), service.registry.get("a").recorder.folder
         with pytest.raises(Busy):
             service.render("b", frame, service.base)
         clock.now += 11
@@ -224,7 +223,7 @@ def test_an_idle_session_releases_its_state_and_place_and_is_freed_after_the_idl
         clock.now += 11
         service.sweep()
         assert service.render("a", frame, service.base).image.shape == (SIZE, SIZE, 3)
-        assert service.registry.get("a").state is state  # a's stream went on where it was
+        assert service.renderer.stream_state("a") is state  # a's stream went on where it was
         clock.now += 101
         service.sweep()
         assert "a" not in service.registry and "b" not in service.registry and not folder.exists()

@@ -90,49 +90,73 @@ def test_sessions_stay_on_one_replica_spread_over_both_and_render_as_in_process(
 
 
 def test_a_killed_replica_s_sessions_warm_start_on_the_other_and_the_rest_never_notice(ray_renderer, engine):
-    from ui.ray_renderer import APP_NAME
+    """Two sessions through the renderer, two through the app's service (its own client of the
+    same deployment): kill the replica of the service's first session while every session has
+    a frame in flight."""
+    from ui.ray_renderer import APP_NAME, RayRenderer
+    from ui.recording import Recorder
+    from ui.service import CanvasService
+    from ui.sessions import SessionRegistry
 
-    sessions = [f"kill-{index}" for index in range(4)]
-    inputs = {session_id: frames(9, 20 + seed) for seed, session_id in enumerate(sessions)}
+    service = CanvasService(None, SessionRegistry(Recorder), LATENCY, renderer=RayRenderer(ray_renderer.handle))
+    direct, through_app = ["kill-0", "kill-1"], ["app-0", "app-1"]
+    inputs = {session_id: frames(9, 20 + seed) for seed, session_id in enumerate(direct + through_app)}
     history: dict[str, list] = defaultdict(list)
-    for index in range(5):
-        for session_id, reply in step_all(ray_renderer, {s: inputs[s][index] for s in sessions}).items():
-            history[session_id].append(reply)
-    owner = {s: history[s][-1].worker for s in sessions}
-    assert len(set(owner.values())) == 2
-    victim = owner[sessions[0]]
-    moved = [s for s in sessions if owner[s] == victim]
-    stayed = [s for s in sessions if owner[s] != victim]
+    rendered: dict[str, list] = defaultdict(list)
 
-    # Kill the victim while a frame of every session is in flight.
-    futures = {s: ray_renderer.step(s, StepRequest(inputs[s][5], LATENCY)) for s in sessions}
-    ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP_NAME}#CanvasWorker#{victim}", namespace="serve"), no_restart=True)
-    wait(futures.values(), TIMEOUT)
-    for session_id, future in futures.items():
-        history[session_id].append(future.result())  # no frame is lost: every one got its render
-    for index in range(6, 9):
-        for session_id, reply in step_all(ray_renderer, {s: inputs[s][index] for s in sessions}).items():
-            history[session_id].append(reply)
+    def round_of(index: int) -> tuple[dict, dict]:
+        futures = {s: ray_renderer.step(s, StepRequest(inputs[s][index], LATENCY)) for s in direct}
+        tickets = {s: service.submit(s, inputs[s][index], LATENCY, seq=index) for s in through_app}
+        return futures, tickets
 
-    for session_id in stayed:  # same replica, same stream, same pictures as if nothing happened
-        got = history[session_id]
-        assert {reply.worker for reply in got} == {owner[session_id]}
-        assert len({reply.epoch for reply in got}) == 1 and [r.input_index for r in got] == list(range(9))
-    for session_id in moved:
-        got = history[session_id]
-        before, after = got[:5], got[5:]
-        assert {reply.worker for reply in after} == {owner[stayed[0]]} != {victim}
-        assert len({reply.epoch for reply in after}) == 1 and after[0].epoch != before[0].epoch  # a new epoch
-        assert [reply.input_index for reply in after] == [0, 1, 2, 3]  # warm-started from the frame it lost
-    local = local_renderer(engine)
+    def collect(futures: dict, tickets: dict) -> None:
+        wait([*futures.values(), *(ticket.future for ticket in tickets.values())], TIMEOUT)
+        for session_id, future in futures.items():
+            history[session_id].append(future.result())  # no frame is lost: every one got its render
+        for session_id, ticket in tickets.items():
+            rendered[session_id].append(ticket.future.result())
+
     try:
-        for session_id in (moved[0], stayed[0]):
-            restart = 5 if session_id in moved else 0
-            for frame, reply in zip(inputs[session_id][restart:], history[session_id][restart:]):
-                expected = local.step(session_id, StepRequest(frame, LATENCY)).result(TIMEOUT)
-                np.testing.assert_array_equal(reply.image, expected.image)
+        for index in range(5):
+            collect(*round_of(index))
+        owner = {s: history[s][-1].worker for s in direct} | {s: service.renderer.owner(s) for s in through_app}
+        victim = owner["app-0"]
+        assert sorted(Counter(owner.values()).values()) == [2, 2]  # spread
+        moved = [s for s in direct + through_app if owner[s] == victim]
+        stayed = [s for s in direct + through_app if owner[s] != victim]
+        survivor = owner[stayed[0]]
+
+        in_flight = round_of(5)  # kill the victim while a frame of every session is in flight
+        ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP_NAME}#CanvasWorker#{victim}", namespace="serve"),
+                 no_restart=True)
+        collect(*in_flight)
+        for index in range(6, 9):
+            collect(*round_of(index))
+
+        for session_id in [s for s in direct if s in stayed]:  # same replica, same stream, as if nothing happened
+            got = history[session_id]
+            assert {reply.worker for reply in got} == {survivor}
+            assert len({reply.epoch for reply in got}) == 1 and [r.input_index for r in got] == list(range(9))
+        for session_id in [s for s in direct if s in moved]:
+            before, after = history[session_id][:5], history[session_id][5:]
+            assert {reply.worker for reply in after} == {survivor}
+            assert len({reply.epoch for reply in after}) == 1 and after[0].epoch != before[0].epoch  # a new epoch
+            assert [reply.input_index for reply in after] == [0, 1, 2, 3]  # warm-started from the frame it lost
+            local = local_renderer(engine)
+            try:  # the restarted stream renders as a fresh stream started at that frame does
+                for frame, reply in zip(inputs[session_id][5:], after):
+                    expected = local.step(session_id, StepRequest(frame, LATENCY)).result(TIMEOUT)
+                    np.testing.assert_array_equal(reply.image, expected.image)
+            finally:
+                local.shutdown()
+        for session_id in through_app:  # the app: told once, for the moved session only; every frame recorded
+            flags = [r.restarted for r in rendered[session_id]]
+            assert flags == ([False] * 5 + [True] + [False] * 3 if session_id in moved else [False] * 9)
+            assert [r.seq for r in rendered[session_id]] == list(range(9))
+            assert service.recorded(session_id) == 9
+        assert service.renderer.owner("app-0") == survivor
     finally:
-        local.shutdown()
-        for session_id in sessions:
+        for session_id in direct:
             ray_renderer.close(session_id)
+        service.close()
         wait_for_replicas(RAY_REPLICAS)  # Serve replaces the killed replica; later tests get two again

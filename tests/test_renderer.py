@@ -229,3 +229,38 @@ def test_an_idle_session_is_reclaimed_for_a_newcomer_an_active_one_never(engine)
         assert renderer.holds("b") and renderer.holds("c") and not renderer.holds("a")
     finally:
         renderer.shutdown()
+
+
+# -- the app without Ray ----------------------------------------------------------------------
+NO_RAY = """
+import sys
+sys.modules["ray"] = None  # as if ray were not installed: `import ray` raises ImportError
+import numpy as np
+import app
+from ui.server import create_service
+
+engine, notice = app.load_engine("tiny", None)
+service = create_service(engine, size=64)
+service.warm_up()
+rendered = service.render("s", np.full((64, 64, 3), 200, np.uint8), service.base)
+assert rendered.image.shape == (64, 64, 3) and service.recorded("s") == 1
+loaded = sorted(name for name, module in sys.modules.items() if module is not None and name.split(".")[0] == "ray")
+assert not loaded and "ui.ray_renderer" not in sys.modules, loaded
+service.close()
+try:
+    app.main(["--ray", "local"])
+except SystemExit as error:
+    print(error)
+"""
+
+
+def test_the_app_runs_in_process_without_ray_and_says_what_ray_mode_needs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run([sys.executable, "-c", NO_RAY], cwd=Path(__file__).parent.parent, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().startswith("cannot start: --ray needs Ray Serve")
+    assert "pip install -r requirements-ray.txt" in result.stdout

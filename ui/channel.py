@@ -48,11 +48,12 @@ from sv2v_core.images import ImageError
 
 from .inputs import decode_image_bytes
 from .scheduler import SchedulerClosed, Superseded
-from .service import CanvasService, Ticket
+from .renderer import RendererBusy
+from .service import RESTARTED_NOTICE, CanvasService, Ticket
 from .sessions import Busy
 from .wire import (
     MAX_SNAPSHOT_BYTES, SNAPSHOT_HEADER, ProtocolError, ServerTimings, busy_message, dropped_message,
-    error_message, pack_render, ready_message, unpack_snapshot,
+    error_message, notice_message, pack_render, ready_message, unpack_snapshot,
 )
 
 PATH = "/sv2v/ws"
@@ -117,7 +118,7 @@ class Connection:
             pass
         finally:
             sender.cancel()
-            self.service.scheduler.cancel(self.session_id)
+            self.service.cancel(self.session_id)
 
     async def _close(self, code: int, message: str) -> None:
         try:
@@ -207,11 +208,16 @@ class Connection:
         except Superseded:
             await self.websocket.send_text(dropped_message(seq))
             return
+        except RendererBusy as busy:  # every render worker is full (Ray): the page shows busy and asks again
+            await self.websocket.send_text(busy_message(seq, 0, str(busy)))
+            return
         except (ValueError, OSError, RuntimeError) as error:  # bad frame or settings; a failing device
             log.warning("render of snapshot %d failed: %s", seq, error)
             await self.websocket.send_text(error_message(str(error), seq))
             return
-        timings = ServerTimings(decode=decode_ms, wait=ticket.job.wait_seconds * 1000,
+        if rendered.restarted:
+            await self.websocket.send_text(notice_message(RESTARTED_NOTICE))
+        timings = ServerTimings(decode=decode_ms, wait=ticket.wait_seconds * 1000,
                                 model=rendered.model_seconds * 1000, encode=rendered.encode_seconds * 1000,
                                 total=(time.monotonic() - received) * 1000)
         await self.websocket.send_bytes(pack_render(seq, rendered.seq, rendered.stamp, rendered.jpeg, timings,

@@ -59,7 +59,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 
 from sv2v_core.config import StreamConfig
 
-from .renderer import RendererBusy, SessionLost, StepReply, StepRequest, local_renderer
+from .renderer import MAX_BATCH, RendererBusy, SessionLost, StepReply, StepRequest, local_renderer
 from .scheduler import SchedulerClosed, Superseded
 
 APP_NAME = "sv2v-canvas"
@@ -84,17 +84,21 @@ log = logging.getLogger("sv2v.ray")
 class WorkerOptions:
     """What each replica loads and how many sessions it takes.
 
-    model, vae: as the app's --model/--vae ("tiny": the built-in model).
+    model, vae, controlnet: as the app's --model/--vae/--controlnet ("tiny":
+        the built-in ones).
     base: the canvas's stream settings (size, mode), for the memory cap.
     max_sessions: at most this many sessions per replica (fewer if its GPU
         memory holds fewer streams).
+    max_batch: frames the replica renders together in one model call.
     torch_threads: CPU threads for torch in the replica (None: Ray's default).
     """
 
     model: str = "tiny"
     vae: str | None = None
+    controlnet: str | None = None
     base: StreamConfig = StreamConfig(width=256, height=256, mode="latency", similarity_skip=None)
     max_sessions: int = 8
+    max_batch: int = MAX_BATCH
     idle_timeout: float = 1800.0
     torch_threads: int | None = None
 
@@ -108,11 +112,24 @@ def load_worker_engine(options: WorkerOptions):
     from sv2v_core.engine import StreamV2V
     from sv2v_core.models import load_components
 
+    from sv2v_core.models import ModelLoadError, load_controlnet
+
     cuda = torch.cuda.is_available()
-    real = options.model != "tiny" and cuda
-    components = load_components(options.model, **({"vae": options.vae} if options.vae else {}),
-                                 device="cuda" if cuda else "cpu",
-                                 dtype=torch.float16 if real else torch.float32)
+    device = "cuda" if cuda else "cpu"
+    components = None
+    if options.model != "tiny":
+        try:
+            components = load_components(options.model, **({"vae": options.vae} if options.vae else {}),
+                                         device=device, dtype=torch.float16 if cuda else torch.float32)
+        except ModelLoadError as error:
+            log.warning("could not load %s: %s; falling back to the built-in model 'tiny'", options.model, error)
+    if components is None:
+        components = load_components("tiny", device=device, dtype=torch.float32)
+    if options.controlnet is not None:  # a ControlNet that cannot be loaded fails the replica's start, loudly
+        controlnet = load_controlnet(options.controlnet, components.unet, components.name)
+        components.controlnet = controlnet.eval().requires_grad_(False).to(components.unet.device,
+                                                                           components.unet.dtype)
+        components.controlnet_name = options.controlnet
     return StreamV2V(components)
 
 
@@ -142,10 +159,9 @@ class CanvasWorker:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.engine = load_worker_engine(options)
         self.renderer = local_renderer(self.engine, max_sessions=options.max_sessions,
-                                       idle_timeout=options.idle_timeout, worker=self.replica, base=options.base)
-        blank = np.full((options.base.height, options.base.width, 3), 255, np.uint8)
-        # Render one frame on a throwaway stream, so the first visitor does not wait for it.
-        self.renderer.call(lambda: self.engine(self.engine.new_stream(options.base), blank)).result()
+                                       idle_timeout=options.idle_timeout, worker=self.replica, base=options.base,
+                                       max_batch=options.max_batch)
+        self.renderer.warm_up(options.base)
         self.served = 0
 
     @serve.multiplexed(max_num_models_per_replica=MAX_SLOTS)
@@ -209,6 +225,10 @@ class CanvasWorker:
         self.served += 1
         return reply
 
+    async def release(self) -> None:
+        """The session is idle: its stream leaves the GPU (its next frame brings it back)."""
+        self.renderer.release(serve.get_multiplexed_model_id())
+
     async def reset(self) -> bool:
         return await asyncio.wrap_future(self.renderer.reset(serve.get_multiplexed_model_id()))
 
@@ -220,7 +240,9 @@ class CanvasWorker:
     async def stats(self) -> dict:
         """This replica's id, sessions, cap and frames served (for tests and the benchmark)."""
         return {"replica": self.replica, "sessions": self.renderer.sessions(),
-                "max_sessions": self.renderer.max_sessions, "served": self.served}
+                "max_sessions": self.renderer.max_sessions, "served": self.served,
+                "size_multiple": self.engine.size_multiple, "builtin": self.engine.components.builtin,
+                "controlled": self.renderer.controlled}
 
     def __del__(self) -> None:  # Serve calls it when the replica shuts down
         renderer = getattr(self, "renderer", None)
@@ -254,6 +276,10 @@ class RayRenderer:
     def __init__(self, handle, *, threads: int = 64) -> None:
         self.name = "ray"
         self.handle = handle
+        stats = handle.stats.remote().result(timeout_s=CALL_TIMEOUT)
+        self.size_multiple = stats["size_multiple"]  # render sides must be multiples of it
+        self.builtin = stats["builtin"]              # the replicas run a built-in model (not art)
+        self.controlled = stats["controlled"]        # the replicas' model has a ControlNet
         self._lanes: dict[str, _Lane] = {}
         self._lock = threading.Lock()
         self._opening = threading.Lock()  # one open at a time: each is placed by up-to-date counts
@@ -317,6 +343,12 @@ class RayRenderer:
         with self._lock:
             return sum(lane.opened for lane in self._lanes.values())
 
+    def owner(self, session_id: str) -> str | None:
+        """The replica holding the session's stream (None: not opened)."""
+        with self._lock:
+            lane = self._lanes.get(session_id)
+        return None if lane is None else lane.owner
+
     # -- per session ------------------------------------------------------------------------
     def step(self, session_id: str, request: StepRequest) -> Future:
         lane = self._lane(session_id)
@@ -372,15 +404,30 @@ class RayRenderer:
             return done
         return self._pool.submit(self._call, session_id, "reset")
 
+    def release(self, session_id: str) -> None:
+        with self._lock:
+            lane = self._lanes.get(session_id)
+        if lane is not None and lane.opened:
+            self._session(session_id).release.remote()  # nothing to wait for
+
+    def cancel(self, session_id: str) -> None:
+        with self._lock:
+            lane = self._lanes.get(session_id)
+        if lane is not None:
+            self._drop_waiting(lane, "its page went away")
+
+    def _drop_waiting(self, lane: _Lane, why: str) -> None:
+        with lane.lock:
+            waiting, lane.waiting = lane.waiting, None
+        if waiting is not None:
+            waiting[1].set_exception(Superseded(f"session {lane.session_id}: {why} before this frame ran"))
+
     def close(self, session_id: str) -> None:
         with self._lock:
             lane = self._lanes.pop(session_id, None)
         if lane is None:
             return
-        with lane.lock:
-            waiting, lane.waiting = lane.waiting, None
-        if waiting is not None:
-            waiting[1].set_exception(Superseded(f"session {session_id} closed before this frame ran"))
+        self._drop_waiting(lane, "closed")
         if lane.opened:
             try:
                 self._call(session_id, "close")
@@ -424,8 +471,8 @@ def deploy(options: WorkerOptions, *, replicas: int | None = None, gpus_per_repl
 
 
 def connect(address: str) -> None:
-    """Join the Ray cluster at `address` ("auto": the one this host belongs to)."""
-    ray.init(address=address, log_to_driver=False)
+    """Join the Ray cluster at `address` ("auto": the one this host joined; "local": start one here)."""
+    ray.init(address=None if address == "local" else address, log_to_driver=False)
 
 
 __all__ = ["CanvasWorker", "RayRenderer", "RendererBusy", "WorkerOptions", "connect", "deploy"]

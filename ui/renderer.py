@@ -55,6 +55,10 @@ T = TypeVar("T")
 
 log = logging.getLogger("sv2v.renderer")
 
+# Frames per tick.  In the load test's cost model (an H100 at 512²: 8 ms per call + 3 ms per frame)
+# batch 8 renders 2.75x as many frames per second as one at a time and batch 16 only 3.1x, for
+# 24 ms more per tick (README, "Many users"); more sessions than this take turns.
+MAX_BATCH = 8
 # Of a GPU's free memory after the model is loaded, what the sessions may use;
 # the rest is for the activations of a render and the allocator's slack.
 SESSION_MEMORY_SHARE = 0.8
@@ -83,12 +87,15 @@ class StepRequest:
     epoch: the stream this frame continues (None: the session's stream,
         whichever it is, or a new one); see the module docstring.
     restart: when the named stream is not here, start a fresh one.
+    control: the ControlNet's control source for this frame (the canvas's
+        ink layer; None: the frame itself); used only with a ControlNet.
     """
 
     frame: np.ndarray
     config: StreamConfig
     end: bool = True
     cut: bool = False
+    control: np.ndarray | None = None
     epoch: str | None = None
     restart: bool = False
 
@@ -120,6 +127,8 @@ class Renderer(Protocol):
     """What the app needs from whatever owns the streams."""
 
     name: str
+    size_multiple: int  # render sides must be multiples of it
+    controlled: bool    # the model has a ControlNet (steps may carry a control source)
 
     def open(self, session_id: str) -> None:
         """Make room for a session (nothing if it has a stream); RendererBusy when full."""
@@ -130,6 +139,12 @@ class Renderer(Protocol):
     def reset(self, session_id: str) -> Future:
         """Empty the session's feature bank; a Future of whether it had a stream."""
 
+    def cancel(self, session_id: str) -> None:
+        """Drop the session's waiting frame (its page went away); the stream stays."""
+
+    def release(self, session_id: str) -> None:
+        """The session is idle: move its stream off the GPU (its next frame brings it back)."""
+
     def close(self, session_id: str) -> None:
         """The session ended: drop its waiting frame and free its stream."""
 
@@ -138,6 +153,19 @@ class Renderer(Protocol):
 
     def shutdown(self) -> None:
         """Stop; what is waiting fails."""
+
+
+@dataclass
+class Step:
+    """One stream's part of a batch on the device: its state (None: not created yet), the
+    settings, the frame (at the render size), a stroke's end (flush) and a cut (empty the bank)."""
+
+    state: object
+    config: StreamConfig
+    frame: np.ndarray
+    end: bool = False
+    cut: bool = False
+    control: np.ndarray | None = None
 
 
 @dataclass
@@ -167,11 +195,14 @@ class InProcessRenderer:
     """
 
     def __init__(self, engine, *, max_sessions: int | None = None, idle_timeout: float = 1800.0,
-                 worker: str = "local", clock: Callable[[], float] = time.monotonic) -> None:
+                 worker: str = "local", clock: Callable[[], float] = time.monotonic,
+                 max_batch: int = MAX_BATCH) -> None:
         if max_sessions is not None and max_sessions < 1:
             raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
         self.name = "in-process"
         self.engine = engine
+        self.size_multiple = engine.size_multiple  # render sides must be multiples of it
+        self.controlled = getattr(engine, "controlnet", None) is not None
         self.max_sessions = max_sessions
         self.idle_timeout = idle_timeout
         self.worker = worker
@@ -181,7 +212,7 @@ class InProcessRenderer:
         self._epochs = itertools.count()
         self._epoch_prefix = uuid.uuid4().hex[:8]  # epochs stay unique across workers and restarts
         self._on_device = on_gpu(self._step_on_device)
-        self.scheduler = RenderScheduler(self._run_step)
+        self.scheduler = RenderScheduler(self._run_batch, max_batch=max_batch)
 
     # -- room -----------------------------------------------------------------------
     def open(self, session_id: str) -> None:
@@ -249,10 +280,29 @@ class InProcessRenderer:
 
         return self.scheduler.call(reset)
 
+    def cancel(self, session_id: str) -> None:
+        self.scheduler.cancel(session_id)
+
+    def release(self, session_id: str) -> None:
+        def release() -> None:
+            with self._lock:
+                stream = self._streams.get(session_id)
+            if stream is not None and stream.state is not None:
+                stream.state.to("cpu")  # the engine moves it back with its next frame
+
+        self.scheduler.call(release)
+
     def close(self, session_id: str) -> None:
         self.scheduler.cancel(session_id)
         with self._lock:
             self._drop(session_id)
+
+    def warm_up(self, config: StreamConfig) -> None:
+        """Render one blank frame on a throwaway stream, so the first visitor does not wait."""
+        blank = np.full((config.height, config.width, 3), 255, np.uint8)
+        (_, output), = self.scheduler.call(lambda: self._on_device([Step(None, config, blank, end=True)])).result()
+        if isinstance(output, Exception):
+            raise output
 
     def call(self, fn: Callable[[], T]) -> Future:
         """Run `fn` on the render thread (warm-up, video frames); never dropped."""
@@ -265,7 +315,8 @@ class InProcessRenderer:
                 self._drop(session_id)
 
     # -- on the render thread -------------------------------------------------------------
-    def _run_step(self, step: _Step) -> StepReply:
+    def _stream_for(self, step: _Step) -> tuple[_Stream, bool]:
+        """The stream a step renders on (epoch rules, room) and whether it cuts; SessionLost/RendererBusy."""
         request = step.request
         with self._lock:
             stream = self._streams.get(step.session_id)
@@ -276,31 +327,99 @@ class InProcessRenderer:
                     raise SessionLost(f"session {step.session_id} has no stream {request.epoch} on {self.worker}")
             stream = self._room(step.session_id)
             cut, stream.cut_pending = stream.cut_pending or request.cut, False
-        started = time.monotonic()
-        state, output = self._on_device(stream.state, request.config, request.frame, request.end, cut)
-        stream.state = state
-        return StepReply(output.image, output.source_index, state.frames_in - 1, output.skipped,
-                         time.monotonic() - started, stream.epoch, self.worker)
+        return stream, cut
 
-    def _step_on_device(self, state, config: StreamConfig, frame: np.ndarray, end: bool, cut: bool):
-        """Render `frame` for `state` (created or reconfigured as needed); returns (state, output)."""
+    def _run_batch(self, steps: list[_Step]) -> list[StepReply | Exception]:
+        """Render one tick's frames (the scheduler's `run_batch`): a StepReply or an exception each."""
+        results: list[StepReply | Exception | None] = [None] * len(steps)
+        ready: list[tuple[int, _Stream, Step]] = []
+        for index, step in enumerate(steps):
+            try:
+                stream, cut = self._stream_for(step)
+            except (SessionLost, RendererBusy) as error:
+                results[index] = error
+                continue
+            request = step.request
+            ready.append((index, stream, Step(stream.state, request.config, request.frame, request.end, cut,
+                                              request.control)))
+        started = time.monotonic()
+        outcomes = self._on_device([device for _, _, device in ready]) if ready else []
+        seconds = time.monotonic() - started
+        for (index, stream, device), (state, output) in zip(ready, outcomes):
+            if state is not None:
+                stream.state = state
+            if isinstance(output, Exception):
+                with self._lock:
+                    stream.cut_pending = stream.cut_pending or device.cut  # the next frame still starts afresh
+                results[index] = output
+            else:
+                results[index] = StepReply(output.image, output.source_index, state.frames_in - 1, output.skipped,
+                                           seconds, stream.epoch, self.worker)
+        return results
+
+    # -- the model work (one call per batch; on the GPU under ZeroGPU) -------------------
+    def _step_on_device(self, steps: list[Step]) -> list[tuple[object, object]]:
+        """Render one batch: (state, output or the exception of that frame alone) per step.
+
+        One call per batch, so one `spaces.GPU` call on ZeroGPU, where the
+        states come in pickled and must be returned.
+        """
+        results: list = [None] * len(steps)
+        ready: list[int] = []
+        for index, step in enumerate(steps):
+            try:
+                step.state = self._configured(step.state, step.config)
+                if step.cut:
+                    step.state.reset_bank()
+                self.engine.prepare(step.state, step.frame)
+            except ValueError as error:  # bad settings or picture (ImageError is one): this frame only
+                results[index] = error
+            else:
+                ready.append(index)
+        if ready:
+            for index, output in zip(ready, self._render_together([steps[i] for i in ready])):
+                results[index] = output
+        for index, step in enumerate(steps):
+            if step.end and not isinstance(results[index], Exception):  # a stroke's end: render it to convergence
+                try:
+                    flushed = self.engine.flush(step.state)
+                except (ValueError, RuntimeError) as error:
+                    results[index] = error
+                else:
+                    results[index] = flushed[-1] if flushed else results[index]
+            if ZERO_GPU and step.state is not None:
+                step.state.to("cpu")  # the GPU is gone between calls; the state comes back pickled
+        return [(step.state, output) for step, output in zip(steps, results)]
+
+    def _configured(self, state, config: StreamConfig):
         if state is None:
-            state = self.engine.new_stream(config)
-        elif state.config != config:
-            state = self.engine.configure(state, config)
-        if cut:
-            state.reset_bank()
-        output = self.engine(state, frame)
-        if end:
-            flushed = self.engine.flush(state)
-            output = flushed[-1] if flushed else output
-        if ZERO_GPU:
-            state.to("cpu")  # the GPU is gone between calls; the state comes back pickled
-        return state, output
+            return self.engine.new_stream(config)
+        if state.config != config:
+            return self.engine.configure(state, config)
+        return state
+
+    def _render_together(self, steps: list[Step]) -> list:
+        """Outputs of one `engine.render` over `steps`; if it raises, each step again on its own."""
+        try:
+            return self.engine.render([(step.state, step.frame, step.control) for step in steps])
+        except (ValueError, RuntimeError) as error:  # e.g. out of memory for the batch
+            if len(steps) == 1:
+                return [error]
+        outputs = []
+        for step in steps:
+            bank = getattr(step.state, "bank", None)
+            if bank is not None:
+                bank.discard_pending()  # what the failed call recorded
+            try:
+                outputs.append(self.engine.render([(step.state, step.frame, step.control)])[0])
+            except (ValueError, RuntimeError) as error:
+                outputs.append(error)
+        return outputs
 
 
 def local_renderer(engine, *, max_sessions: int | None = None, idle_timeout: float = 1800.0,
-                   worker: str = "local", base: StreamConfig | None = None) -> InProcessRenderer:
+                   worker: str = "local", base: StreamConfig | None = None,
+                   max_batch: int = MAX_BATCH) -> InProcessRenderer:
     """The in-process renderer around `engine`: the one function both the app
     (`python app.py`) and every Ray replica use to make theirs.
 
@@ -312,7 +431,8 @@ def local_renderer(engine, *, max_sessions: int | None = None, idle_timeout: flo
         cap = memory_cap(engine, base)
         log.info("memory allows %d sessions on %s", cap, engine.device)
         max_sessions = cap if max_sessions is None else min(max_sessions, cap)
-    return InProcessRenderer(engine, max_sessions=max_sessions, idle_timeout=idle_timeout, worker=worker)
+    return InProcessRenderer(engine, max_sessions=max_sessions, idle_timeout=idle_timeout, worker=worker,
+                             max_batch=max_batch)
 
 
 def state_nbytes(state) -> int:

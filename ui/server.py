@@ -67,28 +67,41 @@ RELEASE_AFTER = 30.0  # seconds idle before a session's stream state leaves the 
 log = logging.getLogger("sv2v.server")
 
 
+def create_base_config(size: int, render_mode: str = "latency", *, controlled: bool = False,
+                       control_scale: float | None = None) -> StreamConfig:
+    """The canvas's stream settings at size×size (ValueError for settings the config rejects).
+
+    controlled: the model has a ControlNet; control_scale: its default
+    conditioning scale (None: 1.0).
+    """
+    # No similarity skip for the canvas: it sends a snapshot only when the drawing
+    # changed, and a small stroke (an eye, a dot) must still be rendered.  Webcam
+    # frames turn the skip back on (ui/layout.py).
+    base = StreamConfig(width=size, height=size, mode=render_mode, similarity_skip=None)
+    if controlled:
+        base = base.replace(control_scale=1.0 if control_scale is None else control_scale, control_image="lines",
+                            strength=CONTROLLED_STRENGTH)
+    return base
+
+
 def create_service(engine, *, size: int, render_mode: str = "latency", idle_timeout: float = 1800.0,
                    control_scale: float | None = None, max_sessions: int | None = None,
-                   release_after: float = RELEASE_AFTER, max_batch: int = MAX_BATCH) -> CanvasService:
-    """The app's service around `engine`, rendering the canvas at size×size.
+                   release_after: float = RELEASE_AFTER, max_batch: int = MAX_BATCH,
+                   renderer=None) -> CanvasService:
+    """The app's service around `engine`, or `renderer` (see CanvasService), rendering the canvas at size×size.
 
-    control_scale: the default conditioning scale when the engine has a
+    control_scale: the default conditioning scale when the model has a
     ControlNet (None: 1.0).  max_sessions: at most this many sessions render
     at once (None: no limit), release_after: seconds of idleness before a
     session's state leaves the GPU and its place is freed, max_batch: frames
     per batch (ui.sessions, ui.service).  ValueError for settings the config rejects
     (e.g. a size out of range).
     """
-    # No similarity skip for the canvas: it sends a snapshot only when the drawing
-    # changed, and a small stroke (an eye, a dot) must still be rendered.  Webcam
-    # frames turn the skip back on (ui/layout.py).
-    base = StreamConfig(width=size, height=size, mode=render_mode, similarity_skip=None)
-    if getattr(engine, "controlnet", None) is not None:
-        base = base.replace(control_scale=1.0 if control_scale is None else control_scale, control_image="lines",
-                            strength=CONTROLLED_STRENGTH)
+    controlled = renderer.controlled if renderer is not None else getattr(engine, "controlnet", None) is not None
+    base = create_base_config(size, render_mode, controlled=controlled, control_scale=control_scale)
     registry = SessionRegistry(Recorder, idle_timeout=idle_timeout, max_active=max_sessions,
                                release_after=release_after)
-    return CanvasService(engine, registry, base, max_batch=max_batch)
+    return CanvasService(engine, registry, base, max_batch=max_batch, renderer=renderer)
 
 
 def fast_channel_available() -> tuple[bool, str]:

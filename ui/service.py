@@ -1,9 +1,13 @@
 """What the app does, without any Gradio: render, reset, export, translate.
 
-`CanvasService` joins one shared `StreamV2V` engine (the model, loaded once)
-with a `SessionRegistry` (one stream and one recording per visitor).  The
-Gradio handlers in `ui.layout` only translate widget values into calls here
-and exceptions into messages.
+`CanvasService` joins a renderer (ui.renderer: what owns each visitor's
+stream, next to the model: the engine and its scheduler in this process, or
+CanvasWorker replicas on a Ray cluster) with a `SessionRegistry` (each
+visitor's recording, settings and the epoch of their stream).  The Gradio
+handlers in `ui.layout` only translate widget values into calls here and
+exceptions into messages.  A render whose stream epoch differs from the
+session's last one comes from a stream started afresh (its worker died or
+reclaimed it): it is marked `restarted`, and the page says so.
 
 Render mode, decided by measurement (python -m ui.bench --cases echo:15
 echo:40 tiny:256 --modes latency stream; the echo engine stands in for a GPU
@@ -33,9 +37,10 @@ of a stroke and the service flushes it, so stream mode also converges to the
 last stroke. Whole videos, where throughput is what counts, are translated
 in stream mode.
 
-Many artists on one GPU.  The scheduler hands each tick's frames (the newest
-of up to `max_batch` sessions, taking turns) to `_render_batch`, which makes
-one `on_gpu` call (`_step_on_device`) for the whole batch: each stream is
+Many artists on one GPU.  The in-process renderer's scheduler hands each
+tick's frames (the newest of up to `max_batch` sessions, taking turns) to
+its `_run_batch`, which makes one `on_gpu` call (`_step_on_device`) for the
+whole batch (ui.renderer; a Ray replica runs the same): each stream is
 configured (created, reconfigured, its bank emptied at a cut) and its frame
 checked (`engine.prepare`) on its own, so bad settings or a bad picture fail
 only that frame; the rest render in one `engine.render` call, which stacks
@@ -52,9 +57,9 @@ canvases' (latency mode, square) anyway.
 Admission (ui.sessions): a frame is only queued for an admitted session;
 otherwise `submit` raises `Busy` ("busy: N people ahead of you").  A
 sweeper thread, and every submit, releases sessions idle for
-`release_after` seconds (their state moves to the CPU on the scheduler's
-thread, freeing GPU memory and their place; the next frame continues the
-stream) and frees sessions idle for the idle timeout.
+`release_after` seconds (the renderer moves their state to the CPU, freeing
+GPU memory and their place; the next frame continues the stream) and frees
+sessions idle for the idle timeout (the renderer drops their streams).
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ import dataclasses
 import math
 import threading
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,21 +80,20 @@ from sv2v_core.config import StreamConfig
 from sv2v_core.images import fit_size, resize
 from sv2v_core.video import VideoWriter, probe_video, read_video
 
-from .gpu import ZERO_GPU, on_gpu
+from .gpu import on_gpu
 from .popout import ViewLinks
 from .recording import EXPORT_FORMATS, EXPORT_PACES, export_video
-from .scheduler import Job, RenderScheduler, SchedulerClosed
+from .renderer import MAX_BATCH, InProcessRenderer, Renderer, StepReply, StepRequest, local_renderer
+from .scheduler import SchedulerClosed
 from .sessions import Session, SessionRegistry
 from .wire import encode_render
 
+# What the page shows when a visitor's stream was started afresh (a worker died or reclaimed it).
+RESTARTED_NOTICE = "render restarted: its worker changed, so the bank starts over from this frame (drawing and recording kept)"
 MAX_VIDEO_SECONDS = 20.0
 MAX_VIDEO_FRAMES = 600
 VIDEO_GPU_SECONDS = 120
 SWEEP_SECONDS = 5.0
-# Frames per tick.  In the load test's cost model (an H100 at 512²: 8 ms per call + 3 ms per frame)
-# batch 8 renders 2.75x as many frames per second as one at a time and batch 16 only 3.1x, for
-# 24 ms more per tick (README, "Many users"); more sessions than this take turns.
-MAX_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,8 @@ class Rendered:
     and the recording keeps); stamp, seq: the page clock and sequence number
     of the snapshot it shows (an older one than the one just sent, in stream
     mode); skipped: the previous render re-emitted; model_seconds: time on
-    the model's thread; encode_seconds: time making the JPEG.
+    the model's thread; encode_seconds: time making the JPEG; restarted: the
+    session's stream was started afresh for this render (its bank empty).
     """
 
     image: np.ndarray
@@ -109,6 +115,7 @@ class Rendered:
     model_seconds: float = 0.0
     jpeg: bytes = b""
     encode_seconds: float = 0.0
+    restarted: bool = False
 
 
 @dataclass(frozen=True)
@@ -132,25 +139,21 @@ class FrameRequest:
 
 
 @dataclass
-class Step:
-    """One stream's part of a batch on the device: its state (None: not created yet), the
-    settings, the frame (at the render size), a stroke's end (flush) and a cut (empty the bank)."""
-
-    state: object
-    config: StreamConfig
-    frame: np.ndarray
-    end: bool = False
-    cut: bool = False
-    control: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
 class Ticket:
-    """A queued frame: its scheduler `job` (wait and model times) and the
-    `future` of the finished `Rendered` (encoded and recorded)."""
+    """A queued frame: the renderer's `reply` (a StepReply) and the `future`
+    of the finished `Rendered` (encoded and recorded)."""
 
-    job: Job
+    reply: Future
     future: Future
+    submitted: float = dataclasses.field(default_factory=time.monotonic)
+    answered: float | None = None
+
+    @property
+    def wait_seconds(self) -> float:
+        """Time from submitting to the model starting on it (its turn, and the trip to a worker)."""
+        if self.answered is None or self.reply.exception() is not None:
+            return 0.0
+        return max(0.0, self.answered - self.submitted - self.reply.result().model_seconds)
 
 
 def make_config(base: StreamConfig, *, prompt, strength, steps, seed, bank, ea, ff,
@@ -190,23 +193,27 @@ def _whole(name: str, value) -> int:
 
 
 class CanvasService:
-    """The app's behaviour for every visitor, around one shared engine.
+    """The app's behaviour for every visitor, around one renderer.
 
-    All model work goes through `scheduler` (one worker thread).  Frames are
-    decoded and resized by the calling thread before they are queued; each
-    render is encoded to JPEG once and recorded for export on a separate
-    "finishing" thread.  So neither holds up the model.
+    renderer: None for the in-process one around `engine` (all model work on
+    its scheduler's one thread, in batches of up to `max_batch` frames;
+    `scheduler` is that scheduler), or another back end (ui.ray_renderer;
+    `engine` is None then).  Frames are decoded and resized by the calling
+    thread before they are queued; each render is encoded to JPEG once and
+    recorded for export on a separate "finishing" thread.  So neither holds
+    up the model.
     """
 
     def __init__(self, engine, registry: SessionRegistry, base: StreamConfig, *, max_batch: int = MAX_BATCH,
-                 sweep_seconds: float = SWEEP_SECONDS):
+                 sweep_seconds: float = SWEEP_SECONDS, renderer: Renderer | None = None):
         self.engine = engine
         self.registry = registry
         self.base = base
-        self._step = on_gpu(self._step_on_device)
+        self.renderer = renderer if renderer is not None else local_renderer(engine, max_batch=max_batch)
+        self.scheduler = self.renderer.scheduler if isinstance(self.renderer, InProcessRenderer) else None
         self._translate = on_gpu(self._translate_on_device, duration=VIDEO_GPU_SECONDS)
-        self.scheduler = RenderScheduler(self._render_batch, max_batch=max_batch)
         self.views = ViewLinks()
+        registry.on_close = self.renderer.close  # an idle session's stream goes with its recording
         # One thread, so each session's frames are recorded in render order.
         self._finishing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sv2v-finish")
         self._stop = threading.Event()
@@ -217,114 +224,23 @@ class CanvasService:
     def close(self) -> None:
         """Stop the worker threads (what they are doing finishes first) and free every session."""
         self._stop.set()
-        self.scheduler.close()
+        self.renderer.shutdown()
         self._finishing.shutdown(wait=True)
         self._sweeper.join(timeout=SWEEP_SECONDS)
         self.registry.close_all()
 
     @property
     def controlled(self) -> bool:
-        """Whether the engine has a ControlNet (the page then sends its ink layer as the control source)."""
-        return getattr(self.engine, "controlnet", None) is not None
-
-    # -- the model work (on the scheduler's thread; on the GPU under ZeroGPU) -------
-    def _step_on_device(self, steps: list[Step]) -> list[tuple[object, object]]:
-        """Render one batch: (state, output or the exception of that frame alone) per step.
-
-        One call per batch, so one `spaces.GPU` call on ZeroGPU, where the
-        states come in pickled and must be returned.
-        """
-        results: list = [None] * len(steps)
-        ready: list[int] = []
-        for index, step in enumerate(steps):
-            try:
-                step.state = self._configured(step.state, step.config)
-                if step.cut:
-                    step.state.reset_bank()
-                self.engine.prepare(step.state, step.frame)
-            except ValueError as error:  # bad settings or picture (ImageError is one): this frame only
-                results[index] = error
-            else:
-                ready.append(index)
-        if ready:
-            for index, output in zip(ready, self._render_together([steps[i] for i in ready])):
-                results[index] = output
-        for index, step in enumerate(steps):
-            if step.end and not isinstance(results[index], Exception):  # a stroke's end: render it to convergence
-                try:
-                    flushed = self.engine.flush(step.state)
-                except (ValueError, RuntimeError) as error:
-                    results[index] = error
-                else:
-                    results[index] = flushed[-1] if flushed else results[index]
-            if ZERO_GPU and step.state is not None:
-                step.state.to("cpu")  # the GPU is gone between calls; the state comes back pickled
-        return [(step.state, output) for step, output in zip(steps, results)]
-
-    def _configured(self, state, config: StreamConfig):
-        if state is None:
-            return self.engine.new_stream(config)
-        if state.config != config:
-            return self.engine.configure(state, config)
-        return state
-
-    def _render_together(self, steps: list[Step]) -> list:
-        """Outputs of one `engine.render` over `steps`; if it raises, each step again on its own."""
-        try:
-            return self.engine.render([(step.state, step.frame, step.control) for step in steps])
-        except (ValueError, RuntimeError) as error:  # e.g. out of memory for the batch
-            if len(steps) == 1:
-                return [error]
-        outputs = []
-        for step in steps:
-            bank = getattr(step.state, "bank", None)
-            if bank is not None:
-                bank.discard_pending()  # what the failed call recorded
-            try:
-                outputs.append(self.engine.render([(step.state, step.frame, step.control)])[0])
-            except (ValueError, RuntimeError) as error:
-                outputs.append(error)
-        return outputs
-
-    def _render_batch(self, requests: list[FrameRequest]) -> list[Rendered | Exception]:
-        """Render one tick's frames (the scheduler's `run_batch`): a `Rendered` or an exception each."""
-        steps = []
-        for request in requests:
-            session = request.session
-            cut, session.cut_pending = session.cut_pending, False
-            steps.append(Step(session.state, request.config, request.image, request.end, cut, request.control))
-        started = time.monotonic()
-        outcomes = self._step(steps)
-        model_seconds = time.monotonic() - started
-        results: list[Rendered | Exception] = []
-        for request, step, (state, output) in zip(requests, steps, outcomes):
-            session = request.session
-            if state is not None:
-                session.state = state
-            if isinstance(output, Exception):
-                session.cut_pending = session.cut_pending or step.cut  # the next frame still starts afresh
-                results.append(output)
-                continue
-            session.remember_source(state.frames_in - 1, request.stamp, request.seq)
-            # Stream mode's warm-start renders (source −1) show the stream's first frame.
-            stamp, seq = session.sources.get(max(output.source_index, 0), (request.stamp, request.seq))
-            results.append(Rendered(output.image, stamp, seq, output.skipped, model_seconds))
-        return results
+        """Whether the model has a ControlNet (the page then sends its ink layer as the control source)."""
+        return self.renderer.controlled
 
     # -- idle sessions ------------------------------------------------------------------
     def sweep(self) -> None:
         """Release sessions idle for `release_after` (state to the CPU, on the scheduler's
         thread) and free those idle for the idle timeout."""
         for session in self.registry.release_idle():
-            self.scheduler.call(lambda session=session: self._release(session))
+            self.renderer.release(session.session_id)
         self.registry.evict_idle()
-
-    @staticmethod
-    def _release(session: Session) -> None:
-        """Move an idle session's stream state (bank, latents, noise) off the GPU; the engine moves
-        it back with its next frame."""
-        if session.state is not None:
-            session.state.to("cpu")
 
     def _sweep_every(self, seconds: float) -> None:
         while not self._stop.wait(seconds):
@@ -333,19 +249,31 @@ class CanvasService:
             except SchedulerClosed:
                 return
 
+    # -- finishing a render (on the finishing thread) ----------------------------------
+    def _rendered(self, request: FrameRequest, reply: StepReply) -> Rendered:
+        """The render for the page: which snapshot it shows, and whether its stream restarted."""
+        session = request.session
+        restarted = session.epoch is not None and reply.epoch != session.epoch
+        if reply.epoch != session.epoch:  # input indices count from 0 again
+            session.sources.clear()
+            session.epoch = reply.epoch
+        session.remember_source(reply.input_index, request.stamp, request.seq)
+        # Stream mode's warm-start renders (source −1) show the stream's first frame.
+        stamp, seq = session.sources.get(max(reply.source_index, 0), (request.stamp, request.seq))
+        return Rendered(reply.image, stamp, seq, reply.skipped, reply.model_seconds, restarted=restarted)
+
     def _finish(self, ticket: Ticket, request: FrameRequest) -> None:
         """Encode a finished render and record it (on the finishing thread)."""
-        job = ticket.job
-        error = job.future.exception()
+        error = ticket.reply.exception()
         if error is not None:
             ticket.future.set_exception(error)
             return
-        rendered = job.future.result()
+        rendered = self._rendered(request, ticket.reply.result())
         started = time.monotonic()
         try:
             jpeg = encode_render(rendered.image)
             encoded = dataclasses.replace(rendered, jpeg=jpeg, encode_seconds=time.monotonic() - started)
-            request.session.recorder.add(jpeg, request.sketch, job.finished)
+            request.session.recorder.add(jpeg, request.sketch, ticket.answered)
             if request.session.feed is not None:  # the pop-out view shows the same JPEG: no second render
                 request.session.feed.publish(jpeg)
         except Exception as error:  # noqa: BLE001 - not swallowed: whoever waits on the ticket gets it
@@ -360,11 +288,11 @@ class CanvasService:
         yield from self.engine.translate(self.engine.new_stream(config), limited)
 
     def warm_up(self) -> None:
-        """Render one blank frame on a throwaway stream, so the first visitor does not wait."""
-        blank = np.full((self.base.height, self.base.width, 3), 255, np.uint8)
-        (_, output), = self.scheduler.call(lambda: self._step([Step(None, self.base, blank, end=True)])).result()
-        if isinstance(output, Exception):
-            raise output
+        """Render one blank frame on a throwaway stream, so the first visitor does not wait.
+
+        (Ray replicas warm themselves up when they start.)"""
+        if isinstance(self.renderer, InProcessRenderer):
+            self.renderer.warm_up(self.base)
 
     # -- per-visitor operations ---------------------------------------------
     def submit(self, session_id: str, image: np.ndarray, config: StreamConfig, *, stamp: float = 0.0,
@@ -384,12 +312,16 @@ class CanvasService:
         frame = resize(image, config.width, config.height)
         control = resize(control, config.width, config.height) if control is not None and self.controlled else None
         session.last_frame, session.last_seq, session.last_control = frame, seq, control
-        if cut:
-            session.cut_pending = True
         sketch = frame if jpeg is None else jpeg
         request = FrameRequest(session, frame, config, stamp, seq, end, sketch, control)
-        ticket = Ticket(self.scheduler.submit(session_id, request), Future())
-        ticket.job.future.add_done_callback(lambda _: self._finishing.submit(self._finish, ticket, request))
+        step = StepRequest(frame, config, end=end, cut=cut, control=control)
+        ticket = Ticket(self.renderer.step(session_id, step), Future())
+
+        def answered(_) -> None:
+            ticket.answered = time.monotonic()
+            self._finishing.submit(self._finish, ticket, request)
+
+        ticket.reply.add_done_callback(answered)
         return ticket
 
     def render(self, session_id: str, image: np.ndarray, config: StreamConfig, *,
@@ -419,15 +351,12 @@ class CanvasService:
 
     def reset_bank(self, session_id: str) -> bool:
         """Empty the visitor's feature bank; False when nothing was rendered yet."""
-        session = self.registry.get(session_id)
+        self.registry.get(session_id)
+        return self.renderer.reset(session_id).result()
 
-        def reset() -> bool:
-            if session.state is None:
-                return False
-            session.state.reset_bank()
-            return True
-
-        return self.scheduler.call(reset).result()
+    def cancel(self, session_id: str) -> None:
+        """Drop the visitor's waiting frame (their connection went away); the stream stays."""
+        self.renderer.cancel(session_id)
 
     def view_token(self, session_id: str) -> str:
         """The unguessable token of the visitor's pop-out view link (ui.popout), made on first use."""
@@ -436,7 +365,7 @@ class CanvasService:
     def close_session(self, session_id: str | None) -> None:
         """The visitor left: drop their waiting frame and free their stream and recording."""
         if session_id:
-            self.scheduler.cancel(session_id)
+            self.renderer.close(session_id)
         self.registry.close(session_id)
 
     def recorded(self, session_id: str) -> int:
@@ -466,8 +395,11 @@ class CanvasService:
                         progress: Callable[[int, int], None] = lambda done, total: None) -> Path:
         """Translate a short video file with a fresh stream; VideoError/ValueError on bad input.
 
-        Each frame is one task on the scheduler, so canvases keep rendering
-        between the video's frames.
+        In process, each frame is one task on the scheduler, so canvases keep
+        rendering between the video's frames; the stream runs in stream mode
+        (stream batch), for throughput.  With another renderer (Ray) the
+        frames are the steps of a session of their own, in latency mode (a
+        step returns one render), on whichever worker has room.
         """
         info = probe_video(source)
         seconds = info.frame_count / float(info.fps)
@@ -477,10 +409,12 @@ class CanvasService:
                 f"{MAX_VIDEO_SECONDS:.0f} s and {MAX_VIDEO_FRAMES} frames"
             )
         width, height = fit_size(info.width, info.height, max(self.base.width, self.base.height),
-                                   self.engine.size_multiple)
+                                   self.renderer.size_multiple)
         config = dataclasses.replace(config, width=width, height=height, mode="stream")
         if self.controlled:  # a video has no ink layer: condition on its edges
             config = config.replace(control_image="canny")
+        if self.scheduler is None:
+            return self._translate_by_steps(source, config.replace(mode="latency"), destination, info, progress)
         renders = self._translate(config, source)
         try:
             with VideoWriter(destination, fps=info.fps) as writer:
@@ -491,4 +425,18 @@ class CanvasService:
                     progress(done, info.frame_count)
         finally:
             self.scheduler.call(renders.close).result()
+        return destination
+
+    def _translate_by_steps(self, source: str, config: StreamConfig, destination: Path, info,
+                            progress: Callable[[int, int], None]) -> Path:
+        session_id = f"video-{uuid.uuid4().hex}"
+        frames, _ = read_video(source)
+        try:
+            with VideoWriter(destination, fps=info.fps) as writer:
+                for done, (_, frame) in enumerate(zip(range(MAX_VIDEO_FRAMES), frames), start=1):
+                    frame = resize(frame, config.width, config.height)
+                    writer.write(self.renderer.step(session_id, StepRequest(frame, config)).result().image)
+                    progress(done, info.frame_count)
+        finally:
+            self.renderer.close(session_id)
         return destination

@@ -1,4 +1,4 @@
-"""Per-visitor sessions: one stream and one recording per browser session.
+"""Per-visitor sessions: one recording and one set of settings per browser session.
 
 A `SessionRegistry` belongs to one app instance (no module-level state).
 Sessions are created lazily on a visitor's first use, keyed by Gradio's
@@ -19,8 +19,9 @@ frees goes to the first in line, not to whoever asks first.  A session in
 line must keep asking (the page retries every second) or it leaves the line
 after `LINE_SECONDS`.
 
-Only the render scheduler's worker thread touches a session's `state` (see
-ui.scheduler); the other fields are set by request threads and read there.
+A session's stream (feature bank, frames in flight) is not here: the
+renderer owns it (ui.renderer), under the same id; `on_close` tells the
+service which sessions the idle timeout closed, so it frees their streams.
 """
 
 from __future__ import annotations
@@ -53,15 +54,15 @@ class Busy(RuntimeError):
 class Session:
     """What one visitor owns.
 
-    state: the core's StreamState (None until the first frame is rendered).
     recorder: every frame rendered for this visitor, for export.
+    epoch: the epoch of the stream that rendered the visitor's last frame (a
+        renderer owns the stream itself, ui.renderer); a new one means the
+        stream was started afresh.
     config: the settings the page last reported (None until it did); the
         fast channel renders with these.
     last_frame, last_seq, last_control: the newest canvas frame submitted,
         its page sequence number and its control source (the ink layer, with
         a ControlNet), re-rendered when a setting changes.
-    cut_pending: a submitted frame replaced the picture; the next frame that
-        runs empties the bank (even if a newer frame replaced that one).
     sources: (page stamp, page seq) of recent inputs, by the stream's input
         index, so a render can be matched to the snapshot it shows.
     feed: the pop-out view's feed of this session's renders (ui.popout;
@@ -70,12 +71,11 @@ class Session:
 
     session_id: str
     recorder: Recorder
-    state: Any = None
+    epoch: str | None = None
     config: Any = None
     last_frame: Any = None
     last_seq: int = 0
     last_control: Any = None
-    cut_pending: bool = False
     last_used: float = field(default_factory=time.monotonic)
     holds: int = 0  # operations under way (an export) that keep the session from being freed
     sources: OrderedDict = field(default_factory=OrderedDict)
@@ -87,7 +87,6 @@ class Session:
             self.sources.popitem(last=False)
 
     def close(self) -> None:
-        self.state = None
         self.last_frame = None
         self.last_control = None
         if self.feed is not None:
@@ -112,6 +111,8 @@ class SessionRegistry:
         self._active: set[str] = set()
         self._line: OrderedDict[str, float] = OrderedDict()  # waiting session -> when it last asked
         self._lock = threading.Lock()
+        # Told the id of every session closed here (the service frees its stream).
+        self.on_close: Callable[[str], None] = lambda session_id: None
 
     def __len__(self) -> int:
         with self._lock:
@@ -207,6 +208,7 @@ class SessionRegistry:
             self._active.difference_update(stale)
         for session in sessions:
             session.close()
+            self.on_close(session.session_id)
         return stale
 
     def close_all(self) -> None:

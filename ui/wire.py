@@ -40,7 +40,9 @@ that size), ``{"type": "error", "seq": n or null, "message": "..."}`` for a
 snapshot that could not be used, and ``{"type": "dropped", "seq": n}`` when
 a newer snapshot replaced one before the model got to it, and
 ``{"type": "busy", "seq": n, "ahead": k, "message": "..."}`` when every
-place on the server is taken (k people wait before this page).  The page sends no
+place on the server is taken (k people wait before this page), and
+``{"type": "notice", "message": "..."}`` for the person drawing (e.g. "render
+restarted" when their stream was started afresh on another worker).  The page sends no
 text messages; render settings reach the server through the Gradio page's
 own events (see ui.layout).
 """
@@ -170,6 +172,10 @@ def error_message(message: str, seq: int | None = None) -> str:
 
 def busy_message(seq: int, ahead: int, message: str) -> str:
     return json.dumps({"type": "busy", "seq": seq, "ahead": ahead, "message": message})
+
+
+def notice_message(message: str) -> str:
+    return json.dumps({"type": "notice", "message": message})
 
 
 def dropped_message(seq: int) -> str:

@@ -293,6 +293,8 @@ function startLive(source, props, trigger, ink) {
     } else if (message.type === "error") {
       if (message.seq !== null && message.seq !== undefined) answered(message.seq);
       emit("sv2v:message", { text: message.message });
+    } else if (message.type === "notice") {
+      emit("sv2v:message", { text: message.message });
     }
   }
 
