@@ -276,3 +276,21 @@ def test_a_closed_session_frees_its_state_and_a_new_connection_starts_afresh(app
     with open_channel(url, "leaver") as ws:
         render(ws, 1, (10, 200, 10))
     assert service.renderer.stream_state("leaver").frames_in == 1
+
+
+def test_a_restarted_stream_is_announced_once_and_the_recording_keeps_every_frame(app):
+    from ui.service import RESTARTED_NOTICE
+
+    service, url = app
+    with open_channel(url, "restart") as ws:
+        render(ws, 1, (200, 0, 0))
+        render(ws, 2, (0, 200, 0))
+        service.renderer.close("restart")  # the renderer lost the stream, as when its worker dies
+        ws.send(wire.pack_snapshot(3, 1003.0, jpeg((0, 0, 200))))
+        assert json.loads(ws.recv(TIMEOUT)) == {"type": "notice", "message": RESTARTED_NOTICE}
+        reply, shows, _, _, _, picture = wire.unpack_render(ws.recv(TIMEOUT))
+        assert (reply, shows) == (3, 3)
+        picture, reply, shows, _, _ = render(ws, 4, (200, 200, 0))  # a render, no second notice
+        assert near(picture, (200, 200, 0)) and (reply, shows) == (4, 4)
+    assert service.recorded("restart") == 4
+    assert service.renderer.stream_state("restart").frames_in == 2  # the fresh stream's own frames

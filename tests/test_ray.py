@@ -89,6 +89,30 @@ def test_sessions_stay_on_one_replica_spread_over_both_and_render_as_in_process(
     assert [s["sessions"] for s in ray_renderer.stats(RAY_REPLICAS)] == [0] * RAY_REPLICAS
 
 
+def test_the_video_tab_translates_through_the_replicas(ray_renderer, tmp_path):
+    from sv2v_core.video import probe_video, read_video, write_video
+    from ui.ray_renderer import RayRenderer
+    from ui.recording import Recorder
+    from ui.service import CanvasService
+    from ui.sessions import SessionRegistry
+
+    source = tmp_path / "in.mp4"
+    write_video(source, [np.full((72, 128, 3), (30 * i, 120, 200), np.uint8) for i in range(6)], fps=12)
+    base = LATENCY.replace(width=128, height=128)
+    service = CanvasService(None, SessionRegistry(Recorder), base, renderer=RayRenderer(ray_renderer.handle))
+    try:
+        done = []
+        out = service.translate_video(str(source), base, tmp_path / "out.mp4", lambda d, t: done.append(d))
+        info = probe_video(out)
+        assert (info.frame_count, info.width, info.height) == (6, 128, 64) and done[-1] == 6  # aspect kept
+        first = next(read_video(out)[0])
+        assert first.std() > 1  # rendered pictures, not an empty file
+        assert service.renderer.sessions() == 0  # its session of its own is closed
+        assert sum(stats["sessions"] for stats in ray_renderer.stats(RAY_REPLICAS)) == 0
+    finally:
+        service.close()
+
+
 def test_a_killed_replica_s_sessions_warm_start_on_the_other_and_the_rest_never_notice(ray_renderer, engine):
     """Two sessions through the renderer, two through the app's service (its own client of the
     same deployment): kill the replica of the service's first session while every session has
