@@ -264,3 +264,23 @@ def test_the_app_runs_in_process_without_ray_and_says_what_ray_mode_needs(tmp_pa
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().startswith("cannot start: --ray needs Ray Serve")
     assert "pip install -r requirements-ray.txt" in result.stdout
+
+
+def test_the_idle_timeout_frees_a_session_s_stream_with_its_recording():
+    from ui.echo import EchoEngine
+    from ui.recording import Recorder
+    from ui.service import CanvasService
+    from ui.sessions import SessionRegistry
+
+    now = [0.0]
+    registry = SessionRegistry(Recorder, idle_timeout=60.0, clock=lambda: now[0])
+    service = CanvasService(EchoEngine(0), registry, LATENCY)
+    try:
+        service.render("gone", frames(1, 15)[0], LATENCY)
+        assert service.renderer.holds("gone")
+        now[0] = 61.0
+        service.render("other", frames(1, 16)[0], LATENCY)  # any access evicts the idle ones
+        assert "gone" not in registry and not service.renderer.holds("gone")
+        assert service.renderer.sessions() == 1
+    finally:
+        service.close()
