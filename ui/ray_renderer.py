@@ -457,10 +457,15 @@ def deploy(options: WorkerOptions, *, replicas: int | None = None, gpus_per_repl
            cpus_per_replica: float = 1.0, name: str = APP_NAME) -> RayRenderer:
     """Run the CanvasWorker deployment on the connected Ray cluster; its client.
 
-    replicas: None means one per GPU in the cluster (at least one).
+    replicas: None means one per GPU in the cluster.  A cluster without GPUs
+    gets CPU replicas (one, unless `replicas` says more): a demo, not real time.
     """
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if not gpus:
+        log.warning("the Ray cluster has no GPU: the replicas render on CPUs")
+        gpus_per_replica = 0.0
     if replicas is None:
-        replicas = max(1, int(ray.cluster_resources().get("GPU", 0) // gpus_per_replica))
+        replicas = max(1, int(gpus // gpus_per_replica)) if gpus_per_replica else 1
     app = CanvasWorker.options(
         num_replicas=replicas,
         max_ongoing_requests=options.max_sessions + REQUEST_MARGIN,
