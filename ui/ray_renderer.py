@@ -72,6 +72,9 @@ ROUTING_PROBES = 3          # consecutive probes that must reach the owner
 # A replica reports its sessions every 0.1 s, through the controller, to the
 # routers: trust no probe before this long after an open.
 ROUTING_SETTLE_SECONDS = 0.3
+# A new session refused as busy is asked again after these pauses before the
+# app shows the busy state (the counts the router placed it by may be stale).
+BUSY_RETRIES = (0.3, 0.6, 1.2)
 ROUTING_WAIT_SECONDS = 5.0  # give up waiting for the router after this (the step still works, maybe elsewhere)
 PROBE_INTERVAL = 0.05
 CALL_TIMEOUT = 120.0        # a step that takes longer than this has a dead worker behind it
@@ -315,13 +318,17 @@ class RayRenderer:
         with self._opening:
             if lane.opened:
                 return
-            try:
-                lane.owner = self._call(session_id, "open")
-            except RendererBusy:
-                # The router places a new session on the replica it counts fewest
-                # sessions on; a count a moment old may have picked a full one.
-                time.sleep(ROUTING_SETTLE_SECONDS)
-                lane.owner = self._call(session_id, "open")
+            for delay in BUSY_RETRIES:
+                try:
+                    lane.owner = self._call(session_id, "open")
+                    break
+                except RendererBusy:
+                    # The router places a new session on the replica it counts fewest
+                    # sessions on; a count a moment old (a busy controller) may have
+                    # picked a full one while another has room: ask again a little later.
+                    time.sleep(delay)
+            else:
+                lane.owner = self._call(session_id, "open")  # every replica full: RendererBusy
             lane.opened = True
             self._await_routing(lane)
 
