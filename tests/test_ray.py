@@ -60,6 +60,7 @@ def test_sessions_stay_on_one_replica_spread_over_both_and_render_as_in_process(
     assert len(owners) == RAY_REPLICAS and set(owners.values()) == {RAY_SESSIONS_PER_REPLICA}  # spread
     stats = ray_renderer.stats(RAY_REPLICAS)
     assert sum(s["served"] for s in stats) - served_before == 50 * FULL  # each frame rendered once, nowhere else
+    assert any(size > 1 for s in stats for size in s["batches"])  # a replica batches its sessions' frames
     assert all(len({reply.epoch for reply in replies[s]}) == 1 for s in sessions)
 
     local = local_renderer(engine)

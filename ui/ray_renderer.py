@@ -244,6 +244,7 @@ class CanvasWorker:
         """This replica's id, sessions, cap and frames served (for tests and the benchmark)."""
         return {"replica": self.replica, "sessions": self.renderer.sessions(),
                 "max_sessions": self.renderer.max_sessions, "served": self.served,
+                "batches": self.renderer.scheduler.stats().batches,
                 "size_multiple": self.engine.size_multiple, "builtin": self.engine.components.builtin,
                 "controlled": self.renderer.controlled}
 
