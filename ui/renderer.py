@@ -6,7 +6,9 @@ stream state (feature bank, frames in flight, fixed noise, prompt
 embeddings).  Two back ends implement the same interface:
 
 - `InProcessRenderer` (this module): the engine and the app's
-  `RenderScheduler` in this process.  `python app.py` uses it.
+  `RenderScheduler` in this process, which renders each tick's frames of
+  all sessions as one batch (one `engine.render` call, one `on_gpu` call).
+  `python app.py` uses it.
 - `RayRenderer` (ui.ray_renderer): `CanvasWorker` replicas on Ray Serve,
   each of which runs an `InProcessRenderer` made by `local_renderer`, the
   same function the app uses, over its own sessions.
@@ -14,7 +16,9 @@ embeddings).  Two back ends implement the same interface:
 Per session: `open` (admission: `RendererBusy` when there is no room),
 `step` (render the next frame; at most one frame waits per session and a
 newer one replaces it, failing the older one's future with `Superseded`),
-`reset` (empty the bank), `close` (free the stream).
+`reset` (empty the bank), `release` (an idle session's stream leaves the
+GPU; its next frame brings it back), `cancel` (drop the waiting frame),
+`close` (free the stream).
 
 A `StepRequest` carries everything needed to (re)start the stream from
 nothing: the frame and the settings, the seed among them.  A `StepReply`
@@ -188,7 +192,11 @@ class _Step:
 class InProcessRenderer:
     """The engine and one render scheduler in this process.
 
-    All model work runs on the scheduler's thread (ui.scheduler).  Room:
+    All model work runs on the scheduler's thread (ui.scheduler), each
+    tick's frames (up to `max_batch`) in one batch: each stream is
+    configured and its frame checked on its own, so a bad frame fails only
+    itself; the rest render in one `engine.render` call, each again on its
+    own should that call raise (say, out of memory for the batch).  Room:
     at most `max_sessions` sessions hold a stream (None: no limit); when
     full, a session unused for longer than `idle_timeout` seconds is
     reclaimed for a newcomer, an active one never is.
