@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import RAY_REPLICAS, RAY_SESSIONS_PER_REPLICA
+from tests.test_batching import assert_rounding_close
 from tests.test_renderer import LATENCY, TIMEOUT, frames
 from ui.renderer import RendererBusy, StepRequest, local_renderer
 
@@ -30,63 +31,65 @@ def step_all(renderer, inputs: dict[str, np.ndarray]) -> dict:
     return {session_id: future.result() for session_id, future in futures.items()}
 
 
-def wait_for_replicas(count: int, seconds: float = 120.0) -> None:
-    from ray import serve
+def wait_for_replicas(renderer, count: int, gone: str, seconds: float = 180.0) -> None:
+    """Wait until `count` replicas answer and `gone` (a killed one) is not among them.
 
-    from ui.ray_renderer import APP_NAME
-
+    (Serve's status still counts a killed replica as running until its controller notices.)"""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        deployment = serve.status().applications[APP_NAME].deployments["CanvasWorker"]
-        if deployment.replica_states.get("RUNNING", 0) == count:
+        answering = {stats["replica"] for stats in renderer.stats(count, attempts=16)}
+        if len(answering) == count and gone not in answering:
             return
-        time.sleep(0.5)
+        time.sleep(1.0)
     raise AssertionError(f"Serve did not bring back {count} replicas in {seconds:.0f} s")
 
 
 def test_sessions_stay_on_one_replica_spread_over_both_and_render_as_in_process(ray_renderer, engine):
     sessions = [f"pin-{index}" for index in range(FULL)]
     inputs = {session_id: frames(50, seed) for seed, session_id in enumerate(sessions)}
-    served_before = sum(stats["served"] for stats in ray_renderer.stats(RAY_REPLICAS))
-    workers: dict[str, Counter] = defaultdict(Counter)
-    replies: dict[str, list] = defaultdict(list)
-    for index in range(50):
-        for session_id, reply in step_all(ray_renderer, {s: inputs[s][index] for s in sessions}).items():
-            workers[session_id][reply.worker] += 1
-            replies[session_id].append(reply)
-
-    assert all(len(counts) == 1 for counts in workers.values()), dict(workers)  # pinned: one replica each
-    owners = Counter(next(iter(counts)) for counts in workers.values())
-    assert len(owners) == RAY_REPLICAS and set(owners.values()) == {RAY_SESSIONS_PER_REPLICA}  # spread
-    stats = ray_renderer.stats(RAY_REPLICAS)
-    assert sum(s["served"] for s in stats) - served_before == 50 * FULL  # each frame rendered once, nowhere else
-    assert any(size > 1 for s in stats for size in s["batches"])  # a replica batches its sessions' frames
-    assert all(len({reply.epoch for reply in replies[s]}) == 1 for s in sessions)
-
-    local = local_renderer(engine)
     try:
-        for session_id in sessions[:3]:  # the in-process renderer, same inputs: the same pictures
-            for frame, reply in zip(inputs[session_id], replies[session_id]):
-                expected = local.step(session_id, StepRequest(frame, LATENCY)).result(TIMEOUT)
-                np.testing.assert_array_equal(reply.image, expected.image)
-    finally:
-        local.shutdown()
+        served_before = sum(stats["served"] for stats in ray_renderer.stats(RAY_REPLICAS))
+        workers: dict[str, Counter] = defaultdict(Counter)
+        replies: dict[str, list] = defaultdict(list)
+        for index in range(50):
+            for session_id, reply in step_all(ray_renderer, {s: inputs[s][index] for s in sessions}).items():
+                workers[session_id][reply.worker] += 1
+                replies[session_id].append(reply)
 
-    # The cluster is full: a newcomer is told so, and nobody is evicted for it.
-    with pytest.raises(RendererBusy):
+        assert all(len(counts) == 1 for counts in workers.values()), dict(workers)  # pinned: one replica each
+        owners = Counter(next(iter(counts)) for counts in workers.values())
+        assert len(owners) == RAY_REPLICAS and set(owners.values()) == {RAY_SESSIONS_PER_REPLICA}  # spread
+        stats = ray_renderer.stats(RAY_REPLICAS)
+        assert sum(s["served"] for s in stats) - served_before == 50 * FULL  # each frame rendered once, nowhere else
+        assert any(size > 1 for s in stats for size in s["batches"])  # a replica batches its sessions' frames
+        assert all(len({reply.epoch for reply in replies[s]}) == 1 for s in sessions)
+
+        local = local_renderer(engine)
+        try:
+            for session_id in sessions[:3]:  # the in-process renderer, same inputs: the same pictures
+                for frame, reply in zip(inputs[session_id], replies[session_id]):
+                    expected = local.step(session_id, StepRequest(frame, LATENCY)).result(TIMEOUT)
+                    # a replica batches its sessions' frames: equal to within rounding (tests/test_batching.py)
+                    assert_rounding_close(reply.image, expected.image, (session_id, reply.input_index))
+        finally:
+            local.shutdown()
+
+        # The cluster is full: a newcomer is told so, and nobody is evicted for it.
+        with pytest.raises(RendererBusy):
+            ray_renderer.open("pin-newcomer")
+        after = step_all(ray_renderer, {s: inputs[s][0] for s in sessions})
+        assert all(after[s].epoch == replies[s][0].epoch and after[s].input_index == 50 for s in sessions)
+        # A leaving session frees its slot and its state: the newcomer gets its room.
+        leaving = sessions[0]
+        ray_renderer.close(leaving)
+        assert sorted(s["sessions"] for s in ray_renderer.stats(RAY_REPLICAS)) == [RAY_SESSIONS_PER_REPLICA - 1,
+                                                                                 RAY_SESSIONS_PER_REPLICA]
         ray_renderer.open("pin-newcomer")
-    after = step_all(ray_renderer, {s: inputs[s][0] for s in sessions})
-    assert all(after[s].epoch == replies[s][0].epoch and after[s].input_index == 50 for s in sessions)
-    # A leaving session frees its slot and its state: the newcomer gets its room.
-    leaving = sessions[0]
-    ray_renderer.close(leaving)
-    assert sorted(s["sessions"] for s in ray_renderer.stats(RAY_REPLICAS)) == [RAY_SESSIONS_PER_REPLICA - 1,
-                                                                             RAY_SESSIONS_PER_REPLICA]
-    ray_renderer.open("pin-newcomer")
-    newcomer = step_all(ray_renderer, {"pin-newcomer": inputs[leaving][0]})["pin-newcomer"]
-    assert newcomer.worker == next(iter(workers[leaving]))
-    for session_id in sessions[1:] + ["pin-newcomer"]:
-        ray_renderer.close(session_id)
+        newcomer = step_all(ray_renderer, {"pin-newcomer": inputs[leaving][0]})["pin-newcomer"]
+        assert newcomer.worker == next(iter(workers[leaving]))
+    finally:
+        for session_id in sessions + ["pin-newcomer"]:
+            ray_renderer.close(session_id)
     assert [s["sessions"] for s in ray_renderer.stats(RAY_REPLICAS)] == [0] * RAY_REPLICAS
 
 
@@ -141,6 +144,7 @@ def test_a_killed_replica_s_sessions_warm_start_on_the_other_and_the_rest_never_
         for session_id, ticket in tickets.items():
             rendered[session_id].append(ticket.future.result())
 
+    victim = None
     try:
         for index in range(5):
             collect(*round_of(index))
@@ -171,7 +175,8 @@ def test_a_killed_replica_s_sessions_warm_start_on_the_other_and_the_rest_never_
             try:  # the restarted stream renders as a fresh stream started at that frame does
                 for frame, reply in zip(inputs[session_id][5:], after):
                     expected = local.step(session_id, StepRequest(frame, LATENCY)).result(TIMEOUT)
-                    np.testing.assert_array_equal(reply.image, expected.image)
+                    # a replica batches its sessions' frames: equal to within rounding (tests/test_batching.py)
+                assert_rounding_close(reply.image, expected.image, (session_id, reply.input_index))
             finally:
                 local.shutdown()
         for session_id in through_app:  # the app: told once, for the moved session only; every frame recorded
@@ -184,4 +189,5 @@ def test_a_killed_replica_s_sessions_warm_start_on_the_other_and_the_rest_never_
         for session_id in direct:
             ray_renderer.close(session_id)
         service.close()
-        wait_for_replicas(RAY_REPLICAS)  # Serve replaces the killed replica; later tests get two again
+        if victim is not None:
+            wait_for_replicas(ray_renderer, RAY_REPLICAS, victim)  # Serve replaces it; later tests get two again
