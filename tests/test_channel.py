@@ -142,7 +142,11 @@ def test_a_message_beyond_the_websocket_limit_closes_the_connection(app):
     with pytest.raises(ConnectionClosed) as closed:
         ws.send(wire.pack_snapshot(1, 0.0, bytes(2 * wire.MAX_SNAPSHOT_BYTES + 10)))
         ws.recv(TIMEOUT)
-    assert closed.value.rcvd.code == 1009  # message too big
+    # 1009 (message too big); under load the server may close the socket while
+    # the client is still sending, and then no close frame reaches it.
+    assert closed.value.rcvd is None or closed.value.rcvd.code == 1009
+    with open_channel(url, "huge") as again:  # the server and the session carry on
+        assert near(render(again, 1, (180, 0, 0))[0], (180, 0, 0))
 
 
 def test_a_bad_session_id_is_refused(app):
