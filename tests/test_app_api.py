@@ -7,7 +7,6 @@ test uses its own Client, i.e. its own session, stream and recording.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,15 +22,12 @@ from PIL import Image
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
+from ui.server import free_port  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 128  # render size for these tests (smaller than the app's default: faster on CPU)
 SETTINGS = dict(strength=0.5, steps=2, seed=7, bank="dyme", ea=True, ff=True)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_app(tmp: Path, size: int | None, *extra: str) -> tuple[subprocess.Popen, str]:

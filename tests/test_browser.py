@@ -577,7 +577,7 @@ def test_the_popout_view_follows_its_own_drawing_and_nothing_else(browser, echo_
 
 def test_with_a_controlnet_the_page_sends_its_ink_layer_whatever_the_background(browser):
     """The ControlNet's control source is the ink alone, white on black, on both channels; the slider shows."""
-    from test_app_api import free_port
+    from ui.server import free_port
     from test_popout import InkEngine
     from ui.presets import load_presets
     from ui.server import create_service, serve

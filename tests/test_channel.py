@@ -25,16 +25,11 @@ from websockets.sync.client import connect  # noqa: E402
 from ui import wire  # noqa: E402
 from ui.echo import EchoEngine  # noqa: E402
 from ui.presets import load_presets  # noqa: E402
-from ui.server import create_service, serve  # noqa: E402
+from ui.server import create_service, free_port, serve  # noqa: E402
 
 SIZE = 64
 TIMEOUT = 20
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

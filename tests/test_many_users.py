@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -30,16 +29,12 @@ from tests.test_batching import BACKGROUNDS, assert_rounding_close, sketch
 from ui.echo import EchoEngine
 from ui.recording import Recorder
 from ui.service import CanvasService
+from ui.server import free_port
 from ui.sessions import Busy, SessionRegistry
 
 SIZE = 64
 TIMEOUT = 30
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Held:

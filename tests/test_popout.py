@@ -32,7 +32,7 @@ from ui.server import create_service, serve  # noqa: E402
 from ui.sessions import SessionRegistry  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other test modules live beside this file
-from test_channel import free_port  # noqa: E402
+from ui.server import free_port  # noqa: E402
 
 SIZE = 64
 TIMEOUT = 20

@@ -13,7 +13,6 @@ over each setting's render pairs:
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import time
 
@@ -21,17 +20,12 @@ from playwright.sync_api import sync_playwright
 
 from sv2v_core import StreamV2V, load_components
 from ui.presets import load_presets
-from ui.server import create_service, serve
+from ui.server import create_service, free_port, serve
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
 BANKS = {"dyme": "dyme", "none": "none"}
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def draw(page, row: int, moves: int) -> None:

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -55,7 +54,7 @@ import numpy as np
 
 from .echo import EchoEngine
 from .presets import load_presets
-from .server import create_service, serve
+from .server import create_service, free_port, serve
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -131,11 +130,6 @@ class Row:
     server_cpu: float = float("nan")
     browser_cpu: float = float("nan")
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _browser_cpu_seconds() -> float:
@@ -226,7 +220,7 @@ def run_python_row(case: str, mode: str, seconds: float, tiny_cache: dict) -> Ro
         buffer = io.BytesIO()
         Image.fromarray(frame).save(buffer, format="JPEG", quality=int(wire.SNAPSHOT_QUALITY * 100))
         pictures.append(buffer.getvalue())
-    app = serve(service, load_presets(), port=_free_port(), block=False)
+    app = serve(service, load_presets(), port=free_port(), block=False)
     busy = lambda: engine.busy_seconds if isinstance(engine, EchoEngine) else service.scheduler.stats().busy_seconds  # noqa: E731
     try:
         with ChannelClient(app.url, "bench", pictures) as client:
@@ -269,7 +263,7 @@ def run_row(playwright, case: str, mode: str, channel: str, seconds: float, tiny
     measure_alone = lambda: service.scheduler.call(lambda: engine_alone_fps(engine, size, mode)).result()  # noqa: E731
     if alone:
         row.engine_alone_runs.append(measure_alone())
-    app = serve(service, load_presets(), port=_free_port(), block=False)
+    app = serve(service, load_presets(), port=free_port(), block=False)
     browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
     try:
         page = browser.new_page(viewport={"width": 1280, "height": 1100})

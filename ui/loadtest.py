@@ -134,7 +134,9 @@ class Server:
     def __init__(self, engine: str, *, max_batch: int, mode: str = "latency", tiny_size: int = 128,
                  max_sessions: int | None = None, idle_timeout: float = 1800.0, release_after: float = 30.0,
                  torch_threads: int = 2) -> None:
-        port = _free_port()
+        from .server import free_port  # gradio loads only where a server runs
+
+        port = free_port()
         command = [sys.executable, "-m", "ui.loadtest", "--serve", engine, "--port", str(port),
                    "--max-batch", str(max_batch), "--mode", mode, "--tiny-size", str(tiny_size),
                    "--idle-timeout", str(idle_timeout), "--release-after", str(release_after),
@@ -201,13 +203,6 @@ def rss_mib(pid: int) -> float | None:
         return None
     return None
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- the artists -------------------------------------------------------------------------

@@ -174,6 +174,13 @@ def serve(service: CanvasService, presets: dict[str, Preset], *, notice: str | N
     return RunningApp(demo, url, True, stop)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port on `host` that nothing listens on now (the system's pick): for test and benchmark servers."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def _free_port(host: str, start: int) -> int:
     """The first port from `start` that `host` can listen on (as Gradio's launch picks one)."""
     for port in range(start, start + PORTS_TO_TRY):
