@@ -14,18 +14,10 @@ import numpy as np
 import pytest
 
 from sv2v_core import BankConfig, ImageError, StreamConfig
+from tests.test_method import sketch
 
 SIZE = 64
 BACKGROUNDS = [(255, 255, 255), (240, 220, 180), (200, 230, 255)]
-
-
-def sketch(step: int, background=(255, 255, 255), size: int = SIZE) -> np.ndarray:
-    image = np.empty((size, size, 3), np.uint8)
-    image[:] = background
-    yy, xx = np.mgrid[:size, :size]
-    image[(yy - size // 2) ** 2 + (xx - size // 3 - 2 * step) ** 2 < (size // 5) ** 2] = (40, 80, 200)
-    image[size // 4: size // 4 + 3, 4: 8 + 3 * step] = (20, 20, 20)
-    return image
 
 
 def configs(mode: str, bank: BankConfig) -> list[StreamConfig]:

@@ -20,13 +20,13 @@ SIZE = 64
 LAYER = "down_blocks.0.attentions.0.transformer_blocks.0"
 
 
-def sketch(step: int, background=(255, 255, 255)) -> np.ndarray:
+def sketch(step: int, background=(255, 255, 255), size: int = SIZE) -> np.ndarray:
     """A canvas with a blue disc moving right and a dark stroke that grows with `step`."""
-    image = np.empty((SIZE, SIZE, 3), np.uint8)
+    image = np.empty((size, size, 3), np.uint8)
     image[:] = background
-    yy, xx = np.mgrid[:SIZE, :SIZE]
-    image[(yy - SIZE // 2) ** 2 + (xx - SIZE // 3 - 2 * step) ** 2 < (SIZE // 5) ** 2] = (40, 80, 200)
-    image[SIZE // 4: SIZE // 4 + 3, 4: 8 + 3 * step] = (20, 20, 20)
+    yy, xx = np.mgrid[:size, :size]
+    image[(yy - size // 2) ** 2 + (xx - size // 3 - 2 * step) ** 2 < (size // 5) ** 2] = (40, 80, 200)
+    image[size // 4: size // 4 + 3, 4: 8 + 3 * step] = (20, 20, 20)
     return image
 
 
