@@ -83,6 +83,7 @@ import os
 
 import torch
 
+from sv2v_core.accel import accelerate_for_serving
 from sv2v_core.config import MAX_CONTROL_SCALE, RENDER_MODES
 from sv2v_core.cli import quiet_library_warnings
 from sv2v_core.engine import StreamV2V
@@ -170,7 +171,10 @@ def load_engine(model: str | None, vae: str | None, controlnet: str | None = Non
         components.controlnet = loaded.eval().requires_grad_(False).to(components.unet.device, components.unet.dtype)
         components.controlnet_name = controlnet.strip()
         log.info("conditioning on the canvas's ink layer with ControlNet %s", controlnet)
-    return StreamV2V(components), notice
+    engine = StreamV2V(components)
+    if (report := accelerate_for_serving(engine)) is not None:
+        log.info("fast path: %s", report)
+    return engine, notice
 
 
 def _load_components(model: str | None, vae: str | None):

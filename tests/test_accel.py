@@ -123,3 +123,12 @@ def test_xformers_requested_but_missing_is_an_error(engine):
 def test_compile_needs_the_engine(engine):
     with pytest.raises(ValueError, match="engine"):
         accelerate(engine.components, compile=True, channels_last=False)
+
+
+def test_serving_defaults_leave_a_cpu_engine_as_it_is(engine):
+    from sv2v_core.accel import accelerate_for_serving
+
+    weight = engine.unet.conv_in.weight
+    assert accelerate_for_serving(engine) is None
+    assert engine.unet.conv_in.weight is weight and weight.is_contiguous()
+    assert engine.backend is None

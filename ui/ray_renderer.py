@@ -112,10 +112,9 @@ class WorkerOptions:
 
 def load_worker_engine(options: WorkerOptions):
     """The replica's engine: the model on its GPU (the built-in one in float32, or on a CPU)."""
+    from sv2v_core.accel import accelerate_for_serving
     from sv2v_core.engine import StreamV2V
-    from sv2v_core.models import load_components
-
-    from sv2v_core.models import ModelLoadError, load_controlnet
+    from sv2v_core.models import ModelLoadError, load_components, load_controlnet
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -133,7 +132,9 @@ def load_worker_engine(options: WorkerOptions):
         components.controlnet = controlnet.eval().requires_grad_(False).to(components.unet.device,
                                                                            components.unet.dtype)
         components.controlnet_name = options.controlnet
-    return StreamV2V(components)
+    engine = StreamV2V(components)
+    accelerate_for_serving(engine)
+    return engine
 
 
 class _Slot:
