@@ -327,6 +327,22 @@ def test_artists_under_load_only_ever_see_their_own_colour(loaded_app):
     assert any(size > 1 for size in service.scheduler.stats().batches)  # they did share batches
 
 
+def test_an_artist_with_a_page_rate_sends_no_faster_than_it(loaded_app):
+    """--page-rate: a page on a 20 Hz display sends at most 20 snapshots a second, however fast the answers."""
+    from ui.loadtest import Artist
+
+    _, url = loaded_app
+    artist = Artist(url, 0, 1, 512, check_colour=True, page_rate=20)
+    artist.thread.start()
+    time.sleep(1.5)
+    artist.stop.set()
+    artist.thread.join(TIMEOUT)
+    sent = sorted(artist.client.sent.values())
+    assert artist.failure is None and len(sent) >= 10
+    gaps = [b - a for a, b in zip(sent, sent[1:])]
+    assert min(gaps) >= 0.05 - 0.002 and len(sent) <= 1.5 * 20 + 2
+
+
 def test_a_short_soak_exports_every_artists_frames():
     """CI's version of the 30-minute soak: artists come, draw, export and go; no errors, no leaks,
     every export decodes with one frame per render its artist received."""

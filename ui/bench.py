@@ -42,6 +42,7 @@ spread (min-max) that the table shows next to each median.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -63,6 +64,7 @@ WARMUP_SECONDS = 1.0
 SETTLE_SECONDS = 1.0
 FINAL_TIMEOUT = 30.0
 BREAKDOWN = ("encode", "transfer", "decode", "wait", "model", "serverEncode", "display")
+MODEL_CASES = {"tiny": 256, "sd15-random": 512}  # built-in models and their default render size
 TARGETS = {  # the issue's targets for this machine: (renders/s at least, busy at least, p50 at most, overhead p50 at most)
     "echo:0": dict(renders=30, overhead=20),
     "echo:15": dict(renders=25, busy=0.80, p50=45),
@@ -183,20 +185,52 @@ def engine_alone_fps(engine, size: int, mode: str, frames: int = 12, warmup: int
     return frames / (time.perf_counter() - started)
 
 
-def make_engine(case: str, tiny_cache: dict):
+def make_engine(case: str, models: dict):
+    """(engine, render size) of a case: echo:MS, or MODEL:SIZE for a built-in model (tiny, sd15-random).
+
+    A built-in model loads as the app loads it: on CUDA when there is a GPU
+    (sd15-random in float16; tiny in float32 everywhere), else on the CPU.
+    """
     kind, _, value = case.partition(":")
     if kind == "echo":
         return EchoEngine(float(value or 0)), 512
-    if kind == "tiny":
-        if "engine" not in tiny_cache:
-            from sv2v_core import StreamV2V, load_components
-
-            tiny_cache["engine"] = StreamV2V(load_components("tiny"))
-        return tiny_cache["engine"], int(value or 256)
-    raise SystemExit(f"error: unknown case {case!r} (use echo:MS or tiny:SIZE)")
+    if kind in MODEL_CASES:
+        if kind not in models:
+            models[kind] = builtin_engine(kind)
+        return models[kind], int(value or MODEL_CASES[kind])
+    raise SystemExit(f"error: unknown case {case!r} (use echo:MS, tiny:SIZE or sd15-random:SIZE)")
 
 
-def run_python_row(case: str, mode: str, seconds: float, tiny_cache: dict) -> Row:
+def builtin_engine(name: str):
+    """A built-in model's engine, loaded as the app loads it: on CUDA when there
+    is a GPU (sd15-random in float16, tiny in float32, with the app's fast
+    path), else on the CPU."""
+    import torch
+
+    from sv2v_core import StreamV2V, load_components
+    from sv2v_core.accel import accelerate_for_serving
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device == "cuda" and name != "tiny" else torch.float32
+    engine = StreamV2V(load_components(name, device=device, dtype=dtype))
+    accelerate_for_serving(engine)
+    return engine
+
+
+def _gpu_name(models: dict) -> str:
+    devices = {engine.device for engine in models.values() if engine.device.type == "cuda"}
+    if not devices:
+        return ""
+    import torch
+
+    return ", " + ", ".join(torch.cuda.get_device_name(device) for device in devices)
+
+
+def is_model(case: str) -> bool:
+    return case.partition(":")[0] in MODEL_CASES
+
+
+def run_python_row(case: str, mode: str, seconds: float, models: dict) -> Row:
     """A row without a browser: a Python client on the fast channel keeps one snapshot rendering
     and one waiting, from frames encoded in advance (so it measures the server path alone)."""
     import io
@@ -206,9 +240,9 @@ def run_python_row(case: str, mode: str, seconds: float, tiny_cache: dict) -> Ro
     from . import wire
     from .channel_client import ChannelClient
 
-    engine, size = make_engine(case, tiny_cache)
+    engine, size = make_engine(case, models)
     row = Row(case, mode, "python", seconds)
-    alone = case.startswith("tiny")
+    alone = is_model(case)
     time.sleep(SETTLE_SECONDS)
     service = create_service(engine, size=size, render_mode=mode)
     service.warm_up()
@@ -250,12 +284,12 @@ def run_python_row(case: str, mode: str, seconds: float, tiny_cache: dict) -> Ro
     return row
 
 
-def run_row(playwright, case: str, mode: str, channel: str, seconds: float, tiny_cache: dict) -> Row:
+def run_row(playwright, case: str, mode: str, channel: str, seconds: float, models: dict) -> Row:
     from playwright.sync_api import TimeoutError as PageTimeout
 
-    engine, size = make_engine(case, tiny_cache)
+    engine, size = make_engine(case, models)
     row = Row(case, mode, channel, seconds)
-    alone = case.startswith("tiny")
+    alone = is_model(case)
     time.sleep(SETTLE_SECONDS)  # the previous row's browser may still be exiting
     service = create_service(engine, size=size, render_mode=mode)
     service.warm_up()
@@ -444,7 +478,7 @@ def check_targets(rows: list[Row]) -> list[str]:
         if "overhead" in target:
             checks.append((f"overhead p50 {med('overhead_p50'):.0f} ms <= {target['overhead']}", med("overhead_p50") <= target["overhead"]))
         lines.append(f"{case}: " + "; ".join(f"{text} {'ok' if good else 'MISSED'}" for text, good in checks))
-    for case in sorted({r.case for r in rows if r.case.startswith("tiny")}):
+    for case in sorted({r.case for r in rows if is_model(r.case)}):
         for mode in sorted({r.mode for r in rows if r.case == case}):
             group = [r for r in rows if r.case == case and r.mode == mode and r.channel == "ws"]
             if group:
@@ -463,7 +497,8 @@ def check_targets(rows: list[Row]) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ui.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=["echo:0", "echo:15", "echo:40", "tiny:256"],
-                        help="echo:MS (echo engine, MS per frame, 512²) or tiny:SIZE (the built-in model)")
+                        help="echo:MS (echo engine, MS per frame, 512²) or MODEL:SIZE, a built-in model: tiny (on the CPU) or "
+                             "sd15-random (SD1.5's size, random weights; on CUDA in float16 where there is a GPU)")
     parser.add_argument("--modes", nargs="+", choices=("latency", "stream"), default=["latency"])
     parser.add_argument("--channels", nargs="+", choices=("ws", "gradio", "python"), default=["ws"],
                         help="ws: the page on the fast channel; gradio: the page forced onto Gradio's events; "
@@ -480,17 +515,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not Path(CHROMIUM).exists():
+    browser = args.codecs or any(channel != "python" for channel in args.channels)
+    if browser and not Path(CHROMIUM).exists():
         print(f"error: {CHROMIUM} is not installed (apt-get install chromium)", file=sys.stderr)
         return 1
-    from playwright.sync_api import sync_playwright
-
     args.out.mkdir(parents=True, exist_ok=True)
     if args.torch_threads:
         import torch
 
         torch.set_num_threads(args.torch_threads)
-    with sync_playwright() as playwright:
+    with contextlib.ExitStack() as stack:
+        playwright = None
+        if browser:
+            from playwright.sync_api import sync_playwright
+
+            playwright = stack.enter_context(sync_playwright())
         if args.codecs:
             rows = measure_codecs(playwright, Path(__file__).resolve().parent.parent / "docs" / "screenshot.png")
             (args.out / "codecs.json").write_text(json.dumps(rows, indent=2))
@@ -498,7 +537,7 @@ def main(argv=None) -> int:
             (args.out / "codecs.md").write_text(table)
             print(table)
             return 0
-        tiny_cache: dict = {}
+        models: dict = {}
         rows: list[Row] = []
         load_before = os.getloadavg()
         for _ in range(args.repeat):
@@ -506,9 +545,9 @@ def main(argv=None) -> int:
                 for mode in args.modes:
                     for channel in args.channels:
                         if channel == "python":
-                            row = run_python_row(case, mode, args.seconds, tiny_cache)
+                            row = run_python_row(case, mode, args.seconds, models)
                         else:
-                            row = run_row(playwright, case, mode, channel, args.seconds, tiny_cache)
+                            row = run_row(playwright, case, mode, channel, args.seconds, models)
                         rows.append(row)
                         print(f"{case} {mode} {channel}: {row.renders_per_s:.1f} renders/s, p50 {row.latency_p50:.0f} ms,"
                               f" p95 {row.latency_p95:.0f} ms, busy {row.model_busy:.0%}, final {row.final_shown},"
@@ -516,7 +555,7 @@ def main(argv=None) -> int:
                               + (f", engine alone {row.engine_alone_fps:.2f} fps" if row.engine_alone_fps else "")
                               + (f", beside the drawing browser {row.engine_beside_drawing_fps:.2f} fps"
                                  if row.engine_beside_drawing_fps else ""), flush=True)
-    conditions = (f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, load average (1 min) "
+    conditions = (f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs{_gpu_name(models)}, load average (1 min) "
                   f"{load_before[0]:.1f} before and {os.getloadavg()[0]:.1f} after; "
                   f"{args.seconds:g} s measured per row, {args.repeat} run(s) each (median, and min–max)")
     table = markdown(rows)

@@ -4,7 +4,9 @@
 pictures encoded in advance (so its own CPU does not skew the server's
 figures) and paces them as the page's flow control does: `depth` snapshots
 unanswered at most (two: one renders while the next waits), the next one
-sent as soon as an answer comes.  It records each render's latency (snapshot
+sent as soon as an answer comes, but no sooner than `interval` after the
+last (the page sends only when the drawing changed, so at most once per
+display frame: 1/60 s; 0: no such limit).  It records each render's latency (snapshot
 sent -> the render showing it received) and the server's timings, and
 counts the other answers.  The benchmarks (ui.bench, ui.loadtest) and the
 tests use it.
@@ -45,7 +47,7 @@ class ClientLog:
 class ChannelClient:
     """One simulated page on the fast channel (use as a context manager)."""
 
-    def __init__(self, url: str, session: str, pictures: list[bytes], *, depth: int = 2,
+    def __init__(self, url: str, session: str, pictures: list[bytes], *, depth: int = 2, interval: float = 0.0,
                  on_render: Callable[[Received], None] | None = None) -> None:
         if not pictures:
             raise ValueError("a client needs at least one picture to send")
@@ -53,11 +55,13 @@ class ChannelClient:
         self.session = session
         self.pictures = pictures
         self.depth = depth
+        self.interval = interval
         self.on_render = on_render
         self.log = ClientLog()
         self.seq = 0
         self.sent: dict[int, float] = {}
         self.unanswered = 0
+        self.last_sent = -float("inf")
         self._ws = None
 
     def __enter__(self) -> "ChannelClient":
@@ -73,7 +77,11 @@ class ChannelClient:
         self._ws.close()
 
     def send(self, *, end: bool = False) -> None:
-        """Send the next picture (they are sent in turn, round and round)."""
+        """Send the next picture (they are sent in turn, round and round), `interval` after the last."""
+        wait = self.last_sent + self.interval - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        self.last_sent = time.perf_counter()
         self.seq += 1
         self.sent[self.seq] = time.perf_counter()
         self._ws.send(wire.pack_snapshot(self.seq, 0.0, self.pictures[self.seq % len(self.pictures)], end=end))

@@ -9,7 +9,9 @@ Each row starts a fresh app server in a child process (ui.server's
 here) and N simulated artists in this process: Python clients of the fast
 channel (ui.channel_client), each sending its own drawing, a stroke in its
 own colour, from JPEGs encoded in advance, as fast as the page's flow
-control lets it (two snapshots unanswered).  After a warm-up it measures,
+control lets it (two snapshots unanswered; with `--page-rate HZ`, also at
+most HZ snapshots a second, as a page drawing on a display of HZ frames per
+second sends at most one per frame).  After a warm-up it measures,
 over `--seconds`:
 
 - renders/s per artist (min, median) and in total; fairness = slowest
@@ -24,7 +26,10 @@ Engines:
 - `echo:A+B`: ui.echo.EchoEngine, the snapshot comes back as the render
   after A ms per call + B ms per frame in the call (default 8+3: an H100 at
   512²), at 512²;
-- `tiny`: the built-in model at `--tiny-size` (128) on this CPU.
+- `tiny`: the built-in model at `--tiny-size` (128) on this CPU;
+- `sd15-random[:SIZE]`: SD1.5's full-size architecture with random weights
+  (512²), on CUDA in float16 where there is a GPU: the real cost of a
+  frame, for a GPU host.
 
 Default rows: echo 8+3 with 1, 2, 4, 8, 16 artists batched (up to
 `--max-batch` frames per tick), echo 8+3 with 8 artists one frame per tick
@@ -64,6 +69,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .bench import MODEL_CASES
 from .channel_client import ChannelClient, Received
 
 ECHO = "echo:8+3"
@@ -80,18 +86,26 @@ OBJECTS_EVERY = 60.0  # soak: seconds between counts of the server's live Python
 
 # -- the server (a child process) ------------------------------------------------------
 def make_engine(case: str, tiny_size: int):
-    """(engine, render size) for `case`: echo:A+B or tiny."""
+    """(engine, render size) for `case`: echo:A+B, tiny[:SIZE] or sd15-random[:SIZE]."""
     kind, _, value = case.partition(":")
     if kind == "echo":
         call, _, per_frame = (value or "8+3").partition("+")
         from .echo import EchoEngine
 
         return EchoEngine(float(per_frame or 0), call_ms=float(call or 0)), ECHO_SIZE
-    if kind == "tiny":
-        from sv2v_core import StreamV2V, load_components
+    if kind in MODEL_CASES:
+        from .bench import builtin_engine
 
-        return StreamV2V(load_components("tiny")), tiny_size
-    raise SystemExit(f"error: unknown engine {case!r} (use echo:A+B or tiny)")
+        return builtin_engine(kind), engine_size(case, tiny_size)
+    raise SystemExit(f"error: unknown engine {case!r} (use echo:A+B, tiny or sd15-random[:SIZE])")
+
+
+def engine_size(case: str, tiny_size: int) -> int:
+    """The render size of `case` (see make_engine)."""
+    kind, _, value = case.partition(":")
+    if kind == "echo":
+        return ECHO_SIZE
+    return int(value) if value else (tiny_size if kind == "tiny" else MODEL_CASES[kind])
 
 
 def serve_forever(args: argparse.Namespace) -> None:
@@ -245,13 +259,15 @@ def ink_colour(jpeg: bytes) -> np.ndarray | None:
 class Artist:
     """One simulated artist: a fast-channel client on its own thread, checking its renders' colour."""
 
-    def __init__(self, url: str, user: int, users: int, size: int, *, check_colour: bool, session: str | None = None):
+    def __init__(self, url: str, user: int, users: int, size: int, *, check_colour: bool, session: str | None = None,
+                 page_rate: float = 0.0):
         self.user = user
         self.session = session or f"artist-{user}-{os.getpid()}-{time.monotonic_ns()}"
         self.palette = np.array([colour_of(u, users) for u in range(users)], np.float32)
         self.check_colour = check_colour
         self.leaks = 0
-        self.client = ChannelClient(url, self.session, drawing(user, users, size), on_render=self._check)
+        self.client = ChannelClient(url, self.session, drawing(user, users, size),
+                                    interval=1 / page_rate if page_rate else 0.0, on_render=self._check)
         self.stop = threading.Event()
         self.failure: str | None = None
         self.thread = threading.Thread(target=self._run, name=f"artist-{user}", daemon=True)
@@ -317,12 +333,13 @@ def _batches_since(before: dict, after: dict) -> dict:
 
 
 def run_row(engine: str, users: int, max_batch: int, seconds: float, *, tiny_size: int = 128,
-            mode: str = "latency", torch_threads: int = 2) -> Row:
+            mode: str = "latency", torch_threads: int = 2, page_rate: float = 0.0) -> Row:
     """N artists drawing for WARMUP_SECONDS + `seconds` against a fresh server."""
     server = Server(engine, max_batch=max_batch, mode=mode, tiny_size=tiny_size, torch_threads=torch_threads)
-    size = tiny_size if engine == "tiny" else ECHO_SIZE
+    size = engine_size(engine, tiny_size)
     row = Row(engine, users, max_batch, seconds, load=_load())
-    artists = [Artist(server.url, user, users, size, check_colour=engine.startswith("echo")) for user in range(users)]
+    artists = [Artist(server.url, user, users, size, check_colour=engine.startswith("echo"), page_rate=page_rate)
+               for user in range(users)]
     try:
         for artist in artists:
             artist.thread.start()
@@ -508,7 +525,8 @@ def soak_markdown(soak: Soak) -> str:
 # -- command line ------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ui.loadtest", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--engine", default=None, help=f"run only this engine ({ECHO} or tiny)")
+    parser.add_argument("--engine", default=None, help=f"run only this engine ({ECHO}, tiny[:SIZE], or sd15-random[:SIZE]: "
+                        "SD1.5's size with random weights, on CUDA in float16 where there is a GPU)")
     parser.add_argument("--users", type=int, nargs="+", default=None, help="crowd sizes (default 1 2 4 8 16)")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per row (after 2 s warm-up)")
     parser.add_argument("--max-batch", type=int, default=8, help="frames per tick (the app's default: 8)")
@@ -516,6 +534,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=2, help="built-in model rows: batched/one-at-a-time pairs")
     parser.add_argument("--tiny-size", type=int, default=128, help="render size of the built-in model")
     parser.add_argument("--mode", choices=("latency", "stream"), default="latency")
+    parser.add_argument("--page-rate", type=float, default=0.0, metavar="HZ",
+                        help="at most HZ snapshots a second per artist, as a page drawing on an HZ display "
+                             "(default 0: as fast as the flow control lets it)")
     parser.add_argument("--soak", type=float, default=None, metavar="MINUTES", help="run the soak instead")
     parser.add_argument("--session-seconds", type=float, default=60.0, help="soak: how long each artist draws")
     parser.add_argument("--soak-warmup", type=float, default=2.0, help="soak: minutes before memory is judged")
@@ -553,8 +574,9 @@ def main(argv=None) -> int:
         plan = default_rows(args)
     rows = []
     for engine, users, max_batch in plan:
-        seconds = args.seconds * (2 if engine == "tiny" else 1)
-        row = run_row(engine, users, max_batch, seconds, tiny_size=args.tiny_size, mode=args.mode)
+        seconds = args.seconds * (2 if engine.startswith("tiny") else 1)
+        row = run_row(engine, users, max_batch, seconds, tiny_size=args.tiny_size, mode=args.mode,
+                      page_rate=args.page_rate)
         rows.append(row)
         print(markdown([row]).splitlines()[-1], flush=True)
     table = markdown(rows)
