@@ -17,6 +17,7 @@ import torch
 from sv2v_core import BankConfig, StreamConfig, StreamV2V
 from sv2v_core.accel import accelerate, eager_backend
 from sv2v_core.models import load_components
+from tests.test_method import sketch
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -27,15 +28,6 @@ SETTLED = 4  # frames after which the bank has filled (latency mode, merge_every
 QUEUE = BankConfig(mode="queue", size=2, merge_every=1)
 DYME = BankConfig(mode="dyme", merge_every=1)
 NONE = BankConfig(mode="none")
-
-
-def sketch(step: int, size: int = SIZE) -> np.ndarray:
-    """A white canvas with a blue disc moving right and a dark stroke growing with `step`."""
-    image = np.full((size, size, 3), 255, np.uint8)
-    yy, xx = np.mgrid[:size, :size]
-    image[(yy - size // 2) ** 2 + (xx - size // 3 - 2 * step) ** 2 < (size // 5) ** 2] = (40, 80, 200)
-    image[size // 4: size // 4 + size // 20 + 1, 4: 8 + 3 * step] = (20, 20, 20)
-    return image
 
 
 def config(bank: BankConfig, mode: str = "latency", size: int = SIZE, steps: int = 4) -> StreamConfig:
@@ -123,7 +115,7 @@ def sd15():
 @pytest.mark.parametrize("mode", ["stream", "latency"])
 def test_sd15_size_renders_finite_frames_with_and_without_the_bank(sd15, mode):
     size = 512
-    frames = [sketch(step * 4, size) for step in range(6)]
+    frames = [sketch(step * 4, size=size) for step in range(6)]
     latents, images = {}, {}
     for name, bank in (("none", NONE), ("dyme", DYME)):
         collected = Latents(sd15.components)
@@ -215,7 +207,7 @@ def test_the_apps_engine_on_cuda_gets_the_serving_fast_path():
         assert torch.backends.cudnn.benchmark
         assert engine.backend is None  # no compiling in the app
         state = engine.new_stream(config(DYME, "latency", 512))
-        image = [engine(state, sketch(step * 4, 512)).image for step in range(3)][-1]
+        image = [engine(state, sketch(step * 4, size=512)).image for step in range(3)][-1]
         assert image.shape == (512, 512, 3) and image.std() > 1
     finally:
         engine.close()

@@ -61,7 +61,6 @@ class ChannelClient:
         self.seq = 0
         self.sent: dict[int, float] = {}
         self.unanswered = 0
-        self.last_sent = -float("inf")
         self._ws = None
 
     def __enter__(self) -> "ChannelClient":
@@ -78,10 +77,9 @@ class ChannelClient:
 
     def send(self, *, end: bool = False) -> None:
         """Send the next picture (they are sent in turn, round and round), `interval` after the last."""
-        wait = self.last_sent + self.interval - time.perf_counter()
+        wait = self.sent.get(self.seq, -float("inf")) + self.interval - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
-        self.last_sent = time.perf_counter()
         self.seq += 1
         self.sent[self.seq] = time.perf_counter()
         self._ws.send(wire.pack_snapshot(self.seq, 0.0, self.pictures[self.seq % len(self.pictures)], end=end))
