@@ -69,7 +69,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .bench import MODEL_CASES
+from .bench import MODEL_CASES, builtin_engine
 from .channel_client import ChannelClient, Received
 
 ECHO = "echo:8+3"
@@ -94,8 +94,6 @@ def make_engine(case: str, tiny_size: int):
 
         return EchoEngine(float(per_frame or 0), call_ms=float(call or 0)), ECHO_SIZE
     if kind in MODEL_CASES:
-        from .bench import builtin_engine
-
         return builtin_engine(kind), engine_size(case, tiny_size)
     raise SystemExit(f"error: unknown engine {case!r} (use echo:A+B, tiny or sd15-random[:SIZE])")
 
