@@ -1,8 +1,7 @@
-"""Command line: `python -m sv2v_core translate|metrics|bench`.
+"""Command line: `python -m sv2v_core translate|metrics`.
 
     python -m sv2v_core translate in.mp4 out.mp4 --prompt "a watercolor painting"
     python -m sv2v_core metrics in.mp4 out.mp4 [--clip /path/to/clip]
-    python -m sv2v_core bench [--size 512 --steps 4 1 ...]   (see sv2v_core/bench.py)
 
 `translate` renders every input frame (same count, same exact frame rate) and
 writes the output atomically: a failed or interrupted run leaves no output
@@ -25,7 +24,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sv2v_core import bench
 from sv2v_core.config import BANK_MODES, CONTROL_IMAGES, RENDER_MODES, BankConfig, StreamConfig
 from sv2v_core.engine import StreamV2V
 from sv2v_core.images import fit_size
@@ -249,10 +247,9 @@ def _register(sub, name: str, help: str, add_arguments, run) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m sv2v_core", description="StreamV2V Canvas: streaming video-to-video translation")
-    sub = parser.add_subparsers(dest="command", metavar="{translate,metrics,bench}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{translate,metrics}", required=True)
     _register(sub, "translate", "translate a video file with a text prompt", _add_translate_arguments, run_translate)
     _register(sub, "metrics", "temporal consistency of a translated video", _add_metrics_arguments, run_metrics)
-    _register(sub, "bench", "measure speed and memory (sv2v_core/bench.py)", bench.add_arguments, bench.run)
     return parser
 
 

@@ -8,7 +8,7 @@ stroke (with SV2V_UPDATE_SCREENSHOT=1 into docs/screenshot.png, the README's
 picture; otherwise into the test's temporary folder). The Webcam tab is
 driven by Chromium's synthetic camera (--use-fake-device-for-media-stream).
 
-With the echo engine (ui.echo: the render is the snapshot itself), served in
+With the echo engine (bench.echo: the render is the snapshot itself), served in
 this process: both channels (the fast WebSocket channel, and the Gradio
 event path forced with ?channel=gradio) render mid-stroke and end on a
 render of the final canvas; two pages drawing different colours never see
@@ -193,7 +193,7 @@ NO_RENDERS_BEFORE = "the page drew no render while the stroke was still being dr
 
 def serve_echo(mode: str):
     """An app with the echo engine in this process: (url, service, stop)."""
-    from ui.echo import EchoEngine
+    from bench.echo import EchoEngine
     from ui.presets import load_presets
     from ui.server import create_service, serve
 

@@ -1,6 +1,6 @@
 """The fast channel (ui.channel) through a real server and a Python WebSocket client.
 
-The app runs in this process with the echo engine (ui.echo), whose render is
+The app runs in this process with the echo engine (bench.echo), whose render is
 the snapshot itself, so a render's colour tells whose snapshot it shows.
 """
 
@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
 from ui import wire  # noqa: E402
-from ui.echo import EchoEngine  # noqa: E402
+from bench.echo import EchoEngine  # noqa: E402
 from ui.presets import load_presets  # noqa: E402
 from ui.server import create_service, free_port, serve  # noqa: E402
 

@@ -26,7 +26,7 @@ import pytest
 
 from sv2v_core import StreamConfig
 from tests.test_batching import BACKGROUNDS, assert_rounding_close, sketch
-from ui.echo import EchoEngine
+from bench.echo import EchoEngine
 from ui.recording import Recorder
 from ui.service import CanvasService
 from ui.server import free_port
@@ -268,7 +268,7 @@ def test_a_full_app_says_busy_on_the_fast_channel_and_the_api_and_lets_them_in_w
     gradio_client = pytest.importorskip("gradio_client")
     from PIL import Image
 
-    from ui.channel_client import ChannelClient
+    from bench.channel_client import ChannelClient
 
     service, url = full_app
     with ChannelClient(url, "first", [jpeg((200, 0, 0))], depth=1) as first:
@@ -310,7 +310,7 @@ def loaded_app():
 
 def test_artists_under_load_only_ever_see_their_own_colour(loaded_app):
     """Six artists, each drawing in its own colour: no render ever shows another artist's colour."""
-    from ui.loadtest import Artist
+    from bench.loadtest import Artist
 
     service, url = loaded_app
     artists = [Artist(url, user, 6, 512, check_colour=True) for user in range(6)]
@@ -329,7 +329,7 @@ def test_artists_under_load_only_ever_see_their_own_colour(loaded_app):
 
 def test_an_artist_with_a_page_rate_sends_no_faster_than_it(loaded_app):
     """--page-rate: a page on a 20 Hz display sends at most 20 snapshots a second, however fast the answers."""
-    from ui.loadtest import Artist
+    from bench.loadtest import Artist
 
     _, url = loaded_app
     artist = Artist(url, 0, 1, 512, check_colour=True, page_rate=20)
@@ -347,7 +347,7 @@ def test_a_short_soak_exports_every_artists_frames():
     """CI's version of the 30-minute soak: artists come, draw, export and go; no errors, no leaks,
     every export decodes with one frame per render its artist received."""
     pytest.importorskip("gradio_client")
-    from ui.loadtest import run_soak
+    from bench.loadtest import run_soak
 
     soak = run_soak(0.3, users=3, session_seconds=6, warmup_minutes=0.1)
     assert soak.sessions >= 6 and soak.renders > 0
@@ -364,7 +364,7 @@ def test_bad_clients_under_load_harm_nobody_and_are_freed(loaded_app):
 
     from tests.test_channel import masked_frame, raw_channel
     from ui import wire
-    from ui.loadtest import Artist, drawing
+    from bench.loadtest import Artist, drawing
 
     service, url = loaded_app
     artists = [Artist(url, user, 3, 512, check_colour=True, session=f"good{user}") for user in range(3)]

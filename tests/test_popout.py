@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
 from ui import wire  # noqa: E402
-from ui.echo import EchoEngine  # noqa: E402
+from bench.echo import EchoEngine  # noqa: E402
 from ui.inputs import parse_snapshot  # noqa: E402
 from ui.popout import ViewLinks  # noqa: E402
 from ui.presets import load_presets  # noqa: E402

@@ -267,7 +267,7 @@ def test_the_app_runs_in_process_without_ray_and_says_what_ray_mode_needs(tmp_pa
 
 
 def test_the_idle_timeout_frees_a_session_s_stream_with_its_recording():
-    from ui.echo import EchoEngine
+    from bench.echo import EchoEngine
     from ui.recording import Recorder
     from ui.service import CanvasService
     from ui.sessions import SessionRegistry

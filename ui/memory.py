@@ -4,7 +4,7 @@ glibc gives each thread that contends for the allocator an arena of its own,
 up to 8 per core, and hands memory back to the system only from an arena's
 top.  The app's many short-lived threads (decoding snapshots, encoding
 renders, exports, one per WebSocket) so leave memory scattered over many
-arenas.  Measured with `python -m ui.loadtest --soak`, 8 artists, 2 cores:
+arenas.  Measured with `python -m bench.loadtest --soak`, 8 artists, 2 cores:
 without a cap the server's RSS grew 59 % over 30 minutes after warm-up;
 with two arenas it stayed within 0.5 % over 15 minutes, at the same speed.
 

@@ -65,7 +65,7 @@ SNAPSHOT_HEADER = struct.Struct("<2sBBId")
 PICTURE_LENGTH = struct.Struct("<I")
 RENDER_HEADER = struct.Struct("<2sBBIId5f")
 MAX_SNAPSHOT_BYTES = 2 * 1024 * 1024  # a 512² JPEG from the page is 10-60 KB
-# Measured (ui.bench --codecs): Chromium encodes a 512² canvas as JPEG in
+# Measured (bench.live --codecs): Chromium encodes a 512² canvas as JPEG in
 # 1.5-2 ms, WebP in 16-20 ms; PIL decodes either in 1-2 ms.  Quality 0.85
 # keeps strokes clean at 10-30 KB; the model adds noise at strength 0.4 anyway.
 SNAPSHOT_QUALITY = 0.85

@@ -1,9 +1,9 @@
 """Latency benchmark of the live path: a real app, a real browser drawing.
 
-    python -m ui.bench                                   # echo 0 / 15 / 40 ms at 512², built-in model at 256²
-    python -m ui.bench --cases echo:15 --modes latency stream --repeat 3
-    python -m ui.bench --cases echo:0 --channels ws gradio
-    python -m ui.bench --codecs                          # snapshot formats: encode in Chromium, decode, size
+    python -m bench.live                                   # echo 0 / 15 / 40 ms at 512², built-in model at 256²
+    python -m bench.live --cases echo:15 --modes latency stream --repeat 3
+    python -m bench.live --cases echo:0 --channels ws gradio
+    python -m bench.live --codecs                          # snapshot formats: encode in Chromium, decode, size
 
 For every row (a case × render mode × channel, repeated `--repeat` times) it
 starts the app in this process with a fresh service and server (ui.server,
@@ -22,7 +22,7 @@ warm-up:
 - final: after the stroke ends, whether the last snapshot's render was
   drawn (the end-of-stroke flush).
 
-Cases: `echo:MS` is ui.echo.EchoEngine (the input comes back as the render
+Cases: `echo:MS` is bench.echo.EchoEngine (the input comes back as the render
 after MS per frame: 0 shows the path's own cost, 15 a fast GPU, 40 a slower
 one) at 512²; `tiny:SIZE` is the built-in model.  Its renders/s are compared
 with what the engine can do at all: it is also run alone in the same mode on
@@ -54,8 +54,8 @@ from pathlib import Path
 import numpy as np
 
 from .echo import EchoEngine
-from .presets import load_presets
-from .server import create_service, free_port, serve
+from ui.presets import load_presets
+from ui.server import create_service, free_port, serve
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -170,7 +170,7 @@ def _drawing_frames(size: int, count: int) -> list[np.ndarray]:
 
 def engine_alone_fps(engine, size: int, mode: str, frames: int = 12, warmup: int = 3) -> float:
     """Frames per second of the engine rendering a drawing by itself (no app, no browser)."""
-    from .service import make_config
+    from ui.service import make_config
     from sv2v_core.config import StreamConfig
 
     base = StreamConfig(width=size, height=size, mode=mode, similarity_skip=None)
@@ -237,7 +237,7 @@ def run_python_row(case: str, mode: str, seconds: float, models: dict) -> Row:
 
     from PIL import Image
 
-    from . import wire
+    from ui import wire
     from .channel_client import ChannelClient
 
     engine, size = make_engine(case, models)
@@ -495,7 +495,7 @@ def check_targets(rows: list[Row]) -> list[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ui.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.live", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=["echo:0", "echo:15", "echo:40", "tiny:256"],
                         help="echo:MS (echo engine, MS per frame, 512²) or MODEL:SIZE, a built-in model: tiny (on the CPU) or "
                              "sd15-random (SD1.5's size, random weights; on CUDA in float16 where there is a GPU)")
