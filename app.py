@@ -91,7 +91,7 @@ from ui.gpu import ZERO_GPU
 from ui.memory import limit_malloc_arenas
 from ui.presets import load_presets
 from ui.server import create_base_config, create_service, serve
-from ui.service import MAX_BATCH
+from ui.local_renderer import MAX_BATCH
 
 DEFAULT_MODEL = "SimianLuo/LCM_Dreamshaper_v7"
 DEFAULT_VAE = "madebyollin/taesd"

@@ -246,7 +246,7 @@ def run_python_row(case: str, mode: str, seconds: float, models: dict) -> Row:
     time.sleep(SETTLE_SECONDS)
     service = create_service(engine, size=size, render_mode=mode)
     service.warm_up()
-    measure_alone = lambda: service.scheduler.call(lambda: engine_alone_fps(engine, size, mode)).result()  # noqa: E731
+    measure_alone = lambda: service.renderer.call(lambda: engine_alone_fps(engine, size, mode)).result()  # noqa: E731
     if alone:
         row.engine_alone_runs.append(measure_alone())
     pictures = []
@@ -255,7 +255,7 @@ def run_python_row(case: str, mode: str, seconds: float, models: dict) -> Row:
         Image.fromarray(frame).save(buffer, format="JPEG", quality=int(wire.SNAPSHOT_QUALITY * 100))
         pictures.append(buffer.getvalue())
     app = serve(service, load_presets(), port=free_port(), block=False)
-    busy = lambda: engine.busy_seconds if isinstance(engine, EchoEngine) else service.scheduler.stats().busy_seconds  # noqa: E731
+    busy = lambda: engine.busy_seconds if isinstance(engine, EchoEngine) else service.stats().busy_seconds  # noqa: E731
     try:
         with ChannelClient(app.url, "bench", pictures) as client:
             client.start()
@@ -294,7 +294,7 @@ def run_row(playwright, case: str, mode: str, channel: str, seconds: float, mode
     service = create_service(engine, size=size, render_mode=mode)
     service.warm_up()
     # Alone, but on the thread that renders for the app (torch's thread pool is per calling thread).
-    measure_alone = lambda: service.scheduler.call(lambda: engine_alone_fps(engine, size, mode)).result()  # noqa: E731
+    measure_alone = lambda: service.renderer.call(lambda: engine_alone_fps(engine, size, mode)).result()  # noqa: E731
     if alone:
         row.engine_alone_runs.append(measure_alone())
     app = serve(service, load_presets(), port=free_port(), block=False)
@@ -307,15 +307,15 @@ def run_row(playwright, case: str, mode: str, channel: str, seconds: float, mode
                                timeout=30_000)
         page.evaluate(DRAW_JS)
         time.sleep(WARMUP_SECONDS)
-        busy = lambda: engine.busy_seconds if isinstance(engine, EchoEngine) else service.scheduler.stats().busy_seconds  # noqa: E731
+        busy = lambda: engine.busy_seconds if isinstance(engine, EchoEngine) else service.stats().busy_seconds  # noqa: E731
         start_page, start_busy, start_wall = page.evaluate("performance.now()"), busy(), time.monotonic()
-        start_dropped, start_cpu = service.scheduler.stats().dropped, time.process_time()
+        start_dropped, start_cpu = service.stats().dropped, time.process_time()
         start_browser = _browser_cpu_seconds()
         time.sleep(seconds)
         end_page, end_busy, end_wall = page.evaluate("performance.now()"), busy(), time.monotonic()
         row.server_cpu = (time.process_time() - start_cpu) / (end_wall - start_wall)
         row.browser_cpu = (_browser_cpu_seconds() - start_browser) / (end_wall - start_wall)
-        row.dropped = service.scheduler.stats().dropped - start_dropped
+        row.dropped = service.stats().dropped - start_dropped
         page.evaluate("() => { window.sv2vDrawing.stop = true; }")
         page.wait_for_function("() => window.sv2vDrawing.done")
         row.snapshots = int(page.evaluate("() => Number(document.querySelector('canvas.sv2v-canvas').dataset.seq)"))

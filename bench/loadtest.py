@@ -126,7 +126,7 @@ def serve_forever(args: argparse.Namespace) -> None:
     try:
         for line in sys.stdin:
             if line.strip() in ("stats", "objects"):
-                stats = service.scheduler.stats()
+                stats = service.stats()
                 answer = {"batches": stats.batches, "rendered": stats.rendered, "failed": stats.failed,
                           "dropped": stats.dropped, "sessions": len(service.registry),
                           "active": service.registry.active()}

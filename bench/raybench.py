@@ -131,7 +131,7 @@ def main(argv=None) -> None:
     from sv2v_core.config import StreamConfig
 
     from ui.ray_renderer import WorkerOptions, deploy
-    from ui.renderer import local_renderer
+    from ui.local_renderer import local_renderer
 
     torch.set_num_threads(1)
     config = StreamConfig(width=args.size, height=args.size, mode="latency", similarity_skip=None)

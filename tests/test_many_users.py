@@ -43,7 +43,7 @@ class Held:
     def __init__(self, service: CanvasService) -> None:
         self.release = threading.Event()
         entered = threading.Event()
-        self.task = service.scheduler.call(lambda: entered.set() or self.release.wait(TIMEOUT))
+        self.task = service.renderer.call(lambda: entered.set() or self.release.wait(TIMEOUT))
         assert entered.wait(TIMEOUT)
 
     def __enter__(self) -> "Held":
@@ -92,7 +92,7 @@ def test_sessions_batched_by_the_app_render_what_each_renders_alone(engine, mode
                            for index, span in enumerate(SPANS) if step in span}
             for index, ticket in tickets.items():
                 batched[index, step] = ticket.future.result(TIMEOUT).image
-        batches = service.scheduler.stats().batches
+        batches = service.stats().batches
         assert batches == {2: 5, 3: 3}, batches  # every step's frames in one batch
     finally:
         service.close()
@@ -119,7 +119,7 @@ def test_a_strokes_end_in_a_batch_is_flushed_to_its_own_last_snapshot():
                 drawing = service.submit("drawing", np.full((SIZE, SIZE, 3), 10 * seq, np.uint8), service.base,
                                          seq=seq, end=False)
             ended, going = ending.future.result(TIMEOUT), drawing.future.result(TIMEOUT)
-        assert service.scheduler.stats().batches == {2: 5}
+        assert service.stats().batches == {2: 5}
     finally:
         service.close()
     assert ended.seq == 5 and ended.image.mean() == 50  # the stroke's end, flushed
@@ -156,7 +156,7 @@ def test_a_frame_that_breaks_its_batch_gets_the_error_and_the_others_their_rende
                     config = config.replace(strength=0.05, steps=4)  # too low for 4 steps: the engine refuses it
                 tickets[name] = service.submit(name, frame, config)
         results = {name: ticket.future.exception(TIMEOUT) or ticket.future.result() for name, ticket in tickets.items()}
-        assert service.scheduler.stats().batches.get(5) == 1
+        assert service.stats().batches.get(5) == 1
         # and the sessions go on
         assert service.render("poison", sketch(4), service.base).image.shape == (SIZE, SIZE, 3)
     finally:
@@ -210,7 +210,7 @@ def test_an_idle_session_releases_its_state_and_place_and_is_freed_after_the_idl
             service.render("b", frame, service.base)
         clock.now += 11
         service.sweep()
-        service.scheduler.call(lambda: None).result(TIMEOUT)  # the release runs on the scheduler
+        service.renderer.call(lambda: None).result(TIMEOUT)  # the release runs on the scheduler
         assert state.device == "cpu" and service.registry.active() == 0
         service.render("b", frame, service.base)  # a's place
         with pytest.raises(Busy):
@@ -324,7 +324,7 @@ def test_artists_under_load_only_ever_see_their_own_colour(loaded_app):
     for artist in artists:
         assert artist.failure is None and not artist.client.log.errors
         assert len(artist.client.log.renders) > 5 and artist.leaks == 0, (artist.user, artist.leaks)
-    assert any(size > 1 for size in service.scheduler.stats().batches)  # they did share batches
+    assert any(size > 1 for size in service.stats().batches)  # they did share batches
 
 
 def test_an_artist_with_a_page_rate_sends_no_faster_than_it(loaded_app):

@@ -25,7 +25,7 @@ from websockets.sync.client import connect  # noqa: E402
 from ui import wire  # noqa: E402
 from bench.echo import EchoEngine  # noqa: E402
 from ui.inputs import parse_snapshot  # noqa: E402
-from ui.popout import ViewLinks  # noqa: E402
+from ui.feeds import ViewLinks  # noqa: E402
 from ui.presets import load_presets  # noqa: E402
 from ui.recording import Recorder  # noqa: E402
 from ui.server import create_service, serve  # noqa: E402

@@ -47,7 +47,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDiscon
 from sv2v_core.images import ImageError
 
 from .inputs import decode_image_bytes
-from .scheduler import SchedulerClosed, Superseded
+from .renderer import RendererClosed, Superseded
 from .renderer import RendererBusy
 from .service import RESTARTED_NOTICE, CanvasService, Ticket
 from .sessions import Busy
@@ -175,7 +175,7 @@ class Connection:
         except Busy as busy:
             self.outbox.put_nowait(busy_message(snapshot.seq, busy.ahead, str(busy)))
             return
-        except (ValueError, SchedulerClosed) as error:
+        except (ValueError, RendererClosed) as error:
             self.outbox.put_nowait(error_message(str(error), snapshot.seq))
             return
         self.unanswered += 1

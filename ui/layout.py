@@ -47,7 +47,7 @@ from .popout import PAGE_PATH as VIEW_PATH
 from .presets import Preset
 from .recording import EXPORT_FORMATS, EXPORT_PACES
 from .renderer import RendererBusy
-from .scheduler import SchedulerClosed, Superseded
+from .renderer import RendererClosed, Superseded
 from .service import RESTARTED_NOTICE, CanvasService, Rendered, make_config
 from .sessions import Busy
 from .wire import SNAPSHOT_QUALITY
@@ -115,7 +115,7 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
             return busy_value(snapshot.seq, busy.ahead, str(busy))
         except RendererBusy as busy:  # every render worker is full (Ray): the same busy state
             return busy_value(snapshot.seq, 0, str(busy))
-        except (ValueError, OSError, SchedulerClosed) as error:
+        except (ValueError, OSError, RendererClosed) as error:
             return no_render_value(snapshot.seq, str(error))
         if rendered.restarted:
             gr.Info(RESTARTED_NOTICE)
@@ -138,7 +138,7 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
             rendered = service.rerender(request.session_hash)
         except Superseded:
             return gr.skip()
-        except (ValueError, OSError, SchedulerClosed, Busy, RendererBusy) as error:
+        except (ValueError, OSError, RendererClosed, Busy, RendererBusy) as error:
             gr.Warning(str(error))
             return gr.skip()
         return gr.skip() if rendered is None else view_value(rendered, 0)
@@ -172,7 +172,7 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
             return service.render(request.session_hash, frame, config, end=True).image
         except Superseded:
             raise gr.Error("a newer /render call of this session replaced this one") from None
-        except (ValueError, OSError, SchedulerClosed, Busy, RendererBusy) as error:
+        except (ValueError, OSError, RendererClosed, Busy, RendererBusy) as error:
             raise gr.Error(str(error)) from None
 
     def reset_bank(request: gr.Request):
@@ -205,7 +205,7 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
             return service.render(request.session_hash, frame, config, end=False).image
         except Superseded:
             return gr.skip()
-        except (ValueError, OSError, SchedulerClosed, Busy, RendererBusy) as error:
+        except (ValueError, OSError, RendererClosed, Busy, RendererBusy) as error:
             gr.Warning(str(error))
             return gr.skip()
 

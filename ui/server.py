@@ -48,7 +48,8 @@ from .layout import PAGE_CSS, build_app
 from .popout import view_routes
 from .presets import Preset
 from .recording import Recorder
-from .service import MAX_BATCH, CanvasService
+from .local_renderer import MAX_BATCH
+from .service import CanvasService
 from .sessions import SessionRegistry
 from .wire import MAX_SNAPSHOT_BYTES
 
