@@ -60,6 +60,7 @@ from pathlib import Path
 import torch
 
 from sv2v_core.config import RENDER_MODES
+from sv2v_core.loader import DEVICES, DTYPES, EngineOptions, load, resolve_device, resolve_dtype
 
 from .frames import synthetic_frames
 from .peer import PeerRow, peer_components, peer_problem
@@ -68,7 +69,6 @@ from .report import PAPER_TABLE2, fmt, markdown, targets
 from .rows import ROWS, EngineRow, default_warmup
 from .timing import Row, add_ratios, bench_group, model_bytes
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _positive(text: str) -> int:
@@ -101,8 +101,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="what a frame's time is: wall (elapsed) or cpu (this process's CPU time: on one thread, the "
                         "frame's work without the time spent waiting for a core that other jobs hold). "
                         "Default: cpu on a CPU, wall on CUDA")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="default: float16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="default: float16 on CUDA, float32 on CPU and for the built-in tiny (sv2v_core.loader)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (bank as explicit inputs)")
     p.add_argument("--compile-mode", default="reduce-overhead",
                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
@@ -138,13 +138,8 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def _resolve(args) -> tuple[torch.device, torch.dtype]:
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA GPU is available")
-    dtype = (torch.float16 if device == "cuda" else torch.float32) if args.dtype == "auto" else DTYPES[args.dtype]
-    return torch.device(device), dtype
+    device = resolve_device(args.device)
+    return device, resolve_dtype(args.dtype, device, args.model)
 
 
 def _device_name(device: torch.device) -> str:
@@ -175,7 +170,6 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from sv2v_core.accel import accelerate, compiled_backend
     from sv2v_core.engine import StreamV2V
-    from sv2v_core.models import load_components
 
     device, dtype = _resolve(args)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))  # noqa: E731
@@ -199,7 +193,7 @@ def _run(args: argparse.Namespace) -> int:
         require_tensorrt()  # says plainly why not, before loading anything
 
     say(f"loading {args.model} on {device} ({str(dtype).replace('torch.', '')}) ...")
-    components = load_components(args.model, vae=args.vae, lora=args.lora, device=device, dtype=dtype)
+    components = load(EngineOptions(model=args.model, vae=args.vae, lora=args.lora, device=device, dtype=dtype)).components
     peer_parts = peer_components(components) if args.peer and not peer_note else None
     engine = StreamV2V(components)
     xformers = {"auto": "auto", "on": True, "off": False}[args.xformers]

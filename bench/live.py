@@ -202,19 +202,11 @@ def make_engine(case: str, models: dict):
 
 
 def builtin_engine(name: str):
-    """A built-in model's engine, loaded as the app loads it: on CUDA when there
-    is a GPU (sd15-random in float16, tiny in float32, with the app's fast
-    path), else on the CPU."""
-    import torch
+    """A built-in model's engine, loaded as the app loads it (sv2v_core.loader): on CUDA where there is
+    a GPU (sd15-random in float16, tiny in float32), with the serving fast path; else on the CPU."""
+    from sv2v_core.loader import EngineOptions, load_engine
 
-    from sv2v_core import StreamV2V, load_components
-    from sv2v_core.accel import accelerate_for_serving
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if device == "cuda" and name != "tiny" else torch.float32
-    engine = StreamV2V(load_components(name, device=device, dtype=dtype))
-    accelerate_for_serving(engine)
-    return engine
+    return load_engine(EngineOptions(model=name, serving=True)).engine
 
 
 def _gpu_name(models: dict) -> str:

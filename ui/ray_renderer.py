@@ -61,6 +61,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 
 from sv2v_core.config import StreamConfig
 from sv2v_core.images import resize
+from sv2v_core.loader import EngineOptions, load_engine
 from sv2v_core.video import read_video
 
 from .local_renderer import MAX_BATCH, local_renderer
@@ -92,8 +93,10 @@ log = logging.getLogger("sv2v.ray")
 class WorkerOptions:
     """What each replica loads and how many sessions it takes.
 
-    model, vae, controlnet: as the app's --model/--vae/--controlnet ("tiny":
-        the built-in ones).
+    model, vae, lora, controlnet: as the app's --model/--vae/--lora/--controlnet
+        ("tiny": the built-in ones), loaded by sv2v_core.loader as the app loads
+        its own (a model that cannot be loaded falls back to 'tiny'; a
+        ControlNet that cannot be loaded fails the replica's start, loudly).
     base: the canvas's stream settings (size, mode), for the memory cap.
     max_sessions: at most this many sessions per replica (fewer if its GPU
         memory holds fewer streams).
@@ -103,6 +106,7 @@ class WorkerOptions:
 
     model: str = "tiny"
     vae: str | None = None
+    lora: str | None = None
     controlnet: str | None = None
     base: StreamConfig = StreamConfig(width=256, height=256, mode="latency", similarity_skip=None)
     max_sessions: int = 8
@@ -116,30 +120,12 @@ class WorkerOptions:
 
 
 def load_worker_engine(options: WorkerOptions):
-    """The replica's engine: the model on its GPU (the built-in one in float32, or on a CPU)."""
-    from sv2v_core.accel import accelerate_for_serving
-    from sv2v_core.engine import StreamV2V
-    from sv2v_core.models import ModelLoadError, load_components, load_controlnet
-
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    components = None
-    if options.model != "tiny":
-        try:
-            components = load_components(options.model, **({"vae": options.vae} if options.vae else {}),
-                                         device=device, dtype=torch.float16 if cuda else torch.float32)
-        except ModelLoadError as error:
-            log.warning("could not load %s: %s; falling back to the built-in model 'tiny'", options.model, error)
-    if components is None:
-        components = load_components("tiny", device=device, dtype=torch.float32)
-    if options.controlnet is not None:  # a ControlNet that cannot be loaded fails the replica's start, loudly
-        controlnet = load_controlnet(options.controlnet, components.unet, components.name)
-        components.controlnet = controlnet.eval().requires_grad_(False).to(components.unet.device,
-                                                                           components.unet.dtype)
-        components.controlnet_name = options.controlnet
-    engine = StreamV2V(components)
-    accelerate_for_serving(engine)
-    return engine
+    """The replica's engine: the model on its GPU (or on a CPU), with the serving fast path."""
+    loaded = load_engine(EngineOptions(model=options.model, vae=options.vae, lora=options.lora,
+                                       controlnet=options.controlnet, fallback=True, serving=True))
+    if loaded.fell_back:
+        log.warning("%s", loaded.fell_back)
+    return loaded.engine
 
 
 class _Slot:
