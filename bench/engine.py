@@ -102,7 +102,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "frame's work without the time spent waiting for a core that other jobs hold). "
                         "Default: cpu on a CPU, wall on CUDA")
     p.add_argument("--device", default="auto", choices=DEVICES)
-    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="default: float16 on CUDA, float32 on CPU and for the built-in tiny (sv2v_core.loader)")
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                   help="default: float16 on CUDA, float32 on CPU and for the built-in tiny (sv2v_core.loader)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (bank as explicit inputs)")
     p.add_argument("--compile-mode", default="reduce-overhead",
                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
@@ -193,7 +194,8 @@ def _run(args: argparse.Namespace) -> int:
         require_tensorrt()  # says plainly why not, before loading anything
 
     say(f"loading {args.model} on {device} ({str(dtype).replace('torch.', '')}) ...")
-    components = load(EngineOptions(model=args.model, vae=args.vae, lora=args.lora, device=device, dtype=dtype)).components
+    options = EngineOptions(model=args.model, vae=args.vae, lora=args.lora, device=device, dtype=dtype)
+    components = load(options).components  # not the engine yet: the peer copies the UNet before it is patched
     peer_parts = peer_components(components) if args.peer and not peer_note else None
     engine = StreamV2V(components)
     xformers = {"auto": "auto", "on": True, "off": False}[args.xformers]

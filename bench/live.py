@@ -170,7 +170,7 @@ def _drawing_frames(size: int, count: int) -> list[np.ndarray]:
 
 def engine_alone_fps(engine, size: int, mode: str, frames: int = 12, warmup: int = 3) -> float:
     """Frames per second of the engine rendering a drawing by itself (no app, no browser)."""
-    from ui.service import make_config
+    from ui.settings import make_config
     from sv2v_core.config import StreamConfig
 
     base = StreamConfig(width=size, height=size, mode=mode, similarity_skip=None)

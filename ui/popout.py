@@ -19,7 +19,7 @@ from starlette.responses import HTMLResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
-from .feeds import ViewLinks
+from .live import Live
 
 PAGE_PATH = "/view"
 SOCKET_PATH = "/sv2v/view"
@@ -28,8 +28,8 @@ PAGE = Path(__file__).resolve().parent / "static" / "view.html"
 NO_SUCH_VIEW = "This pop-out link is not valid, or its drawing session has ended."
 
 
-def view_routes(links: ViewLinks) -> list:
-    """The view page (GET /view) and its WebSocket (/sv2v/view), for ui.server to serve."""
+def view_routes(live: Live) -> list:
+    """The view page (GET /view) and its WebSocket (/sv2v/view) over the session layer, for ui.server."""
 
     async def page(request) -> HTMLResponse:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"), headers={"Cache-Control": "no-store",
@@ -42,7 +42,7 @@ def view_routes(links: ViewLinks) -> list:
                 hello = json.loads(await asyncio.wait_for(websocket.receive_text(), 10))
             except (asyncio.TimeoutError, json.JSONDecodeError, KeyError, TypeError):
                 hello = None
-            feed = links.find(hello.get("token")) if isinstance(hello, dict) else None
+            feed = live.watch(hello.get("token")) if isinstance(hello, dict) else None
             if feed is None:
                 await websocket.send_text(json.dumps({"type": "error", "message": NO_SUCH_VIEW}))
                 await websocket.close(POLICY_VIOLATION, reason="no such view")

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -62,8 +61,6 @@ from .renderer import Renderer, RendererClosed, RenderStats, StepReply, StepRequ
 from .sessions import Session, SessionRegistry
 from .wire import encode_render
 
-# What the page shows when a visitor's stream was started afresh (a worker died or reclaimed it).
-RESTARTED_NOTICE = "render restarted: its worker changed, so the bank starts over from this frame (drawing and recording kept)"
 MAX_VIDEO_SECONDS = 20.0
 MAX_VIDEO_FRAMES = 600
 SWEEP_SECONDS = 5.0
@@ -127,42 +124,6 @@ class Ticket:
         if self.answered is None or self.reply.exception() is not None:
             return 0.0
         return max(0.0, self.answered - self.submitted - self.reply.result().model_seconds)
-
-
-def make_config(base: StreamConfig, *, prompt, strength, steps, seed, bank, ea, ff,
-                control_scale=None) -> StreamConfig:
-    """`base` with the visitor's settings; ValueError with a readable message.
-
-    control_scale: the ControlNet's conditioning scale (None: keep base's).
-    """
-    if prompt is None:
-        prompt = ""
-    steps_value = _whole("steps", steps)
-    seed_value = _whole("seed", seed)
-    try:
-        strength_value = float(strength)
-    except (TypeError, ValueError):
-        raise ValueError(f"strength must be a number, got {strength!r}") from None
-    if control_scale is not None:
-        try:
-            control_scale = float(control_scale)
-        except (TypeError, ValueError):
-            raise ValueError(f"conditioning scale must be a number, got {control_scale!r}") from None
-    return base.replace(
-        prompt=str(prompt).strip(), strength=strength_value, steps=steps_value, seed=seed_value,
-        bank_mode=str(bank), bank_extended_attention=bool(ea), bank_feature_fusion=bool(ff),
-        control_scale=base.control_scale if control_scale is None else control_scale,
-    )
-
-
-def _whole(name: str, value) -> int:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
-    if not math.isfinite(number) or number != int(number):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    return int(number)
 
 
 class CanvasService:
