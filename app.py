@@ -20,7 +20,7 @@ with the TAESD autoencoder, env SV2V_VAE, on a CUDA GPU, the built-in
 for real weights, env SV2V_LORA), --port, --host (default: Gradio's
 rules, GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, else 127.0.0.1 and the first
 free port from 7860), --size (render side: 512, or 256 with the built-in
-model; --size 128 is ~3x faster on a CPU), --render-mode latency|stream (see
+model; a smaller --size is faster on a CPU), --render-mode latency|stream (see
 ui/service.py for why latency is the default), --idle-timeout (seconds
 before an unused session is freed), --max-sessions (artists rendering at
 once, default 16; the next ones are told "busy: N people ahead of you"),
@@ -39,9 +39,10 @@ the newest drawing wins), over a WebSocket on the same port (/sv2v/ws:
 binary JPEG snapshots in, JPEG renders out; ui/channel.py, ui/wire.py), or,
 where that cannot connect (ZeroGPU, a proxy without WebSockets, or the page
 opened with ?channel=gradio), through Gradio's own events.  The line above
-the render says which channel it uses.  Either way one render scheduler
-(ui/scheduler.py) runs all model work on one thread, so every visitor, the
-API, the webcam and video tabs share the GPU frame by frame.
+the render says which channel it uses.  Either way the same session layer
+(ui/live.py) handles it, and one render scheduler (ui/scheduler.py) runs all
+model work on one thread, so every visitor, the API, the webcam and video
+tabs share the GPU frame by frame (the whole map: docs/architecture.md).
 
 API (gradio_client; each Client is its own session with its own stream,
 feature bank and recording):

@@ -78,9 +78,8 @@ SNAPSHOT_HEADER = struct.Struct("<2sBBId")
 PICTURE_LENGTH = struct.Struct("<I")
 RENDER_HEADER = struct.Struct("<2sBBIId5f")
 MAX_SNAPSHOT_BYTES = 2 * 1024 * 1024  # a 512² JPEG from the page is 10-60 KB
-# Measured (bench.live --codecs): Chromium encodes a 512² canvas as JPEG in
-# 1.5-2 ms, WebP in 16-20 ms; PIL decodes either in 1-2 ms.  Quality 0.85
-# keeps strokes clean at 10-30 KB; the model adds noise at strength 0.4 anyway.
+# JPEG: Chromium encodes it several times faster than WebP (bench.live --codecs;
+# docs/performance.md).  Quality 0.85 keeps strokes clean; the model adds noise anyway.
 SNAPSHOT_QUALITY = 0.85
 RENDER_QUALITY = 85
 
