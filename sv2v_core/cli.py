@@ -24,9 +24,11 @@ from sv2v_core.config import BANK_MODES, CONTROL_IMAGES, RENDER_MODES, BankConfi
 from sv2v_core.control import CONTROLLED_STRENGTH
 from sv2v_core.engine import StreamV2V
 from sv2v_core.images import fit_size
-from sv2v_core.loader import DEVICES, DTYPES, EngineOptions, choose_model, load_engine, quiet_library_warnings, resolve_device
+from sv2v_core.loader import (
+    DEFAULT_MODEL, DEVICES, DTYPES, EngineOptions, choose_model, load_engine, quiet_library_warnings, resolve_device,
+)
 from sv2v_core.metrics import MetricUnavailable, clip_consistency, compute_warp_error
-from sv2v_core.models import ModelLoadError
+from sv2v_core.models import DEFAULT_VAE, ModelLoadError
 from sv2v_core.video import OUTPUT_EXTENSIONS, VideoError, VideoWriter, read_video
 
 DEFAULT_LONG_SIDE = 512
@@ -59,9 +61,9 @@ def _add_translate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="", help="text prompt")
     p.add_argument("--negative-prompt", default="", help="negative prompt (used only with --guidance > 1)")
     p.add_argument("--model", default=None,
-                   help="tiny | sd15-random | Hugging Face id | local path (default: SimianLuo/LCM_Dreamshaper_v7 "
-                        "on a CUDA GPU, falling back to tiny if it cannot be loaded; tiny without a GPU)")
-    p.add_argument("--vae", default=None, help="TAESD id or path (default: the model's own / madebyollin/taesd)")
+                   help=f"tiny | sd15-random | Hugging Face id | local path (default: {DEFAULT_MODEL} on a CUDA GPU, "
+                        "falling back to tiny if it cannot be loaded; tiny without a GPU)")
+    p.add_argument("--vae", default=None, help=f"TAESD id or path (default: the model's own / {DEFAULT_VAE})")
     p.add_argument("--lora", default=None, help="LCM-LoRA id or path to apply on top of the model")
     p.add_argument("--width", type=int, default=None,
                    help=f"output width (default: input aspect, long side {DEFAULT_LONG_SIDE}, rounded to the model's size multiple, 64 for SD1.5)")

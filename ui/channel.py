@@ -83,8 +83,8 @@ class Connection:
         await self.websocket.accept()
         try:
             page = self.live.connect(self.websocket.query_params.get("session", ""))
-        except ValueError as error:
-            await self._close(POLICY_VIOLATION, str(error))
+        except ValueError:
+            await self._close(POLICY_VIOLATION, "connect with ?session=<the page's session id>")
             return
         sender = asyncio.create_task(self._send_loop(page))
         try:

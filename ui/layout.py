@@ -41,7 +41,7 @@ from sv2v_core.config import BANK_MODES, MAX_CONTROL_SCALE, StreamConfig
 from .canvas import busy_value, canvas_component, no_render_value, render_component, render_value, settings_js
 from .channel import PATH as CHANNEL_PATH
 from .inputs import load_image_file, snapshot_from_payload
-from .live import BusyReply, Dropped, Failed, Live, Notice, Pending, RenderReply, Reply
+from .live import BusyReply, Dropped, Failed, Live, LivePage, Notice, Pending, RenderReply, Reply
 from .popout import PAGE_PATH as VIEW_PATH
 from .presets import Preset
 from .recording import EXPORT_FORMATS, EXPORT_PACES
@@ -92,6 +92,13 @@ def build_app(live: Live, *, notice: str | None = None, title: str = "StreamV2V 
     def strength_of(preset: Preset) -> float:
         return preset_strength(preset, controlled)
 
+    def page_of(request: gr.Request) -> LivePage:
+        """The session layer's page for the request's session (an event without one is an error)."""
+        try:
+            return live.connect(request.session_hash)
+        except ValueError:
+            raise gr.Error("this request has no session; reload the page") from None
+
     # -- handlers ---------------------------------------------------------
     def view_value(rendered: Rendered, reply: int) -> str:
         return render_value(rendered.jpeg, rendered.stamp, rendered.seq, reply)
@@ -106,7 +113,7 @@ def build_app(live: Live, *, notice: str | None = None, title: str = "StreamV2V 
         except ValueError as error:
             gr.Warning(str(error))
             return gr.skip()
-        page = live.connect(request.session_hash)
+        page = page_of(request)
         replies = page.settings(Settings(subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale))
         if not replies:
             outcome = page.snapshot(message)
@@ -128,13 +135,13 @@ def build_app(live: Live, *, notice: str | None = None, title: str = "StreamV2V 
     def store_settings(subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale, request: gr.Request):
         """Keep the page's settings on the server, for the next frame of either channel."""
         settings = Settings(subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale)
-        for reply in live.connect(request.session_hash).settings(settings):
+        for reply in page_of(request).settings(settings):
             gr.Warning(reply.message)
 
     def on_settings(subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale, request: gr.Request):
         """Re-render the newest snapshot with new settings."""
         settings = Settings(subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale)
-        page = live.connect(request.session_hash)
+        page = page_of(request)
         return shown_or_warned(page.settings(settings) or page.rerender(), lambda rendered: view_value(rendered, 0))
 
     def on_preset(preset_name):
@@ -147,7 +154,7 @@ def build_app(live: Live, *, notice: str | None = None, title: str = "StreamV2V 
 
     def view_link(request: gr.Request) -> str:
         """The pop-out view's link for this page's session (its token in the fragment)."""
-        token = live.connect(request.session_hash).view_token()
+        token = page_of(request).view_token()
         return (f'<a class="sv2v-popout" href="{VIEW_PATH.lstrip("/")}#{html.escape(token)}" target="_blank" '
                 'rel="noopener noreferrer">Pop-out view ↗</a> <span class="sv2v-popout-hint">this session\'s '
                 'live render alone, full-window: for a second monitor or a streaming tool\'s browser source. '
@@ -163,7 +170,7 @@ def build_app(live: Live, *, notice: str | None = None, title: str = "StreamV2V 
             config = make_config(service.base, prompt=prompt, strength=strength, steps=steps, seed=seed,
                                  bank=bank, ea=ea, ff=ff, control_scale=control_scale if controlled else None)
             frame = load_image_file(image)
-            page = live.connect(request.session_hash)
+            page = page_of(request)
         except ValueError as error:
             raise gr.Error(str(error)) from None
         for reply in page.render(frame, config, end=True):
@@ -202,7 +209,7 @@ def build_app(live: Live, *, notice: str | None = None, title: str = "StreamV2V 
             config = live.config(Settings(subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale))
             config = config.replace(similarity_skip=StreamConfig.similarity_skip,
                                     control_image="canny" if controlled else config.control_image)
-            page = live.connect(request.session_hash)
+            page = page_of(request)
         except ValueError as error:
             gr.Warning(str(error))
             return gr.skip()

@@ -24,6 +24,7 @@ An adapter's calls:
 
     live = Live(service, presets)                    # one per app
     page = live.connect(session_id)                  # one per connection (ValueError: a bad id)
+    page.render_size(), page.view_token()            # what the page needs to know: its snapshot size, pop-out link
     page.settings(Settings(...))                     # -> [] or [Failed]
     outcome = page.snapshot(message)                 # a wire.SnapshotMessage; blocks while decoding
     # outcome: a list of replies (answered at once), or a Pending whose
@@ -146,7 +147,7 @@ class Live:
     def connect(self, session_id: str | None) -> "LivePage":
         """A page's connection (its Gradio session id); ValueError for an id that is not one."""
         if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
-            raise ValueError("connect with ?session=<the page's session id>")
+            raise ValueError(f"not a page's session id: {session_id!r:.80}")
         return LivePage(self, session_id)
 
     def config(self, settings: Settings) -> StreamConfig:
