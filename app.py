@@ -15,10 +15,12 @@ CanvasWorker replica (ui/ray_renderer.py; pip install -r requirements-ray.txt).
 Without it nothing of Ray is imported.
 
 Options: --model (or env SV2V_MODEL; default SimianLuo/LCM_Dreamshaper_v7
-with the TAESD autoencoder, env SV2V_VAE), --port, --host (default: Gradio's
+with the TAESD autoencoder, env SV2V_VAE, on a CUDA GPU, the built-in
+'tiny' without one: sv2v_core.loader.choose_model), --lora (an LCM-LoRA
+for real weights, env SV2V_LORA), --port, --host (default: Gradio's
 rules, GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, else 127.0.0.1 and the first
 free port from 7860), --size (render side: 512, or 256 with the built-in
-model; --size 128 is ~3x faster on a CPU), --render-mode latency|stream (see
+model; a smaller --size is faster on a CPU), --render-mode latency|stream (see
 ui/service.py for why latency is the default), --idle-timeout (seconds
 before an unused session is freed), --max-sessions (artists rendering at
 once, default 16; the next ones are told "busy: N people ahead of you"),
@@ -37,9 +39,10 @@ the newest drawing wins), over a WebSocket on the same port (/sv2v/ws:
 binary JPEG snapshots in, JPEG renders out; ui/channel.py, ui/wire.py), or,
 where that cannot connect (ZeroGPU, a proxy without WebSockets, or the page
 opened with ?channel=gradio), through Gradio's own events.  The line above
-the render says which channel it uses.  Either way one render scheduler
-(ui/scheduler.py) runs all model work on one thread, so every visitor, the
-API, the webcam and video tabs share the GPU frame by frame.
+the render says which channel it uses.  Either way the same session layer
+(ui/live.py) handles it, and one render scheduler (ui/scheduler.py) runs all
+model work on one thread, so every visitor, the API, the webcam and video
+tabs share the GPU frame by frame (the whole map: docs/architecture.md).
 
 API (gradio_client; each Client is its own session with its own stream,
 feature bank and recording):
@@ -83,29 +86,26 @@ import os
 
 import torch
 
-from sv2v_core.accel import accelerate_for_serving
 from sv2v_core.config import MAX_CONTROL_SCALE, RENDER_MODES
-from sv2v_core.cli import quiet_library_warnings
 from sv2v_core.engine import StreamV2V
+from sv2v_core.loader import DEFAULT_MODEL, EngineOptions, choose_model
+from sv2v_core.loader import load_engine as load_core_engine
+from sv2v_core.models import DEFAULT_VAE, ModelLoadError
 from ui.gpu import ZERO_GPU
 from ui.memory import limit_malloc_arenas
 from ui.presets import load_presets
 from ui.server import create_base_config, create_service, serve
-from ui.service import MAX_BATCH
+from ui.local_renderer import MAX_BATCH
 
-DEFAULT_MODEL = "SimianLuo/LCM_Dreamshaper_v7"
-DEFAULT_VAE = "madebyollin/taesd"
 HOW_TO_REAL = (f"To use real weights, run on a GPU with Hub access, or set SV2V_MODEL (default {DEFAULT_MODEL}) "
                "or start it with `python app.py --model HUB_ID_OR_PATH`.")
 BUILTIN_NOTICE = f"Running the built-in offline model — its pictures are not art. {HOW_TO_REAL}"
 REAL_SIZE = 512
-# The built-in model's attention at 512² costs seconds per frame on a CPU
-# (measured 7-17 s on 2 busy cores, vs 1.5 s at 256² and 0.4 s at 128²), so it
-# renders smaller by default; the page shows the render scaled to the canvas.
+# The built-in model's attention at 512² costs seconds per frame on a CPU, so it renders
+# smaller by default; the page shows the render scaled to the canvas.
 TINY_SIZE = 256
-# Artists rendering at once, by default: in the load test's H100 cost model (8 ms per call + 3 ms per
-# frame, 512²) 16 artists still get at least 8 renders/s each (README, "Many users").  On a CPU the
-# built-in model renders a few frames per second in all: set it lower there to keep each artist's share.
+# Artists rendering at once, by default (how many a GPU serves at a good rate: docs/performance.md).
+# On a CPU the built-in model renders a few frames per second in all: set it lower there.
 MAX_SESSIONS = 16
 
 log = logging.getLogger("sv2v.app")
@@ -117,6 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"Hub id, local folder or .safetensors file, or 'tiny' (default: $SV2V_MODEL or {DEFAULT_MODEL})")
     parser.add_argument("--vae", default=os.environ.get("SV2V_VAE"),
                         help=f"tiny autoencoder for real weights (default: $SV2V_VAE or {DEFAULT_VAE})")
+    parser.add_argument("--lora", default=os.environ.get("SV2V_LORA"),
+                        help="an LCM-LoRA (Hub id or path) on top of real SD1.5 weights (default: $SV2V_LORA, none)")
     parser.add_argument("--host", default=None, help="address to listen on (default: Gradio's, 127.0.0.1 or $GRADIO_SERVER_NAME)")
     parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or $GRADIO_SERVER_PORT)")
     parser.add_argument("--size", type=int, default=None,
@@ -153,61 +155,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load_engine(model: str | None, vae: str | None, controlnet: str | None = None) -> tuple[StreamV2V, str | None]:
-    """The engine, and a notice for the page when it runs a built-in model.
+def load_engine(model: str | None, vae: str | None, controlnet: str | None = None,
+                lora: str | None = None) -> tuple[StreamV2V, str | None]:
+    """The engine (sv2v_core.loader), and a notice for the page when it runs a built-in model.
 
-    controlnet: a ControlNet for the loaded model; one that cannot be loaded
-    (or does not fit the model) ends the start-up with one error line.
+    A model that cannot be loaded falls back to the built-in one; a
+    ControlNet that cannot be loaded (or does not fit the model) ends the
+    start-up with one error line.
     """
-    components, notice = _load_components(model, vae)
-    if controlnet is not None:
-        from sv2v_core.models import ModelLoadError, load_controlnet
-
-        try:
-            with quiet_library_warnings():  # huggingface_hub's deprecation chatter; the error says it all
-                loaded = load_controlnet(controlnet, components.unet, components.name)
-        except ModelLoadError as error:
-            raise SystemExit(f"cannot start: {' '.join(str(error).split())}") from None
-        components.controlnet = loaded.eval().requires_grad_(False).to(components.unet.device, components.unet.dtype)
-        components.controlnet_name = controlnet.strip()
-        log.info("conditioning on the canvas's ink layer with ControlNet %s", controlnet)
-    engine = StreamV2V(components)
-    if (report := accelerate_for_serving(engine)) is not None:
-        log.info("fast path: %s", report)
-    return engine, notice
-
-
-def _load_components(model: str | None, vae: str | None):
-    """The model's components (falling back to the built-in model), and the page's notice."""
-    from sv2v_core.models import BUILTIN_MODELS, ModelLoadError, load_components
-
-    has_gpu = ZERO_GPU or torch.cuda.is_available()
-    if model is None:
-        # Nobody chose a model.  Without CUDA a full-size model renders a frame in
-        # tens of seconds (measured 9-16 s per UNet call at 512² on 2 cores) and downloading it may be impossible:
-        # go straight to the built-in model rather than hang the start-up.
-        model = DEFAULT_MODEL if has_gpu else "tiny"
-        if not has_gpu:
-            log.warning("no CUDA GPU: using the built-in model 'tiny' (set SV2V_MODEL or --model to override)")
-    device = "cuda" if has_gpu else "cpu"
-    dtype = torch.float16 if has_gpu else torch.float32
-    if model != "tiny":
-        try:
-            if model in BUILTIN_MODELS:
-                components = load_components(model, device=device, dtype=dtype)
-            else:
-                components = load_components(model, vae=vae or DEFAULT_VAE, device=device, dtype=dtype)
-        except ModelLoadError as error:
-            log.warning("could not load %s: %s; falling back to the built-in model 'tiny'", model, error)
-        else:
-            log.info("loaded %s on %s", components.name, device)
-            return components, BUILTIN_NOTICE if components.builtin else None
+    has_gpu = ZERO_GPU or torch.cuda.is_available()  # on ZeroGPU the GPU appears inside requests only
+    options = EngineOptions(model=model, vae=vae, lora=lora, controlnet=controlnet,
+                            device="cuda" if has_gpu else "cpu", fallback=True, serving=True)
     try:
-        components = load_components("tiny", device=device, dtype=torch.float32)
-    except ModelLoadError as error:
-        raise SystemExit(f"cannot start: {error}") from error
-    log.warning("running the built-in offline model 'tiny': its pictures are not art. %s", HOW_TO_REAL)
-    return components, BUILTIN_NOTICE
+        loaded = load_core_engine(options)
+    except ModelLoadError as error:  # a ControlNet's, or the built-in model's own
+        raise SystemExit(f"cannot start: {' '.join(str(error).split())}") from None
+    log.info("model: %s (%s)", loaded.choice.model, loaded.choice.why)
+    if loaded.fell_back:
+        log.warning("%s", loaded.fell_back)
+    if loaded.fast_path:
+        log.info("fast path: %s", loaded.fast_path)
+    engine = loaded.engine
+    if controlnet is not None:
+        log.info("conditioning on the canvas's ink layer with ControlNet %s", controlnet)
+    if engine.components.builtin:
+        log.warning("running the built-in offline model %r: its pictures are not art. %s", engine.components.name,
+                    HOW_TO_REAL)
+        return engine, BUILTIN_NOTICE
+    log.info("loaded %s on %s", engine.components.name, loaded.device)
+    return engine, None
 
 
 def start_ray(args: argparse.Namespace):
@@ -216,14 +192,14 @@ def start_ray(args: argparse.Namespace):
         from ui.ray_renderer import WorkerOptions, connect, deploy
     except ImportError as error:
         raise SystemExit(f"cannot start: --ray needs Ray Serve ({error}); pip install -r requirements-ray.txt") from None
-    model = args.model or DEFAULT_MODEL  # replicas have GPUs
+    model = choose_model(args.model, cuda=True).model  # the replicas have the GPUs
     size = args.size or (TINY_SIZE if model == "tiny" else REAL_SIZE)
     try:
         base = create_base_config(size, args.render_mode, controlled=args.controlnet is not None,
                                   control_scale=args.control_scale)
-        options = WorkerOptions(model=model, vae=args.vae or (None if model == "tiny" else DEFAULT_VAE), base=base,
-                                controlnet=args.controlnet, max_sessions=args.sessions_per_replica,
-                                max_batch=args.max_batch, idle_timeout=args.idle_timeout)
+        options = WorkerOptions(model=model, vae=args.vae, lora=args.lora, base=base, controlnet=args.controlnet,
+                                max_sessions=args.sessions_per_replica, max_batch=args.max_batch,
+                                idle_timeout=args.idle_timeout)
     except ValueError as error:
         raise SystemExit(f"cannot start: {error}") from error
     connect(args.ray)
@@ -246,7 +222,7 @@ def main(argv=None) -> None:
         engine = None
         renderer, notice, size = start_ray(args)
     else:
-        engine, notice = load_engine(args.model, args.vae, args.controlnet)
+        engine, notice = load_engine(args.model, args.vae, args.controlnet, args.lora)
         renderer, size = None, args.size or (TINY_SIZE if engine.components.name == "tiny" else REAL_SIZE)
     try:
         service = create_service(engine, size=size, render_mode=args.render_mode, idle_timeout=args.idle_timeout,

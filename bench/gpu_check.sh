@@ -10,9 +10,9 @@
 #   eager     the bank benchmark, eager: sd15-random 512² float16, 4 and 1
 #             steps, stream batch and latency, none / queue(1) / DyMe(1), the
 #             streamdiffusion peer in the same run, with a per-stage profile
-#   live      the live path with the real engine on the GPU (ui.bench, the
+#   live      the live path with the real engine on the GPU (bench.live, the
 #             Python client of the fast channel instead of a browser)
-#   many      8 simulated artists on the GPU, batched and one at a time (ui.loadtest,
+#   many      8 simulated artists on the GPU, batched and one at a time (bench.loadtest,
 #             each sending at most 60 snapshots a second, as a page on a 60 Hz display)
 #   compiled  the bank benchmark through torch.compile (CUDA graphs), 4 steps,
 #             stream batch, none and DyMe(1), with the peer compiled alike
@@ -79,15 +79,15 @@ run_stage() {  # run_stage NAME MIN_SECONDS COMMAND...: run COMMAND if MIN_SECON
     pack
 }
 
-BENCH=(-m sv2v_core.bench --device "$DEVICE" --dtype "$DTYPE" --model "$MODEL" --size "$SIZE" --peer --rounds 6 --block 8)
+BENCH=(-m bench.engine --device "$DEVICE" --dtype "$DTYPE" --model "$MODEL" --size "$SIZE" --peer --rounds 6 --block 8)
 for stage in "${STAGES[@]}"; do
     case $stage in
         tests) run_stage tests 60 "$PYTHON" -m pytest -q -s -m cuda tests/test_cuda.py ;;
         eager) run_stage eager 90 "$PYTHON" "${BENCH[@]}" --steps 4 1 --modes stream latency \
                    --rows none queue1 dyme1 --profile --output "$WORK/eager" ;;
-        live) run_stage live 45 "$PYTHON" -m ui.bench --cases "$MODEL:$SIZE" --modes latency stream \
+        live) run_stage live 45 "$PYTHON" -m bench.live --cases "$MODEL:$SIZE" --modes latency stream \
                   --channels python --seconds 6 --torch-threads 0 --out "$WORK/live" ;;
-        many) run_stage many 75 "$PYTHON" -m ui.loadtest --engine "$MODEL:$SIZE" --users 8 --single \
+        many) run_stage many 75 "$PYTHON" -m bench.loadtest --engine "$MODEL:$SIZE" --users 8 --single \
                   --seconds 8 --page-rate 60 --out "$WORK/many" ;;
         compiled) run_stage compiled 150 "$PYTHON" "${BENCH[@]}" --compile --steps 4 --modes stream \
                       --rows none dyme1 --output "$WORK/compiled" ;;

@@ -9,10 +9,13 @@
 from .config import BankConfig, StreamConfig
 from .engine import StreamV2V
 from .images import ImageError
-from .models import BUILTIN_CONTROLNETS, BUILTIN_MODELS, Components, ModelLoadError, load_components, load_controlnet
+from .models import (
+    BUILTIN_CONTROLNETS, BUILTIN_MODELS, Components, ControlNetLoadError, ModelLoadError, load_components,
+    load_controlnet,
+)
 from .stream import Output, StreamState
 
 __all__ = [
-    "BUILTIN_CONTROLNETS", "BUILTIN_MODELS", "BankConfig", "Components", "ImageError", "ModelLoadError", "Output",
+    "BUILTIN_CONTROLNETS", "BUILTIN_MODELS", "BankConfig", "Components", "ControlNetLoadError", "ImageError", "ModelLoadError", "Output",
     "StreamConfig", "StreamState", "StreamV2V", "load_components", "load_controlnet",
 ]

@@ -1,4 +1,4 @@
-"""`python -m sv2v_core translate|metrics|bench ...` — see sv2v_core/cli.py."""
+"""`python -m sv2v_core translate|metrics ...` — see sv2v_core/cli.py."""
 
 from sv2v_core.cli import main
 

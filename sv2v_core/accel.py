@@ -324,9 +324,7 @@ def accelerate_for_serving(engine) -> AccelReport | None:
     """What the app's engine gets on a CUDA device: channels-last weights,
     cuDNN's autotuned convolutions and SDPA's fast kernels, no compiling (a
     server's batches change size from tick to tick, and each size would be a
-    new graph).  Measured on an H100 at 512² in float16, DyMe, 4 steps,
-    latency mode: 132 ms a frame with these (bench/results/), 162-174 ms
-    without (the app before them).  On a CPU: nothing (None)."""
+    new graph); what it gains: docs/performance.md.  On a CPU: nothing (None)."""
     if engine.device.type != "cuda":
         return None
     return accelerate(engine)

@@ -1,8 +1,7 @@
-"""Command line: `python -m sv2v_core translate|metrics|bench`.
+"""Command line: `python -m sv2v_core translate|metrics`.
 
     python -m sv2v_core translate in.mp4 out.mp4 --prompt "a watercolor painting"
     python -m sv2v_core metrics in.mp4 out.mp4 [--clip /path/to/clip]
-    python -m sv2v_core bench [--size 512 --steps 4 1 ...]   (see sv2v_core/bench.py)
 
 `translate` renders every input frame (same count, same exact frame rate) and
 writes the output atomically: a failed or interrupted run leaves no output
@@ -15,29 +14,26 @@ running (unreadable video, unwritable output, model that will not load) and
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
-import re
 import sys
-import warnings
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from sv2v_core import bench
 from sv2v_core.config import BANK_MODES, CONTROL_IMAGES, RENDER_MODES, BankConfig, StreamConfig
+from sv2v_core.control import CONTROLLED_STRENGTH
 from sv2v_core.engine import StreamV2V
 from sv2v_core.images import fit_size
-from sv2v_core.control import CONTROLLED_STRENGTH
+from sv2v_core.loader import (
+    DEFAULT_MODEL, DEVICES, DTYPES, EngineOptions, choose_model, load_engine, quiet_library_warnings, resolve_device,
+)
 from sv2v_core.metrics import MetricUnavailable, clip_consistency, compute_warp_error
-from sv2v_core.models import ModelLoadError, load_components
+from sv2v_core.models import DEFAULT_VAE, ModelLoadError
 from sv2v_core.video import OUTPUT_EXTENSIONS, VideoError, VideoWriter, read_video
 
 DEFAULT_LONG_SIDE = 512
 DEFAULT_STRENGTH = 0.4
 DEFAULT_CONTROL_IMAGE = "canny"  # video: edges (a canvas would use "lines")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BUILTIN_NOTES = {
     "tiny": "note: the built-in 'tiny' model runs offline; its pictures are not art.",
     "sd15-random": "note: 'sd15-random' has random weights; its output is noise, useful only to measure speed and memory.",
@@ -64,8 +60,10 @@ def _add_translate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", help=f"video file to write ({', '.join(OUTPUT_EXTENSIONS)})")
     p.add_argument("--prompt", default="", help="text prompt")
     p.add_argument("--negative-prompt", default="", help="negative prompt (used only with --guidance > 1)")
-    p.add_argument("--model", default="tiny", help="tiny | sd15-random | Hugging Face id | local path (default: tiny)")
-    p.add_argument("--vae", default=None, help="TAESD id or path (default: the model's own / madebyollin/taesd)")
+    p.add_argument("--model", default=None,
+                   help=f"tiny | sd15-random | Hugging Face id | local path (default: {DEFAULT_MODEL} on a CUDA GPU, "
+                        "falling back to tiny if it cannot be loaded; tiny without a GPU)")
+    p.add_argument("--vae", default=None, help=f"TAESD id or path (default: the model's own / {DEFAULT_VAE})")
     p.add_argument("--lora", default=None, help="LCM-LoRA id or path to apply on top of the model")
     p.add_argument("--width", type=int, default=None,
                    help=f"output width (default: input aspect, long side {DEFAULT_LONG_SIDE}, rounded to the model's size multiple, 64 for SD1.5)")
@@ -95,7 +93,7 @@ def _add_translate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-image", default=None, choices=CONTROL_IMAGES,
                    help=f"control image derived from each frame: canny edges (default), lines (a drawing's "
                         f"strokes on its paper colour) or image (the frame as it is); needs --controlnet")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES))
     p.add_argument("--quiet", action="store_true", help="no progress bar or notes")
 
@@ -157,33 +155,31 @@ def output_size(in_width: int, in_height: int, width: int | None, height: int | 
     return width, height
 
 
-def _device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but no CUDA GPU is available")
-    if dtype == "auto":
-        return device, torch.float16 if device == "cuda" else torch.float32
-    return device, DTYPES[dtype]
-
-
 def run_translate(args: argparse.Namespace) -> int:
     # Check everything cheap before loading a model: options, input, output.
     _config(args, args.width or DEFAULT_LONG_SIDE, args.height or DEFAULT_LONG_SIDE)
-    device, dtype = _device_and_dtype(args.device, args.dtype)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     source, output = Path(args.input), Path(args.output)
     if source.exists() and output.exists() and source.samefile(output):
         raise UsageError("the output would overwrite the input; choose another output file")
     frames, info = read_video(source)
 
     with VideoWriter(output, info.fps) as writer:
-        if args.model in BUILTIN_NOTES and not args.quiet:
-            print(BUILTIN_NOTES[args.model], file=sys.stderr)
-        if args.controlnet == "tiny" and not args.quiet:
-            print(BUILTIN_CONTROLNET_NOTE, file=sys.stderr)
-        components = load_components(args.model, vae=args.vae, lora=args.lora, controlnet=args.controlnet,
-                                     device=device, dtype=dtype)
-        engine = StreamV2V(components)
+        choice = choose_model(args.model, device.type == "cuda")
+        notes = [] if args.model else [f"note: no --model given: {choice.model}, {choice.why}"]
+        # Nobody named the default model: if it cannot be loaded, the built-in one renders instead.
+        loaded = load_engine(EngineOptions(model=choice.model, vae=args.vae, lora=args.lora,
+                                           controlnet=args.controlnet, device=device, dtype=args.dtype,
+                                           fallback=args.model is None))
+        engine: StreamV2V = loaded.engine
+        notes += [f"note: {loaded.fell_back}"] if loaded.fell_back else []
+        notes += [BUILTIN_NOTES[name] for name in (engine.components.name,) if name in BUILTIN_NOTES]
+        notes += [BUILTIN_CONTROLNET_NOTE] if args.controlnet == "tiny" else []
+        if notes and not args.quiet:
+            print("\n".join(notes), file=sys.stderr)
         try:
             width, height = output_size(info.width, info.height, args.width, args.height, engine.size_multiple)
             state = engine.new_stream(_config(args, width, height))
@@ -249,30 +245,15 @@ def _register(sub, name: str, help: str, add_arguments, run) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m sv2v_core", description="StreamV2V Canvas: streaming video-to-video translation")
-    sub = parser.add_subparsers(dest="command", metavar="{translate,metrics,bench}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{translate,metrics}", required=True)
     _register(sub, "translate", "translate a video file with a text prompt", _add_translate_arguments, run_translate)
     _register(sub, "metrics", "temporal consistency of a translated video", _add_metrics_arguments, run_metrics)
-    _register(sub, "bench", "measure speed and memory (sv2v_core/bench.py)", bench.add_arguments, bench.run)
     return parser
 
 
 def _error(err: BaseException) -> str:
     """One line: `error: ...` with the message's whitespace collapsed."""
     return "error: " + (" ".join(str(err).split()) or type(err).__name__)
-
-
-# Library chatter that is no help to a CLI user (diffusers passes huggingface_hub an argument it deprecated);
-# silenced so that a failed hub lookup is the one `error:` line.
-QUIET_WARNINGS = ("The `local_dir_use_symlinks` argument is deprecated",)
-
-
-@contextlib.contextmanager
-def quiet_library_warnings():
-    """Silence QUIET_WARNINGS inside the block (the app loads models under it too)."""
-    with warnings.catch_warnings():
-        for message in QUIET_WARNINGS:
-            warnings.filterwarnings("ignore", message=re.escape(message), category=UserWarning)
-        yield
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,6 +76,10 @@ class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says what was tried and how to fix it."""
 
 
+class ControlNetLoadError(ModelLoadError):
+    """The ControlNet given to `load_components` could not be loaded (or does not fit its model)."""
+
+
 @dataclass
 class Components:
     unet: UNet2DConditionModel
@@ -124,7 +128,10 @@ def load_components(
     else:
         components = load_pretrained(model, vae or DEFAULT_VAE, lora)
     if controlnet is not None:
-        components.controlnet = load_controlnet(controlnet, components.unet, model)
+        try:
+            components.controlnet = load_controlnet(controlnet, components.unet, model)
+        except ModelLoadError as err:  # the model loaded: say that its ControlNet is what failed
+            raise ControlNetLoadError(str(err)) from err
         components.controlnet_name = controlnet.strip()
     for module in components.modules():
         module.eval().requires_grad_(False)

@@ -9,16 +9,22 @@ import numpy as np
 import pytest
 import torch
 
-from sv2v_core import StreamV2V, bench, images
+from sv2v_core import StreamV2V, images
 from sv2v_core.attention import BankAttnProcessor
 from sv2v_core.config import BankConfig
 from sv2v_core.models import load_components
+from bench import engine as bench_engine
+from bench import frames as bench_frames
+from bench import peer as bench_peer
+from bench import report as bench_report
+from bench import rows as bench_rows
+from bench import timing as bench_timing
 
 SIZE = 64
 
 
 def test_synthetic_frames_move_without_looking_like_a_scene_cut():
-    frames = bench.synthetic_frames(6, SIZE)
+    frames = bench_frames.synthetic_frames(6, SIZE)
     for a, b in zip(frames, frames[1:]):
         similarity = images.similarity(images.thumbnail(a), images.thumbnail(b))
         assert 0.8 < similarity < 0.995  # never skipped, never a bank reset
@@ -27,9 +33,9 @@ def test_synthetic_frames_move_without_looking_like_a_scene_cut():
 
 def test_warmup_fills_the_bank():
     cpu = torch.device("cpu")
-    assert bench.default_warmup(BankConfig(mode="queue", size=4), cpu, False) == 4 * 3 + 2
-    assert bench.default_warmup(BankConfig(mode="dyme"), cpu, False) == 4 + 2
-    assert bench.default_warmup(BankConfig(mode="none"), torch.device("cuda"), False) == 10
+    assert bench_rows.default_warmup(BankConfig(mode="queue", size=4), cpu, False) == 4 * 3 + 2
+    assert bench_rows.default_warmup(BankConfig(mode="dyme"), cpu, False) == 4 + 2
+    assert bench_rows.default_warmup(BankConfig(mode="none"), torch.device("cuda"), False) == 10
 
 
 # ---------------------------------------------------------------- rotation, on a fake clock
@@ -61,7 +67,7 @@ def test_rotation_gives_every_row_the_same_timed_frames_in_rotating_order():
     rows = [FakeRow("a", clock, log, warmup=2, cost=lambda n: n), FakeRow("b", clock, log, warmup=0),
             FakeRow("c", clock, log)]
     frames = list(range(10))
-    medians = bench.time_rows(rows, frames, rounds=4, block=3, device=torch.device("cpu"), clock=clock)
+    medians = bench_timing.time_rows(rows, frames, rounds=4, block=3, device=torch.device("cpu"), clock=clock)
     assert medians["a"] == [4, 7, 10, 13]  # the middle frame of its blocks (calls 3-5, 6-8, ...), each timed alone
     assert medians["b"] == medians["c"] == [1, 1, 1, 1]
     for row in rows:  # its own run of frames from the first, warm-up then 4 blocks of 3
@@ -81,7 +87,7 @@ def test_a_rows_figures_do_not_depend_on_the_other_rows():
         clock, log = Clock(), []
         rows = [FakeRow(key, clock, log, cost=lambda n: 30) for key in neighbours]
         rows.insert(position, FakeRow("dyme1", clock, log, warmup=6, cost=own_cost))
-        return bench.time_rows(rows, list(range(64)), rounds=5, block=3, device=torch.device("cpu"),
+        return bench_timing.time_rows(rows, list(range(64)), rounds=5, block=3, device=torch.device("cpu"),
                                clock=clock)["dyme1"]
 
     alone = figures([], 0)
@@ -94,7 +100,7 @@ def test_a_rows_figures_do_not_depend_on_the_other_rows():
 def engines():
     """Our engine on the tiny model and the peer's components (its own UNet copy)."""
     components = load_components("tiny")
-    peer_parts = bench.peer_components(components)
+    peer_parts = bench_peer.peer_components(components)
     engine = StreamV2V(components)
     yield engine, peer_parts
     engine.close()
@@ -115,19 +121,19 @@ def test_a_rows_renders_do_not_depend_on_the_other_rows(engines, mode):
     """Each row has its own stream: DyMe renders the same frames, bit for
     bit, alone and between the no-bank row and the peer."""
     engine, peer_parts = engines
-    frames = bench.synthetic_frames(64, SIZE)
+    frames = bench_frames.synthetic_frames(64, SIZE)
 
     def dyme_images(others: list) -> list[np.ndarray]:
-        dyme = Recorder(bench.EngineRow(engine, "dyme1", SIZE, 2, mode))
+        dyme = Recorder(bench_rows.EngineRow(engine, "dyme1", SIZE, 2, mode))
         rows = [*others[:1], dyme, *others[1:]]
         for row in rows:
             row.row.start() if isinstance(row, Recorder) else row.start()
-        bench.time_rows(rows, frames, rounds=3, block=2, device=engine.device)
+        bench_timing.time_rows(rows, frames, rounds=3, block=2, device=engine.device)
         return dyme.images
 
     alone = dyme_images([])
-    shared = dyme_images([bench.EngineRow(engine, "none", SIZE, 2, mode),
-                          bench.PeerRow(peer_parts, SIZE, 2, mode, torch.float32, warmup=1)])
+    shared = dyme_images([bench_rows.EngineRow(engine, "none", SIZE, 2, mode),
+                          bench_peer.PeerRow(peer_parts, SIZE, 2, mode, torch.float32, warmup=1)])
     assert len(alone) == 6 + 3 * 2
     assert all(np.array_equal(a, b) for a, b in zip(alone, shared, strict=True))
 
@@ -136,7 +142,7 @@ def test_a_rows_renders_do_not_depend_on_the_other_rows(engines, mode):
 
 
 def row(key, label, mode, round_ms, steps=4):
-    return bench.Row(key, label, steps, mode, len(round_ms), 3, 1, round_ms, None, "n/a", 0.0)
+    return bench_timing.Row(key, label, steps, mode, len(round_ms), 3, 1, round_ms, None, "n/a", 0.0)
 
 
 def test_ratios_pair_each_round_with_the_same_runs_no_bank_row_and_peer():
@@ -146,7 +152,7 @@ def test_ratios_pair_each_round_with_the_same_runs_no_bank_row_and_peer():
     other_none = row("none", "no bank", "latency", [100.0, 100.0, 100.0])
     other_dyme = row("dyme1", "DyMe(1)", "latency", [110.0, 130.0, 120.0])
     lone = row("dyme1", "DyMe(1)", "stream", [5.0, 5.0, 5.0], steps=1)  # a group without a no-bank row
-    bench.add_ratios([none, dyme, peer, other_none, other_dyme, lone])
+    bench_timing.add_ratios([none, dyme, peer, other_none, other_dyme, lone])
     assert dyme.ratio_time == pytest.approx([1.2, 1.1, 1.2])  # per round 1.2, 1.1, 1.2: median, min, max
     assert none.ratio_time == [1.0, 1.0, 1.0]
     assert none.ratio_peer == pytest.approx([1.0, 0.8, 1.0])
@@ -160,11 +166,11 @@ def test_ratios_pair_each_round_with_the_same_runs_no_bank_row_and_peer():
 def test_markdown_shows_min_median_max_and_the_ratio_spread():
     none = row("none", "no bank", "stream", [10.0, 20.0, 40.0])
     dyme = row("dyme1", "DyMe(1)", "stream", [12.0, 22.0, 48.0])
-    bench.add_ratios([none, dyme])
+    bench_timing.add_ratios([none, dyme])
     result = {"environment": {"device_name": "CPU", "model": "tiny", "size": 64, "dtype": "float32", "accel": "",
                               "load_average": [0.5, 1.25], "cpu_count": 2, "threads": 1},
-              "rows": [none.__dict__, dyme.__dict__], "command": "python -m sv2v_core bench"}
-    table = bench.markdown(result)
+              "rows": [none.__dict__, dyme.__dict__], "command": "python -m bench.engine"}
+    table = bench_report.markdown(result)
     assert "| DyMe(1) | 22.0 (12.0–48.0) | 45.45 | 1.200 (1.100–1.200) | n/a |" in table
     assert "| no bank | 20.0 (10.0–40.0) |" in table
     assert "median (min–max)" in table and "3 rounds of 3 frames per row" in table
@@ -196,10 +202,10 @@ def unet_calls(unet, render, frame) -> list[tuple]:
 @pytest.mark.parametrize("mode, steps", [("stream", 4), ("latency", 4), ("latency", 1)])
 def test_the_peer_makes_the_same_unet_calls_as_our_no_bank_row(engines, mode, steps):
     engine, peer_parts = engines
-    ours = bench.EngineRow(engine, "none", SIZE, steps, mode)
-    peer = bench.PeerRow(peer_parts, SIZE, steps, mode, torch.float32, warmup=1)
+    ours = bench_rows.EngineRow(engine, "none", SIZE, steps, mode)
+    peer = bench_peer.PeerRow(peer_parts, SIZE, steps, mode, torch.float32, warmup=1)
     ours.start(), peer.start()
-    frames = bench.synthetic_frames(3, SIZE)
+    frames = bench_frames.synthetic_frames(3, SIZE)
     for frame in frames[:2]:
         ours(frame), peer(frame)
     our_calls = unet_calls(engine.unet, ours, frames[2])
@@ -216,7 +222,7 @@ def test_the_peer_runs_diffusers_processors_on_its_own_unet(engines):
     assert all(isinstance(p, BankAttnProcessor) for p in engine.unet.attn_processors.values())
     assert not any(isinstance(p, BankAttnProcessor) for p in peer_parts.unet.attn_processors.values())
     with pytest.raises(ValueError, match="before StreamV2V patches it"):
-        bench.peer_components(engine.components)
+        bench_peer.peer_components(engine.components)
 
 
 # ---------------------------------------------------------------- the command
@@ -226,7 +232,7 @@ def test_bench_writes_every_row_with_its_spread_and_ratios(tmp_path, capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        code = bench.main(["--model", "tiny", "--size", str(SIZE), "--steps", "2", "--rounds", "2", "--block", "2",
+        code = bench_engine.main(["--model", "tiny", "--size", str(SIZE), "--steps", "2", "--rounds", "2", "--block", "2",
                            "--warmup", "1", "--device", "cpu", "--output", str(tmp_path), "--quiet"])
         assert torch.get_num_threads() == 2  # given back
     finally:
@@ -235,7 +241,7 @@ def test_bench_writes_every_row_with_its_spread_and_ratios(tmp_path, capsys):
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["environment"]["threads"] == 1 and result["environment"]["clock"] == "cpu"  # the CPU defaults
     rows = result["rows"]
-    assert [(r["key"], r["mode"]) for r in rows] == [(k, m) for m in ("stream", "latency") for k in bench.ROWS]
+    assert [(r["key"], r["mode"]) for r in rows] == [(k, m) for m in ("stream", "latency") for k in bench_rows.ROWS]
     for r in rows:
         assert r["rounds"] == 2 and r["block"] == 2 and r["steps"] == 2 and len(r["round_ms"]) == 2
         assert 0 < r["ms_min"] <= r["ms"] <= r["ms_max"]
@@ -252,7 +258,7 @@ def test_bench_writes_every_row_with_its_spread_and_ratios(tmp_path, capsys):
 
 
 def test_bench_profile_and_peer(tmp_path, capsys):
-    code = bench.main(["--model", "tiny", "--size", str(SIZE), "--steps", "4", "--modes", "stream", "--rows", "none",
+    code = bench_engine.main(["--model", "tiny", "--size", str(SIZE), "--steps", "4", "--modes", "stream", "--rows", "none",
                        "dyme1", "--rounds", "1", "--block", "1", "--profile", "--profile-frames", "1",
                        "--peer", "--clock", "wall", "--device", "cpu", "--output", str(tmp_path), "--quiet"])
     assert code == 0
@@ -265,7 +271,7 @@ def test_bench_profile_and_peer(tmp_path, capsys):
                   "bank update (commit)", "host work (rest of the frame)"):
         assert stage in dyme
     assert "  feature fusion (cosine, argmax, lerp)" in dyme  # the bank is read from the second frame on
-    if bench.peer_problem() is None:
+    if bench_peer.peer_problem() is None:
         assert keys == ["none", "dyme1", "peer"]
         assert set(profiles) == {"none", "dyme1", "peer"}
         peer = profiles["peer"]["ms_per_frame"]

@@ -8,7 +8,7 @@ stroke (with SV2V_UPDATE_SCREENSHOT=1 into docs/screenshot.png, the README's
 picture; otherwise into the test's temporary folder). The Webcam tab is
 driven by Chromium's synthetic camera (--use-fake-device-for-media-stream).
 
-With the echo engine (ui.echo: the render is the snapshot itself), served in
+With the echo engine (bench.echo: the render is the snapshot itself), served in
 this process: both channels (the fast WebSocket channel, and the Gradio
 event path forced with ?channel=gradio) render mid-stroke and end on a
 render of the final canvas; two pages drawing different colours never see
@@ -193,7 +193,7 @@ NO_RENDERS_BEFORE = "the page drew no render while the stroke was still being dr
 
 def serve_echo(mode: str):
     """An app with the echo engine in this process: (url, service, stop)."""
-    from ui.echo import EchoEngine
+    from bench.echo import EchoEngine
     from ui.presets import load_presets
     from ui.server import create_service, serve
 
@@ -369,6 +369,34 @@ def test_settings_typed_on_the_page_reach_the_fast_channel(browser, echo_url):
     final_render_matches_canvas(page)
     state = service.renderer.stream_state(session)
     assert state.config.prompt == prompt() and state.config.strength == 0.5  # the preset's strength
+
+
+def test_the_page_sends_its_settings_on_the_fast_channel_itself(browser, echo_url):
+    """On connecting and on every change, live.js sends the controls as a settings message (ui.wire)."""
+    import json
+
+    url, _ = echo_url
+    page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    sent: list[dict] = []
+
+    def watch(ws) -> None:
+        if "/sv2v/ws" in ws.url:
+            ws.on("framesent", lambda payload: sent.append(json.loads(payload)) if isinstance(payload, str) else None)
+
+    page.on("websocket", watch)
+    page.goto(url)
+    page.wait_for_selector("#sv2v-canvas [data-ready='1']", timeout=60_000)
+
+    def seen(test) -> bool:
+        page.wait_for_timeout(50)  # Playwright hands over the frames it saw while it runs
+        return any(test(message) for message in sent)
+
+    assert wait_for(lambda: seen(lambda m: m.get("type") == "settings"), 30), "no settings on connecting"
+    page.get_by_label("Subject (prompt)").fill("a lighthouse at dusk")
+    assert wait_for(lambda: seen(lambda m: m.get("subject") == "a lighthouse at dusk"), 15), sent[-3:]
+    message = next(m for m in sent if m.get("subject") == "a lighthouse at dusk")
+    assert set(message) == {"type", "subject", "preset", "strength", "steps", "seed", "bank", "ea", "ff",
+                            "control_scale"}
 
 
 def test_a_render_older_than_the_one_shown_is_never_drawn(browser, echo_url):

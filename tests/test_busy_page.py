@@ -19,7 +19,7 @@ from test_browser import ECHO_SIZE, browser, open_page, renders, wait_for  # noq
 
 @pytest.fixture()
 def full_app():
-    from ui.echo import EchoEngine
+    from bench.echo import EchoEngine
     from ui.presets import load_presets
     from ui.server import create_service, serve
 
@@ -36,7 +36,7 @@ def full_app():
 @pytest.mark.parametrize("channel", ["ws", "gradio"])
 def test_a_page_that_finds_every_place_taken_says_so_and_gets_in_when_one_leaves(browser, full_app, channel):  # noqa: F811
     from tests.test_many_users import jpeg
-    from ui.channel_client import ChannelClient
+    from bench.channel_client import ChannelClient
 
     url, service = full_app
     with ChannelClient(url, "holder", [jpeg((200, 0, 0), ECHO_SIZE)], depth=1) as holder:

@@ -1,6 +1,6 @@
 """The fast channel (ui.channel) through a real server and a Python WebSocket client.
 
-The app runs in this process with the echo engine (ui.echo), whose render is
+The app runs in this process with the echo engine (bench.echo), whose render is
 the snapshot itself, so a render's colour tells whose snapshot it shows.
 """
 
@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
 from ui import wire  # noqa: E402
-from ui.echo import EchoEngine  # noqa: E402
+from bench.echo import EchoEngine  # noqa: E402
 from ui.presets import load_presets  # noqa: E402
 from ui.server import create_service, free_port, serve  # noqa: E402
 
@@ -93,6 +93,37 @@ def test_settings_from_the_page_reach_the_fast_channel(app):
         render(ws, 1, (10, 10, 200))
     config = service.renderer.stream_state("settings").config
     assert (config.prompt, config.steps, config.strength) == ("a watercolor", 2, 0.6)
+
+
+def test_settings_travel_on_the_fast_channel_itself(app):
+    """A settings message (what static/live.js sends on connecting and on every change) sets the stream's settings."""
+    from ui.presets import load_presets
+    from ui.settings import Settings
+
+    service, url = app
+    preset = next(iter(load_presets()))
+    settings = Settings("a lighthouse", preset, 0.55, 3, 42, "queue", True, False)
+    with open_channel(url, "ws-settings") as ws:
+        ws.send(wire.settings_message(settings))
+        render(ws, 1, (10, 200, 10))
+        ws.send(wire.settings_message(Settings("a lighthouse", preset, 7.0, 3, 42, "queue", True, False)))
+        error = error_of(ws)  # a bad value: said, and the settings stay as they were
+        assert error["seq"] is None and "strength" in error["message"]
+        render(ws, 2, (10, 200, 10))
+    config = service.renderer.stream_state("ws-settings").config
+    assert "a lighthouse" in config.prompt and (config.strength, config.steps, config.seed) == (0.55, 3, 42)
+    assert (config.bank.mode, config.bank.extended_attention, config.bank.feature_fusion) == ("queue", True, False)
+
+
+@pytest.mark.parametrize("text", ['{"type": "settings", "subject": "x"}', '{"type": "hello"}', "[1, 2]"])
+def test_text_that_is_not_a_whole_settings_message_closes_the_connection(app, text):
+    _, url = app
+    ws = open_channel(url, "bad-settings")
+    ws.send(text)
+    assert "settings" in error_of(ws)["message"]
+    with pytest.raises(ConnectionClosed) as closed:
+        ws.recv(TIMEOUT)
+    assert closed.value.rcvd.code == 1003
 
 
 def test_bad_pictures_and_order_get_an_error_and_the_connection_goes_on(app):
@@ -278,7 +309,7 @@ def test_a_closed_session_frees_its_state_and_a_new_connection_starts_afresh(app
 
 
 def test_a_restarted_stream_is_announced_once_and_the_recording_keeps_every_frame(app):
-    from ui.service import RESTARTED_NOTICE
+    from ui.live import RESTARTED_NOTICE
 
     service, url = app
     with open_channel(url, "restart") as ws:

@@ -1,4 +1,4 @@
-"""The live-path benchmark (ui.bench) runs end to end and writes its results.
+"""The live-path benchmark (bench.live) runs end to end and writes its results.
 
 A short run with the echo engine in a real headless Chromium, and one of the
 built-in model through the Python client alone (no browser: how the GPU check
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ui.bench import main
+from bench.live import main
 
 
 @pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="Debian chromium (/usr/bin/chromium) is not installed")
@@ -33,7 +33,7 @@ def test_the_benchmark_measures_a_drawing_session_and_writes_json_and_markdown(t
 
 
 def test_a_built_in_model_row_without_a_browser_compares_with_the_engine_alone(tmp_path, monkeypatch):
-    monkeypatch.setattr("ui.bench.CHROMIUM", str(tmp_path / "no-chromium"))  # the Python client needs no browser
+    monkeypatch.setattr("bench.live.CHROMIUM", str(tmp_path / "no-chromium"))  # the Python client needs no browser
     assert main(["--cases", "tiny:64", "--channels", "python", "--seconds", "1.5", "--out", str(tmp_path)]) == 0
     (row,) = json.loads((tmp_path / "live.json").read_text())["rows"]
     assert (row["case"], row["channel"]) == ("tiny:64", "python")

@@ -26,7 +26,7 @@ import pytest
 
 from sv2v_core import StreamConfig
 from tests.test_batching import BACKGROUNDS, assert_rounding_close, sketch
-from ui.echo import EchoEngine
+from bench.echo import EchoEngine
 from ui.recording import Recorder
 from ui.service import CanvasService
 from ui.server import free_port
@@ -43,7 +43,7 @@ class Held:
     def __init__(self, service: CanvasService) -> None:
         self.release = threading.Event()
         entered = threading.Event()
-        self.task = service.scheduler.call(lambda: entered.set() or self.release.wait(TIMEOUT))
+        self.task = service.renderer.call(lambda: entered.set() or self.release.wait(TIMEOUT))
         assert entered.wait(TIMEOUT)
 
     def __enter__(self) -> "Held":
@@ -92,7 +92,7 @@ def test_sessions_batched_by_the_app_render_what_each_renders_alone(engine, mode
                            for index, span in enumerate(SPANS) if step in span}
             for index, ticket in tickets.items():
                 batched[index, step] = ticket.future.result(TIMEOUT).image
-        batches = service.scheduler.stats().batches
+        batches = service.stats().batches
         assert batches == {2: 5, 3: 3}, batches  # every step's frames in one batch
     finally:
         service.close()
@@ -119,7 +119,7 @@ def test_a_strokes_end_in_a_batch_is_flushed_to_its_own_last_snapshot():
                 drawing = service.submit("drawing", np.full((SIZE, SIZE, 3), 10 * seq, np.uint8), service.base,
                                          seq=seq, end=False)
             ended, going = ending.future.result(TIMEOUT), drawing.future.result(TIMEOUT)
-        assert service.scheduler.stats().batches == {2: 5}
+        assert service.stats().batches == {2: 5}
     finally:
         service.close()
     assert ended.seq == 5 and ended.image.mean() == 50  # the stroke's end, flushed
@@ -156,7 +156,7 @@ def test_a_frame_that_breaks_its_batch_gets_the_error_and_the_others_their_rende
                     config = config.replace(strength=0.05, steps=4)  # too low for 4 steps: the engine refuses it
                 tickets[name] = service.submit(name, frame, config)
         results = {name: ticket.future.exception(TIMEOUT) or ticket.future.result() for name, ticket in tickets.items()}
-        assert service.scheduler.stats().batches.get(5) == 1
+        assert service.stats().batches.get(5) == 1
         # and the sessions go on
         assert service.render("poison", sketch(4), service.base).image.shape == (SIZE, SIZE, 3)
     finally:
@@ -210,7 +210,7 @@ def test_an_idle_session_releases_its_state_and_place_and_is_freed_after_the_idl
             service.render("b", frame, service.base)
         clock.now += 11
         service.sweep()
-        service.scheduler.call(lambda: None).result(TIMEOUT)  # the release runs on the scheduler
+        service.renderer.call(lambda: None).result(TIMEOUT)  # the release runs on the scheduler
         assert state.device == "cpu" and service.registry.active() == 0
         service.render("b", frame, service.base)  # a's place
         with pytest.raises(Busy):
@@ -268,7 +268,7 @@ def test_a_full_app_says_busy_on_the_fast_channel_and_the_api_and_lets_them_in_w
     gradio_client = pytest.importorskip("gradio_client")
     from PIL import Image
 
-    from ui.channel_client import ChannelClient
+    from bench.channel_client import ChannelClient
 
     service, url = full_app
     with ChannelClient(url, "first", [jpeg((200, 0, 0))], depth=1) as first:
@@ -310,7 +310,7 @@ def loaded_app():
 
 def test_artists_under_load_only_ever_see_their_own_colour(loaded_app):
     """Six artists, each drawing in its own colour: no render ever shows another artist's colour."""
-    from ui.loadtest import Artist
+    from bench.loadtest import Artist
 
     service, url = loaded_app
     artists = [Artist(url, user, 6, 512, check_colour=True) for user in range(6)]
@@ -324,12 +324,12 @@ def test_artists_under_load_only_ever_see_their_own_colour(loaded_app):
     for artist in artists:
         assert artist.failure is None and not artist.client.log.errors
         assert len(artist.client.log.renders) > 5 and artist.leaks == 0, (artist.user, artist.leaks)
-    assert any(size > 1 for size in service.scheduler.stats().batches)  # they did share batches
+    assert any(size > 1 for size in service.stats().batches)  # they did share batches
 
 
 def test_an_artist_with_a_page_rate_sends_no_faster_than_it(loaded_app):
     """--page-rate: a page on a 20 Hz display sends at most 20 snapshots a second, however fast the answers."""
-    from ui.loadtest import Artist
+    from bench.loadtest import Artist
 
     _, url = loaded_app
     artist = Artist(url, 0, 1, 512, check_colour=True, page_rate=20)
@@ -347,7 +347,7 @@ def test_a_short_soak_exports_every_artists_frames():
     """CI's version of the 30-minute soak: artists come, draw, export and go; no errors, no leaks,
     every export decodes with one frame per render its artist received."""
     pytest.importorskip("gradio_client")
-    from ui.loadtest import run_soak
+    from bench.loadtest import run_soak
 
     soak = run_soak(0.3, users=3, session_seconds=6, warmup_minutes=0.1)
     assert soak.sessions >= 6 and soak.renders > 0
@@ -364,7 +364,7 @@ def test_bad_clients_under_load_harm_nobody_and_are_freed(loaded_app):
 
     from tests.test_channel import masked_frame, raw_channel
     from ui import wire
-    from ui.loadtest import Artist, drawing
+    from bench.loadtest import Artist, drawing
 
     service, url = loaded_app
     artists = [Artist(url, user, 3, 512, check_colour=True, session=f"good{user}") for user in range(3)]

@@ -23,9 +23,9 @@ from websockets.exceptions import ConnectionClosed  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
 from ui import wire  # noqa: E402
-from ui.echo import EchoEngine  # noqa: E402
+from bench.echo import EchoEngine  # noqa: E402
 from ui.inputs import parse_snapshot  # noqa: E402
-from ui.popout import ViewLinks  # noqa: E402
+from ui.feeds import ViewLinks  # noqa: E402
 from ui.presets import load_presets  # noqa: E402
 from ui.recording import Recorder  # noqa: E402
 from ui.server import create_service, serve  # noqa: E402
@@ -194,7 +194,7 @@ def test_the_fast_channel_hands_the_ink_layer_to_the_engine_and_a_rerender_reuse
 def test_with_a_controlnet_the_api_and_settings_carry_the_conditioning_scale(app):
     service, _, _ = app
     assert service.controlled and service.base.control_scale == 1.0 and service.base.strength == 0.6
-    from ui.service import make_config
+    from ui.settings import make_config
 
     config = make_config(service.base, prompt="", strength=0.6, steps=2, seed=0, bank="dyme", ea=True, ff=True,
                          control_scale=0.25)

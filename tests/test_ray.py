@@ -17,7 +17,8 @@ import pytest
 from tests.conftest import RAY_REPLICAS, RAY_SESSIONS_PER_REPLICA
 from tests.test_batching import assert_rounding_close
 from tests.test_renderer import LATENCY, TIMEOUT, frames
-from ui.renderer import RendererBusy, StepRequest, local_renderer
+from ui.local_renderer import local_renderer
+from ui.renderer import RendererBusy, StepRequest
 
 ray = pytest.importorskip("ray", reason="ray is optional: pip install -r requirements-ray.txt")
 
@@ -37,7 +38,7 @@ def wait_for_replicas(renderer, count: int, gone: str, seconds: float = 180.0) -
     (Serve's status still counts a killed replica as running until its controller notices.)"""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        answering = {stats["replica"] for stats in renderer.stats(count, attempts=16)}
+        answering = {stats["replica"] for stats in renderer.replica_stats(count, attempts=16)}
         if len(answering) == count and gone not in answering:
             return
         time.sleep(1.0)
@@ -48,7 +49,7 @@ def test_sessions_stay_on_one_replica_spread_over_both_and_render_as_in_process(
     sessions = [f"pin-{index}" for index in range(FULL)]
     inputs = {session_id: frames(50, seed) for seed, session_id in enumerate(sessions)}
     try:
-        served_before = sum(stats["served"] for stats in ray_renderer.stats(RAY_REPLICAS))
+        served_before = sum(stats["served"] for stats in ray_renderer.replica_stats(RAY_REPLICAS))
         workers: dict[str, Counter] = defaultdict(Counter)
         replies: dict[str, list] = defaultdict(list)
         for index in range(50):
@@ -59,7 +60,7 @@ def test_sessions_stay_on_one_replica_spread_over_both_and_render_as_in_process(
         assert all(len(counts) == 1 for counts in workers.values()), dict(workers)  # pinned: one replica each
         owners = Counter(next(iter(counts)) for counts in workers.values())
         assert len(owners) == RAY_REPLICAS and set(owners.values()) == {RAY_SESSIONS_PER_REPLICA}  # spread
-        stats = ray_renderer.stats(RAY_REPLICAS)
+        stats = ray_renderer.replica_stats(RAY_REPLICAS)
         assert sum(s["served"] for s in stats) - served_before == 50 * FULL  # each frame rendered once, nowhere else
         assert any(size > 1 for s in stats for size in s["batches"])  # a replica batches its sessions' frames
         assert all(len({reply.epoch for reply in replies[s]}) == 1 for s in sessions)
@@ -82,7 +83,7 @@ def test_sessions_stay_on_one_replica_spread_over_both_and_render_as_in_process(
         # A leaving session frees its slot and its state: the newcomer gets its room.
         leaving = sessions[0]
         ray_renderer.close(leaving)
-        assert sorted(s["sessions"] for s in ray_renderer.stats(RAY_REPLICAS)) == [RAY_SESSIONS_PER_REPLICA - 1,
+        assert sorted(s["sessions"] for s in ray_renderer.replica_stats(RAY_REPLICAS)) == [RAY_SESSIONS_PER_REPLICA - 1,
                                                                                  RAY_SESSIONS_PER_REPLICA]
         ray_renderer.open("pin-newcomer")
         newcomer = step_all(ray_renderer, {"pin-newcomer": inputs[leaving][0]})["pin-newcomer"]
@@ -90,7 +91,7 @@ def test_sessions_stay_on_one_replica_spread_over_both_and_render_as_in_process(
     finally:
         for session_id in sessions + ["pin-newcomer"]:
             ray_renderer.close(session_id)
-    assert [s["sessions"] for s in ray_renderer.stats(RAY_REPLICAS)] == [0] * RAY_REPLICAS
+    assert [s["sessions"] for s in ray_renderer.replica_stats(RAY_REPLICAS)] == [0] * RAY_REPLICAS
 
 
 def test_the_video_tab_translates_through_the_replicas(ray_renderer, tmp_path):
@@ -112,7 +113,7 @@ def test_the_video_tab_translates_through_the_replicas(ray_renderer, tmp_path):
         first = next(read_video(out)[0])
         assert first.std() > 1  # rendered pictures, not an empty file
         assert service.renderer.sessions() == 0  # its session of its own is closed
-        assert sum(stats["sessions"] for stats in ray_renderer.stats(RAY_REPLICAS)) == 0
+        assert sum(stats["sessions"] for stats in ray_renderer.replica_stats(RAY_REPLICAS)) == 0
     finally:
         service.close()
 

@@ -19,8 +19,8 @@ import pytest
 from sv2v_core.config import StreamConfig
 from sv2v_core.images import ImageError
 from tests.conftest import RAY_REPLICAS, RAY_SESSIONS_PER_REPLICA
-from ui.renderer import RendererBusy, SessionLost, StepRequest, local_renderer
-from ui.scheduler import Superseded
+from ui.local_renderer import local_renderer
+from ui.renderer import RendererBusy, SessionLost, StepRequest, Superseded
 
 TIMEOUT = 120
 SIZE = 64
@@ -216,7 +216,7 @@ def test_strict_epochs_refuse_another_stream_unless_told_to_restart(engine):
 def test_an_idle_session_is_reclaimed_for_a_newcomer_an_active_one_never(engine):
     now = itertools.count(0.0, 10.0)  # each clock reading is 10 s after the last
     clock = lambda: next(now)  # noqa: E731
-    from ui.renderer import InProcessRenderer
+    from ui.local_renderer import InProcessRenderer
 
     renderer = InProcessRenderer(engine, max_sessions=2, idle_timeout=25.0, clock=clock)
     try:
@@ -267,7 +267,7 @@ def test_the_app_runs_in_process_without_ray_and_says_what_ray_mode_needs(tmp_pa
 
 
 def test_the_idle_timeout_frees_a_session_s_stream_with_its_recording():
-    from ui.echo import EchoEngine
+    from bench.echo import EchoEngine
     from ui.recording import Recorder
     from ui.service import CanvasService
     from ui.sessions import SessionRegistry

@@ -8,7 +8,8 @@ import threading
 
 import pytest
 
-from ui.scheduler import RenderScheduler, SchedulerClosed, Superseded
+from ui.renderer import RendererClosed, Superseded
+from ui.scheduler import RenderScheduler
 
 TIMEOUT = 10
 
@@ -218,7 +219,7 @@ def test_close_fails_waiting_work_and_refuses_new_work(gate):
     closer.join(TIMEOUT)
     blocker.future.result(TIMEOUT)  # the running frame finishes
     for future in (waiting.future, task):
-        with pytest.raises(SchedulerClosed):
+        with pytest.raises(RendererClosed):
             future.result(TIMEOUT)
-    with pytest.raises(SchedulerClosed):
+    with pytest.raises(RendererClosed):
         scheduler.submit("a", "a2")

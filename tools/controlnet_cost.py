@@ -4,7 +4,7 @@
     python -m tools.controlnet_cost --model sd15-random --controlnet sd15-random --size 256 --frames 3
 
 One engine with the ControlNet renders the same moving synthetic drawing
-(`bench.synthetic_frames`) in two streams: conditioning off (scale 0: the
+(`bench.frames.synthetic_frames`) in two streams: conditioning off (scale 0: the
 ControlNet never runs; only the control image, about 1 ms at 256², is still
 derived) and on (scale 1.0, "lines" control images), through
 `StreamV2V.__call__` (control image, encode, ControlNet + UNet calls, bank,
@@ -30,7 +30,7 @@ import torch
 from diffusers import ControlNetModel
 
 from sv2v_core import BankConfig, StreamConfig, StreamV2V, load_components
-from sv2v_core.bench import synthetic_frames
+from bench.frames import synthetic_frames
 
 
 def engine(model: str, controlnet: str) -> StreamV2V:

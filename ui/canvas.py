@@ -82,6 +82,15 @@ def canvas_component(channel_path: str, size: int, quality: float, *, control: b
     )
 
 
+def settings_js(fields: tuple[str, ...]) -> str:
+    """A browser-only event handler (`js=` of a Gradio event with no Python function) that hands the
+    page's settings controls, in the order `fields`, to static/live.js, which sends them on the fast
+    channel (as ui.wire's settings message) now and on every (re)connect."""
+    names = ", ".join(fields)
+    return (f"({names}) => {{ const settings = {{{names}}}; window.sv2vSettings = settings; "
+            "document.dispatchEvent(new CustomEvent('sv2v:settings', { detail: settings })); }")
+
+
 def render_component() -> gr.HTML:
     """The live render (a <canvas>) with its renders-per-second / latency / channel readout."""
     return gr.HTML(

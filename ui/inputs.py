@@ -1,11 +1,14 @@
 """Decoding what a visitor sends into RGB frames, with size limits.
 
 Canvas snapshots arrive as JPEG bytes on the fast channel (ui.channel) or as
-data URLs inside a small JSON payload on the Gradio path; API calls and
-uploads arrive as image files.  Both are capped in bytes and in
-pixels *before* the pixels are decoded, then handed to
-`sv2v_core.images.to_rgb_array` (RGBA, grayscale, 16-bit … become RGB).
-Every problem raises `ImageError` (a `ValueError`) with a readable message.
+data URLs inside a small JSON payload on the Gradio path
+(`snapshot_from_payload` turns that into the same bytes); either way
+`decode_snapshot` is the one step that decodes a snapshot's pictures (the
+session layer, ui.live, calls it).  API calls and uploads arrive as image
+files.  All are capped in bytes and in pixels *before* the pixels are
+decoded, then handed to `sv2v_core.images.to_rgb_array` (RGBA, grayscale,
+16-bit … become RGB).  Every problem raises `ImageError` (a `ValueError`)
+with a readable message.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sv2v_core.images import ImageError, resize, to_rgb_array
+
+from .wire import SnapshotMessage
 
 MAX_IMAGE_BYTES = 8 * 1024 * 1024
 MAX_IMAGE_SIDE = 4096
@@ -87,23 +92,22 @@ def load_image_file(path: str | os.PathLike) -> np.ndarray:
     return decode_image_bytes(data)
 
 
-def decode_data_url(url: str) -> np.ndarray:
-    """A `data:image/...;base64,` URL as an RGB uint8 array, or `ImageError`."""
+def data_url_bytes(url: str) -> bytes:
+    """The bytes of a `data:image/...;base64,` URL (PNG, JPEG or WebP), or `ImageError`."""
     prefix = next((p for p in DATA_URL_PREFIXES if url.startswith(p)), None)
     if prefix is None:
         raise ImageError("the canvas snapshot is not a PNG, JPEG or WebP data URL")
     if len(url) > MAX_IMAGE_BYTES * 4 // 3 + len(prefix) + 4:
         raise ImageError(f"the canvas snapshot is larger than {MAX_IMAGE_BYTES // 2**20} MB")
     try:
-        data = base64.b64decode(url[len(prefix):], validate=True)
+        return base64.b64decode(url[len(prefix):], validate=True)
     except binascii.Error as error:
         raise ImageError("the canvas snapshot is not valid base64") from error
-    return decode_image_bytes(data)
 
 
-def parse_snapshot(payload: str) -> Snapshot:
-    """The canvas component's value (JSON: "image", "t", "end", "cut", "seq",
-    and "control" with a ControlNet) as a `Snapshot`, or `ImageError`."""
+def snapshot_from_payload(payload: str) -> SnapshotMessage:
+    """The canvas component's value (JSON: "image", "t", "end", "cut", "seq", and "control" with a
+    ControlNet; pictures as data URLs) as a snapshot with its pictures' bytes, or `ImageError`."""
     try:
         message = json.loads(payload)
     except (json.JSONDecodeError, TypeError) as error:
@@ -119,5 +123,17 @@ def parse_snapshot(payload: str) -> Snapshot:
     control = message.get("control")
     if control is not None and not isinstance(control, str):
         raise ImageError("the canvas sent a control image that is not a data URL")
-    return Snapshot(decode_data_url(message["image"]), float(stamp), bool(message.get("end")), bool(message.get("cut")),
-                    seq, None if control is None else decode_data_url(control))
+    return SnapshotMessage(seq, float(stamp), bool(message.get("end")), bool(message.get("cut")),
+                           data_url_bytes(message["image"]), None if control is None else data_url_bytes(control))
+
+
+def decode_snapshot(message: SnapshotMessage, size: tuple[int, int] | None = None) -> Snapshot:
+    """A snapshot's pictures decoded (and resized to `size`, (width, height)), or `ImageError`."""
+    control = None if message.control is None else decode_image_bytes(message.control, size)
+    return Snapshot(decode_image_bytes(message.image, size), message.stamp, message.end, message.cut, message.seq,
+                    control)
+
+
+def parse_snapshot(payload: str) -> Snapshot:
+    """The canvas component's value, decoded (`snapshot_from_payload`, then `decode_snapshot`)."""
+    return decode_snapshot(snapshot_from_payload(payload))

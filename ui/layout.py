@@ -1,20 +1,21 @@
-"""The Gradio page: canvas, live render, controls, export, video and webcam.
+"""The Gradio page, and its events as an adapter over the session layer (ui.live).
 
-`build_app(service, ...)` returns a `gr.Blocks`.  Everything mutable lives in
-the `CanvasService` (and its `SessionRegistry`) handed in, so two apps built
-in one process share nothing.  Handlers here only turn widget values into
-service calls and expected errors into messages: `ValueError` (bad settings,
-`ImageError`, `VideoError`) and `OSError` become a `gr.Error` (or, on the
-live path, a `gr.Warning` that leaves the last render in place); the session
-keeps working and other sessions are untouched.  Every render goes through
-the service's scheduler (one model thread, newest frame wins per session).
+`build_app(live, ...)` returns a `gr.Blocks`.  Everything mutable lives in
+the `CanvasService` (and its `SessionRegistry`) behind `live`, so two apps
+built in one process share nothing.  The live canvas's handlers only turn
+widget values into calls on a `LivePage` and its typed replies into
+Gradio's outputs: a render for the view; "dropped", "busy" or an error for
+the page's flow control; a `gr.Warning` where the last render should stay
+in place; `gr.Info` for a notice; a `gr.Error` for the API.  The rest
+(reset, export, video) call the service directly.
 
 Event wiring:
 - canvas "snapshot" (custom gr.HTML event; the Gradio fallback of the fast
   channel, ui.channel) -> render, with trigger_mode="always_last" so a
   snapshot arriving while one renders replaces any waiting one;
-- every settings control's change -> the session's settings on the server
-  (what the fast channel renders with), and on page load too;
+- every settings control's change, and page load -> the session's settings
+  on the server (for the Gradio path), and in the browser to the fast
+  channel, which sends them as its own settings message (static/live.js);
 - a settings change that should show at once (Enter in the prompt, a slider
   released, a preset, the bank controls, the seed dice) re-renders the
   newest snapshot, once, whatever the page's update policy (static/live.js);
@@ -23,10 +24,8 @@ Event wiring:
   /render argument after the image has the page's default.
 
 With a ControlNet (`service.controlled`) the page shows a conditioning
-slider, each preset's strength is raised by CONTROL_STRENGTH_BOOST (the
-plain preset: 0.4 -> 0.6, sv2v_core.control.CONTROLLED_STRENGTH, as
-measured in the README) and the canvas sends its ink layer with every
-snapshot as the control source.
+slider, each preset's strength is raised (ui.settings.preset_strength) and
+the canvas sends its ink layer with every snapshot as the control source.
 """
 
 from __future__ import annotations
@@ -38,19 +37,17 @@ import uuid
 import gradio as gr
 
 from sv2v_core.config import BANK_MODES, MAX_CONTROL_SCALE, StreamConfig
-from sv2v_core.control import CONTROLLED_STRENGTH
 
-from .canvas import busy_value, canvas_component, no_render_value, render_component, render_value
+from .canvas import busy_value, canvas_component, no_render_value, render_component, render_value, settings_js
 from .channel import PATH as CHANNEL_PATH
-from .inputs import load_image_file, parse_snapshot
+from .inputs import load_image_file, snapshot_from_payload
+from .live import BusyReply, Dropped, Failed, Live, LivePage, Notice, Pending, RenderReply, Reply
 from .popout import PAGE_PATH as VIEW_PATH
 from .presets import Preset
 from .recording import EXPORT_FORMATS, EXPORT_PACES
-from .renderer import RendererBusy
-from .scheduler import SchedulerClosed, Superseded
-from .service import RESTARTED_NOTICE, CanvasService, Rendered, make_config
-from .sessions import Busy
-from .wire import SNAPSHOT_QUALITY
+from .service import Rendered
+from .settings import Settings, make_config, preset_strength
+from .wire import SETTINGS_FIELDS, SNAPSHOT_QUALITY
 
 # Render events wait on the scheduler, which runs one frame at a time; more
 # than one at once lets a waiting event be replaced (always_last) while its
@@ -58,37 +55,49 @@ from .wire import SNAPSHOT_QUALITY
 GPU = dict(concurrency_id="gpu", concurrency_limit=8)
 PAGE_CSS = ("#sv2v-notice { background: #fff4d6; border: 1px solid #e0b84c; border-radius: 6px; padding: 4px 12px; }"
             " #sv2v-dice { align-self: end; }")
-# Plain img2img strength -> strength with a ControlNet holding the lines (0.4 -> 0.6).
-PLAIN_STRENGTH = StreamConfig.strength
-CONTROL_STRENGTH_BOOST = CONTROLLED_STRENGTH - PLAIN_STRENGTH
-MAX_PRESET_STRENGTH = 0.8  # above it the drawing's colours are mostly gone, even with conditioning
 SEED_RANGE = 2**31  # the dice's seeds: what a person can read and type back
 
 
-def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str | None = None,
-              title: str = "StreamV2V Canvas", fast_channel: bool = True) -> gr.Blocks:
-    """The whole page around `service` (one engine, one session registry).
+def announced(replies: list[Reply]) -> list[Reply]:
+    """Show the notices among `replies` (gr.Info); the others."""
+    for reply in replies:
+        if isinstance(reply, Notice):
+            gr.Info(reply.message)
+    return [reply for reply in replies if not isinstance(reply, Notice)]
+
+
+def shown_or_warned(replies: list[Reply], value_of):
+    """`value_of(rendered)` for a render; a refusal is a warning and a dropped render nothing (the last
+    render stays in place)."""
+    for reply in announced(replies):
+        if isinstance(reply, RenderReply):
+            return value_of(reply.rendered)
+        if isinstance(reply, (Failed, BusyReply)):
+            gr.Warning(reply.message)
+    return gr.skip()
+
+
+def build_app(live: Live, *, notice: str | None = None, title: str = "StreamV2V Canvas",
+              fast_channel: bool = True) -> gr.Blocks:
+    """The whole page around the session layer `live` (one service, one set of style presets).
 
     fast_channel: the server serves ui.channel's WebSocket route, so the page
     may use it (it falls back to the Gradio events when it cannot connect).
     """
+    service, presets = live.service, live.presets
     preset_names = list(presets)
     default = presets[preset_names[0]]
     controlled = service.controlled
 
     def strength_of(preset: Preset) -> float:
-        """The preset's strength, raised when a ControlNet holds the lines."""
-        if not controlled:
-            return preset.strength
-        return round(min(MAX_PRESET_STRENGTH, max(preset.strength, preset.strength + CONTROL_STRENGTH_BOOST)), 2)
+        return preset_strength(preset, controlled)
 
-    def config_for(subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale):
-        preset = presets.get(preset_name)
-        if preset is None:
-            raise ValueError(f"unknown style preset {preset_name!r}")
-        return make_config(service.base, prompt=preset.prompt(subject or ""), strength=strength,
-                           steps=steps, seed=seed, bank=bank, ea=ea, ff=ff,
-                           control_scale=control_scale if controlled else None)
+    def page_of(request: gr.Request) -> LivePage:
+        """The session layer's page for the request's session (an event without one is an error)."""
+        try:
+            return live.connect(request.session_hash)
+        except ValueError:
+            raise gr.Error("this request has no session; reload the page") from None
 
     # -- handlers ---------------------------------------------------------
     def view_value(rendered: Rendered, reply: int) -> str:
@@ -100,48 +109,40 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
         if not payload:
             return gr.skip()
         try:
-            snapshot = parse_snapshot(payload)
+            message = snapshot_from_payload(payload)
         except ValueError as error:
             gr.Warning(str(error))
             return gr.skip()
-        try:
-            config = config_for(subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale)
-            service.set_config(request.session_hash, config)
-            rendered = service.render(request.session_hash, snapshot.image, config, stamp=snapshot.stamp,
-                                      seq=snapshot.seq, end=snapshot.end, cut=snapshot.cut, control=snapshot.control)
-        except Superseded:
-            return no_render_value(snapshot.seq)  # a newer snapshot of this page is on its way
-        except Busy as busy:  # every place is taken: the page shows it and asks again
-            return busy_value(snapshot.seq, busy.ahead, str(busy))
-        except RendererBusy as busy:  # every render worker is full (Ray): the same busy state
-            return busy_value(snapshot.seq, 0, str(busy))
-        except (ValueError, OSError, SchedulerClosed) as error:
-            return no_render_value(snapshot.seq, str(error))
-        if rendered.restarted:
-            gr.Info(RESTARTED_NOTICE)
-        return view_value(rendered, snapshot.seq)
+        page = page_of(request)
+        replies = page.settings(Settings(subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale))
+        if not replies:
+            outcome = page.snapshot(message)
+            replies = page.answer(outcome) if isinstance(outcome, Pending) else outcome
+        value = gr.skip()
+        for reply in announced(replies):
+            if isinstance(reply, RenderReply):
+                value = view_value(reply.rendered, message.seq)
+            elif isinstance(reply, Dropped):  # a newer snapshot of this page is on its way
+                value = no_render_value(message.seq)
+            elif isinstance(reply, BusyReply):  # every place is taken: the page shows it and asks again
+                value = busy_value(message.seq, reply.ahead, reply.message)
+            elif reply.unreadable:
+                gr.Warning(reply.message)
+            else:
+                value = no_render_value(message.seq, reply.message)
+        return value
 
-    def store_settings(subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale,
-                       request: gr.Request):
-        """Keep the page's settings on the server, for the fast channel's next frame."""
-        try:
-            service.set_config(request.session_hash, config_for(subject, preset_name, strength, steps, seed,
-                                                                bank, ea, ff, control_scale))
-        except ValueError as error:
-            gr.Warning(str(error))
+    def store_settings(subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale, request: gr.Request):
+        """Keep the page's settings on the server, for the next frame of either channel."""
+        settings = Settings(subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale)
+        for reply in page_of(request).settings(settings):
+            gr.Warning(reply.message)
 
     def on_settings(subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale, request: gr.Request):
         """Re-render the newest snapshot with new settings."""
-        try:
-            service.set_config(request.session_hash, config_for(subject, preset_name, strength, steps, seed,
-                                                                bank, ea, ff, control_scale))
-            rendered = service.rerender(request.session_hash)
-        except Superseded:
-            return gr.skip()
-        except (ValueError, OSError, SchedulerClosed, Busy, RendererBusy) as error:
-            gr.Warning(str(error))
-            return gr.skip()
-        return gr.skip() if rendered is None else view_value(rendered, 0)
+        settings = Settings(subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale)
+        page = page_of(request)
+        return shown_or_warned(page.settings(settings) or page.rerender(), lambda rendered: view_value(rendered, 0))
 
     def on_preset(preset_name):
         preset = presets.get(preset_name, default)
@@ -153,7 +154,7 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
 
     def view_link(request: gr.Request) -> str:
         """The pop-out view's link for this page's session (its token in the fragment)."""
-        token = service.view_token(request.session_hash)
+        token = page_of(request).view_token()
         return (f'<a class="sv2v-popout" href="{VIEW_PATH.lstrip("/")}#{html.escape(token)}" target="_blank" '
                 'rel="noopener noreferrer">Pop-out view ↗</a> <span class="sv2v-popout-hint">this session\'s '
                 'live render alone, full-window: for a second monitor or a streaming tool\'s browser source. '
@@ -169,11 +170,17 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
             config = make_config(service.base, prompt=prompt, strength=strength, steps=steps, seed=seed,
                                  bank=bank, ea=ea, ff=ff, control_scale=control_scale if controlled else None)
             frame = load_image_file(image)
-            return service.render(request.session_hash, frame, config, end=True).image
-        except Superseded:
-            raise gr.Error("a newer /render call of this session replaced this one") from None
-        except (ValueError, OSError, SchedulerClosed, Busy, RendererBusy) as error:
+            page = page_of(request)
+        except ValueError as error:
             raise gr.Error(str(error)) from None
+        for reply in page.render(frame, config, end=True):
+            if isinstance(reply, RenderReply):
+                return reply.rendered.image
+            if isinstance(reply, Dropped):
+                raise gr.Error("a newer /render call of this session replaced this one")
+            if isinstance(reply, (Failed, BusyReply)):
+                raise gr.Error(reply.message)
+        raise gr.Error("no render")
 
     def reset_bank(request: gr.Request):
         """Empty this session's feature bank; returns a status line."""
@@ -197,24 +204,23 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
         if frame is None:
             return gr.skip()
         try:
-            config = config_for(subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale)
             # A still camera sends near-identical frames: let the engine re-emit instead of re-render;
             # a camera picture has no ink layer: a ControlNet gets its edges.
+            config = live.config(Settings(subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale))
             config = config.replace(similarity_skip=StreamConfig.similarity_skip,
                                     control_image="canny" if controlled else config.control_image)
-            return service.render(request.session_hash, frame, config, end=False).image
-        except Superseded:
-            return gr.skip()
-        except (ValueError, OSError, SchedulerClosed, Busy, RendererBusy) as error:
+            page = page_of(request)
+        except ValueError as error:
             gr.Warning(str(error))
             return gr.skip()
+        return shown_or_warned(page.render(frame, config, end=False), lambda rendered: rendered.image)
 
     def translate(video, subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale,
                   request: gr.Request, progress=gr.Progress()):
         if not video:
             raise gr.Error("upload a video first")
         try:
-            config = config_for(subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale)
+            config = live.config(Settings(subject, preset_name, strength, steps, seed, bank, ea, ff, control_scale))
             folder = service.registry.get(request.session_hash).recorder.folder / "videos"
             folder.mkdir(exist_ok=True)
             destination = folder / f"translated-{uuid.uuid4().hex[:12]}.mp4"
@@ -299,10 +305,13 @@ def build_app(service: CanvasService, presets: dict[str, Preset], *, notice: str
         settings = [subject, preset, strength, steps, seed, bank, ea, ff, control_scale]
         canvas.snapshot(on_snapshot, inputs=[canvas, *settings], outputs=view, trigger_mode="always_last",
                         show_progress="hidden", api_visibility="private", **GPU)
+        to_fast_channel = settings_js(SETTINGS_FIELDS)  # the same values, in the browser, for static/live.js
         for control in settings:
             control.change(store_settings, inputs=settings, show_progress="hidden", api_visibility="private",
                            queue=False)
+            control.change(None, inputs=settings, js=to_fast_channel, api_visibility="private", queue=False)
         demo.load(store_settings, inputs=settings, show_progress="hidden", api_visibility="private", queue=False)
+        demo.load(None, inputs=settings, js=to_fast_channel, api_visibility="private", queue=False)
         rerender = dict(fn=on_settings, inputs=settings, outputs=view, trigger_mode="always_last",
                         show_progress="hidden", api_visibility="private", **GPU)
         subject.submit(**rerender)

@@ -4,9 +4,9 @@ glibc gives each thread that contends for the allocator an arena of its own,
 up to 8 per core, and hands memory back to the system only from an arena's
 top.  The app's many short-lived threads (decoding snapshots, encoding
 renders, exports, one per WebSocket) so leave memory scattered over many
-arenas.  Measured with `python -m ui.loadtest --soak`, 8 artists, 2 cores:
-without a cap the server's RSS grew 59 % over 30 minutes after warm-up;
-with two arenas it stayed within 0.5 % over 15 minutes, at the same speed.
+arenas, and the server's memory grows for hours; with two arenas it stays
+flat at the same speed (`python -m bench.loadtest --soak` shows it; the
+figures: docs/performance.md).
 
 `limit_malloc_arenas` is for a program's entry point (app.py, the load
 test's server): it sets a process-wide allocator option, as the

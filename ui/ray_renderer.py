@@ -21,7 +21,7 @@ session at a time, so that each new session is placed by up-to-date
 counts (the router sends an unknown id to the replica with the fewest).  The router also sends a
 request elsewhere when the owner has `max_ongoing_requests` requests
 running: each session has at most one request in flight (newest frame
-wins, in `_Lane`), so `max_ongoing_requests` = the session cap + a margin
+wins, ui.mailbox), so `max_ongoing_requests` = the session cap + a margin
 for opens and probes means that never happens.
 
 Room.  A replica takes at most `max_sessions` sessions, fewer where its GPU
@@ -48,8 +48,10 @@ import dataclasses
 import logging
 import threading
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import ray
@@ -58,9 +60,13 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from sv2v_core.config import StreamConfig
+from sv2v_core.images import resize
+from sv2v_core.loader import EngineOptions, load_engine
+from sv2v_core.video import read_video
 
-from .renderer import MAX_BATCH, RendererBusy, SessionLost, StepReply, StepRequest, local_renderer
-from .scheduler import SchedulerClosed, Superseded
+from .local_renderer import MAX_BATCH, local_renderer
+from .mailbox import Mailbox, supersede
+from .renderer import RendererBusy, RendererClosed, RenderStats, SessionLost, StepReply, StepRequest
 
 APP_NAME = "sv2v-canvas"
 # Ray's multiplexer evicts least-recently-used sessions past this; the
@@ -87,8 +93,10 @@ log = logging.getLogger("sv2v.ray")
 class WorkerOptions:
     """What each replica loads and how many sessions it takes.
 
-    model, vae, controlnet: as the app's --model/--vae/--controlnet ("tiny":
-        the built-in ones).
+    model, vae, lora, controlnet: as the app's --model/--vae/--lora/--controlnet
+        ("tiny": the built-in ones), loaded by sv2v_core.loader as the app loads
+        its own (a model that cannot be loaded falls back to 'tiny'; a
+        ControlNet that cannot be loaded fails the replica's start, loudly).
     base: the canvas's stream settings (size, mode), for the memory cap.
     max_sessions: at most this many sessions per replica (fewer if its GPU
         memory holds fewer streams).
@@ -98,6 +106,7 @@ class WorkerOptions:
 
     model: str = "tiny"
     vae: str | None = None
+    lora: str | None = None
     controlnet: str | None = None
     base: StreamConfig = StreamConfig(width=256, height=256, mode="latency", similarity_skip=None)
     max_sessions: int = 8
@@ -111,30 +120,12 @@ class WorkerOptions:
 
 
 def load_worker_engine(options: WorkerOptions):
-    """The replica's engine: the model on its GPU (the built-in one in float32, or on a CPU)."""
-    from sv2v_core.accel import accelerate_for_serving
-    from sv2v_core.engine import StreamV2V
-    from sv2v_core.models import ModelLoadError, load_components, load_controlnet
-
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    components = None
-    if options.model != "tiny":
-        try:
-            components = load_components(options.model, **({"vae": options.vae} if options.vae else {}),
-                                         device=device, dtype=torch.float16 if cuda else torch.float32)
-        except ModelLoadError as error:
-            log.warning("could not load %s: %s; falling back to the built-in model 'tiny'", options.model, error)
-    if components is None:
-        components = load_components("tiny", device=device, dtype=torch.float32)
-    if options.controlnet is not None:  # a ControlNet that cannot be loaded fails the replica's start, loudly
-        controlnet = load_controlnet(options.controlnet, components.unet, components.name)
-        components.controlnet = controlnet.eval().requires_grad_(False).to(components.unet.device,
-                                                                           components.unet.dtype)
-        components.controlnet_name = options.controlnet
-    engine = StreamV2V(components)
-    accelerate_for_serving(engine)
-    return engine
+    """The replica's engine: the model on its GPU (or on a CPU), with the serving fast path."""
+    loaded = load_engine(EngineOptions(model=options.model, vae=options.vae, lora=options.lora,
+                                       controlnet=options.controlnet, fallback=True, serving=True))
+    if loaded.fell_back:
+        log.warning("%s", loaded.fell_back)
+    return loaded.engine
 
 
 class _Slot:
@@ -245,7 +236,7 @@ class CanvasWorker:
         """This replica's id, sessions, cap and frames served (for tests and the benchmark)."""
         return {"replica": self.replica, "sessions": self.renderer.sessions(),
                 "max_sessions": self.renderer.max_sessions, "served": self.served,
-                "batches": self.renderer.scheduler.stats().batches,
+                "batches": self.renderer.stats().batches,
                 "size_multiple": self.engine.size_multiple, "builtin": self.engine.components.builtin,
                 "controlled": self.renderer.controlled}
 
@@ -257,17 +248,24 @@ class CanvasWorker:
 
 @dataclass
 class _Lane:
-    """One session on the client: its stream's epoch, owner, and at most one frame waiting."""
+    """One session on the client: its stream's epoch and owner, and whether a call of it is in flight
+    (its frame that runs next waits in the renderer's mailbox)."""
 
     session_id: str
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     opened: bool = False
     owner: str | None = None
     epoch: str | None = None
     routed: bool = False          # the router is known to send this session to its owner
     running: bool = False         # a call of this session is in flight
-    waiting: tuple | None = None  # (request, future) of the frame that runs next
     cut_pending: bool = False
+
+
+@dataclass
+class _Waiting:
+    """A frame waiting for its session's call in flight to end."""
+
+    request: StepRequest
+    future: Future
 
 
 class RayRenderer:
@@ -275,7 +273,7 @@ class RayRenderer:
 
     Calls of one session run one at a time, in order, on a thread pool; a
     frame submitted while another of its session is in flight waits, and a
-    newer one replaces it (`Superseded`).
+    newer one replaces it (`Superseded`; ui.mailbox).
     """
 
     def __init__(self, handle, *, threads: int = 64) -> None:
@@ -287,6 +285,9 @@ class RayRenderer:
         self.controlled = stats["controlled"]        # the replicas' model has a ControlNet
         self._lanes: dict[str, _Lane] = {}
         self._lock = threading.Lock()
+        self._steps = threading.Lock()  # guards the mailbox, the lanes' running and cut flags, the counts
+        self._waiting: Mailbox[_Waiting] = Mailbox()
+        self._counts = dict(submitted=0, rendered=0, dropped=0, failed=0)
         self._opening = threading.Lock()  # one open at a time: each is placed by up-to-date counts
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sv2v-ray")
         self._closed = False
@@ -309,7 +310,7 @@ class RayRenderer:
             raise ValueError("a session needs an id")
         with self._lock:
             if self._closed:
-                raise SchedulerClosed("the app is shutting down")
+                raise RendererClosed("the app is shutting down")
             return self._lanes.setdefault(session_id, _Lane(session_id))
 
     # -- room -----------------------------------------------------------------------------
@@ -362,36 +363,43 @@ class RayRenderer:
     def step(self, session_id: str, request: StepRequest) -> Future:
         lane = self._lane(session_id)
         future: Future = Future()
-        with lane.lock:
+        with self._steps:
             lane.cut_pending = lane.cut_pending or request.cut
+            self._counts["submitted"] += 1
             if lane.running:
-                replaced, lane.waiting = lane.waiting, (request, future)
+                replaced = self._waiting.put(session_id, _Waiting(request, future))
+                self._counts["dropped"] += replaced is not None
             else:
                 lane.running, replaced = True, None
                 self._pool.submit(self._pump, lane, request, future)
-        if replaced is not None:
-            replaced[1].set_exception(Superseded(f"a newer frame of session {session_id} replaced this one"))
+        supersede([replaced], f"a newer frame of session {session_id} replaced this one")
         return future
 
     def _pump(self, lane: _Lane, request: StepRequest, future: Future) -> None:
         """Run the lane's frames, newest waiting one next, until none waits."""
         while True:
+            outcome = None
             if future.set_running_or_notify_cancel():
                 try:
                     future.set_result(self._render(lane, request))
+                    outcome = "rendered"
                 except Exception as error:  # noqa: BLE001 - not swallowed: it goes to whoever waits on the future
                     future.set_exception(error)
-            with lane.lock:
-                if lane.waiting is None:
+                    outcome = "failed"
+            with self._steps:
+                if outcome is not None:
+                    self._counts[outcome] += 1
+                waiting = self._waiting.take(lane.session_id)
+                if waiting is None:
                     lane.running = False
                     return
-                (request, future), lane.waiting = lane.waiting, None
+            request, future = waiting.request, waiting.future
 
     def _render(self, lane: _Lane, request: StepRequest) -> StepReply:
         self.open(lane.session_id)
         if not lane.routed:
             self._await_routing(lane)
-        with lane.lock:
+        with self._steps:
             cut, lane.cut_pending = lane.cut_pending, False
         request = dataclasses.replace(request, cut=cut, epoch=lane.epoch, restart=False)
         try:
@@ -426,10 +434,10 @@ class RayRenderer:
             self._drop_waiting(lane, "its page went away")
 
     def _drop_waiting(self, lane: _Lane, why: str) -> None:
-        with lane.lock:
-            waiting, lane.waiting = lane.waiting, None
-        if waiting is not None:
-            waiting[1].set_exception(Superseded(f"session {lane.session_id}: {why} before this frame ran"))
+        with self._steps:
+            waiting = self._waiting.take(lane.session_id)
+            self._counts["dropped"] += waiting is not None
+        supersede([waiting], f"session {lane.session_id}: {why} before this frame ran")
 
     def close(self, session_id: str) -> None:
         with self._lock:
@@ -443,7 +451,29 @@ class RayRenderer:
             except WORKER_DIED:
                 pass  # its replica is gone, and the stream with it
 
-    def stats(self, replicas: int, attempts: int = 64) -> list[dict]:
+    def warm_up(self, config: StreamConfig) -> None:
+        """Nothing: each replica warms itself up when it starts."""
+
+    def translate(self, source: str, config: StreamConfig, max_frames: int) -> Iterator[np.ndarray]:
+        """A video's frames as the steps of a session of its own, in latency mode (a step returns one
+        render), on whichever replica has room."""
+        config = config.replace(mode="latency")
+        session_id = f"video-{uuid.uuid4().hex}"
+        frames, _ = read_video(source)
+        try:
+            for _, frame in zip(range(max_frames), frames):
+                frame = resize(frame, config.width, config.height)
+                yield self.step(session_id, StepRequest(frame, config)).result().image
+        finally:
+            self.close(session_id)
+
+    def stats(self) -> RenderStats:
+        """This client's counts of frames (the model's busy time and batch sizes are the replicas':
+        `replica_stats`)."""
+        with self._steps:
+            return RenderStats(**self._counts)
+
+    def replica_stats(self, replicas: int, attempts: int = 64) -> list[dict]:
         """Stats of `replicas` replicas (plain calls, which the router spreads, until each answered)."""
         seen: dict[str, dict] = {}
         for _ in range(attempts):

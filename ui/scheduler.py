@@ -8,10 +8,10 @@ around the GPU.
 
 Two kinds of work:
 
-- **Frames** (`submit(key, frame)`): droppable.  Each key (a session) has a
-  mailbox holding at most one waiting frame; a newer frame replaces it and
-  the replaced one's future fails with `Superseded` (counted in
-  `stats().dropped`).  A slow model so gets fewer, fresher frames instead of
+- **Frames** (`submit(key, frame)`): droppable.  Newest wins (ui.mailbox):
+  each key (a session) has at most one waiting frame; a newer frame
+  replaces it and the replaced one's future fails with `Superseded`
+  (counted in `stats().dropped`).  A slow model so gets fewer, fresher frames instead of
   a backlog.  Each *tick* the worker takes the newest waiting frame of up
   to `max_batch` keys and hands them, as one list, to the `run_batch`
   function given to the constructor, which renders them together (one
@@ -34,9 +34,8 @@ were served in the last second waits up to `gather` seconds (10 ms) for
 theirs: under CPU load their next snapshots arrive a few ms after a batch
 ends, and a tick that starts without them renders a small batch, which ends
 sooner, which leaves even less time for the rest: batches shrink and
-throughput falls (measured: at 8 artists with the H100 cost model, 17 of 439
-ticks had all 8 frames without it, 160 of 247 with it).  A session that
-stopped drawing costs at most one such wait per tick, for a second.
+throughput falls (see docs/performance.md).  A session that stopped drawing
+costs at most one such wait per tick, for a second.
 
 Work runs in the submitter's `contextvars` context (copied at submit time),
 so a function that looks up the current Gradio request — `spaces.GPU` on a
@@ -54,22 +53,18 @@ from __future__ import annotations
 import contextvars
 import threading
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
+from .mailbox import Mailbox, supersede
+from .renderer import RendererClosed, RenderStats
+
 T = TypeVar("T")
 GATHER_SECONDS = 0.010
 RECENT_SECONDS = 1.0
-
-
-class Superseded(Exception):
-    """A newer frame of the same session replaced this one before it ran."""
-
-
-class SchedulerClosed(RuntimeError):
-    """The scheduler was closed (the app is shutting down)."""
+CLOSED = "the app is shutting down"
 
 
 @dataclass
@@ -95,19 +90,6 @@ class Job:
         return 0.0 if self.started is None or self.finished is None else self.finished - self.started
 
 
-@dataclass(frozen=True)
-class SchedulerStats:
-    """Counters since the scheduler started (busy: seconds the worker ran work)."""
-
-    submitted: int
-    rendered: int
-    dropped: int
-    failed: int
-    tasks: int
-    busy_seconds: float
-    batches: dict[int, int] = field(default_factory=dict)  # batch size -> ticks that rendered that many frames
-
-
 class RenderScheduler:
     """A single worker thread with one newest-wins mailbox per session, serving them in batches.
 
@@ -124,7 +106,7 @@ class RenderScheduler:
         self.gather = gather
         self._served: dict[str, float] = {}  # key -> when its last frame was taken
         self._cond = threading.Condition()
-        self._mailboxes: OrderedDict[str, Job] = OrderedDict()  # key -> waiting frame, in turn order
+        self._mailbox: Mailbox[Job] = Mailbox()  # key -> waiting frame, in turn order
         self._tasks: deque[Job] = deque()
         self._closed = False
         self._counts = dict(submitted=0, rendered=0, dropped=0, failed=0, tasks=0)
@@ -140,15 +122,13 @@ class RenderScheduler:
         job = Job(key, frame)
         with self._cond:
             if self._closed:
-                raise SchedulerClosed("the app is shutting down")
-            replaced = self._mailboxes.get(key)
-            self._mailboxes[key] = job  # an existing key keeps its place in the turn order
+                raise RendererClosed(CLOSED)
+            replaced = self._mailbox.put(key, job)
             self._counts["submitted"] += 1
             if replaced is not None:
                 self._counts["dropped"] += 1
             self._cond.notify()
-        if replaced is not None:
-            replaced.future.set_exception(Superseded(f"a newer frame of session {key} replaced this one"))
+        supersede([replaced], f"a newer frame of session {key} replaced this one")
         return job
 
     def call(self, fn: Callable[[], T]) -> Future:
@@ -156,7 +136,7 @@ class RenderScheduler:
         job = Job(None, fn)
         with self._cond:
             if self._closed:
-                raise SchedulerClosed("the app is shutting down")
+                raise RendererClosed(CLOSED)
             self._tasks.append(job)
             self._cond.notify()
         return job.future
@@ -164,37 +144,34 @@ class RenderScheduler:
     def cancel(self, key: str) -> bool:
         """Drop the waiting frame of `key` (its page went away); True if there was one."""
         with self._cond:
-            job = self._mailboxes.pop(key, None)
+            job = self._mailbox.take(key)
             self._served.pop(key, None)  # gone: no frame of it to wait for
             if job is not None:
                 self._counts["dropped"] += 1
-        if job is None:
-            return False
-        job.future.set_exception(Superseded(f"session {key} closed before this frame ran"))
-        return True
+        supersede([job], f"session {key} closed before this frame ran")
+        return job is not None
 
     def waiting(self) -> int:
         """Frames and tasks waiting for the worker."""
         with self._cond:
-            return len(self._mailboxes) + len(self._tasks)
+            return len(self._mailbox) + len(self._tasks)
 
-    def stats(self) -> SchedulerStats:
+    def stats(self) -> RenderStats:
         """The counters now; busy time includes the part of the running job done so far."""
         with self._cond:
             running = 0.0 if self._running_since is None else time.monotonic() - self._running_since
-            return SchedulerStats(busy_seconds=self._busy + running, batches=dict(sorted(self._batches.items())),
+            return RenderStats(busy_seconds=self._busy + running, batches=dict(sorted(self._batches.items())),
                                   **self._counts)
 
     def close(self, timeout: float = 10.0) -> None:
         """Refuse new work, fail what is waiting, and let the worker finish its current job."""
         with self._cond:
             self._closed = True
-            waiting = list(self._tasks) + list(self._mailboxes.values())
+            waiting = list(self._tasks) + self._mailbox.clear()
             self._tasks.clear()
-            self._mailboxes.clear()
             self._cond.notify_all()
         for job in waiting:
-            job.future.set_exception(SchedulerClosed("the app is shutting down"))
+            job.future.set_exception(RendererClosed(CLOSED))
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
@@ -202,7 +179,7 @@ class RenderScheduler:
     def _next_tick(self) -> tuple[list[Job], list[Job]] | None:
         """Wait for work; the waiting tasks and the newest frames of the first `max_batch` sessions in line."""
         with self._cond:
-            while not self._closed and not self._tasks and not self._mailboxes:
+            while not self._closed and not self._tasks and not self._mailbox:
                 self._cond.wait()
             if self._closed:
                 return None
@@ -212,22 +189,20 @@ class RenderScheduler:
                 return None
             tasks = list(self._tasks)
             self._tasks.clear()
-            frames = []
             now = time.monotonic()
-            while self._mailboxes and len(frames) < self.max_batch:
-                key, job = self._mailboxes.popitem(last=False)  # served: back of the line next time
+            frames = self._mailbox.take_turns(self.max_batch)  # served: back of the line next time
+            for key, _ in frames:
                 self._served[key] = now
-                frames.append(job)
-            return tasks, frames
+            return tasks, [job for _, job in frames]
 
     def _gather(self) -> None:
         """Wait (up to `gather`) for the frames of sessions that drew in the last second (lock held)."""
         now = time.monotonic()
         for key in [key for key, served in self._served.items() if now - served > RECENT_SECONDS]:
             del self._served[key]
-        expected = min(self.max_batch, len(self._served.keys() | self._mailboxes.keys()))
+        expected = min(self.max_batch, len(self._served.keys() | self._mailbox.keys()))
         deadline = now + self.gather
-        while len(self._mailboxes) < expected and not self._tasks and not self._closed:
+        while len(self._mailbox) < expected and not self._tasks and not self._closed:
             left = deadline - time.monotonic()
             if left <= 0:
                 return

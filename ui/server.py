@@ -1,14 +1,15 @@
 """Serving the app: the Gradio page and the fast channel on one server.
 
 `create_service` puts an engine behind a `CanvasService` with the canvas's
-render settings; `serve` builds the page around it and runs it.
+render settings; `serve` puts the session layer (ui.live) over it, with its
+three adapters (the page's Gradio events, ui.layout; the fast channel,
+ui.channel; the pop-out view, ui.popout), and runs it.
 
 With the fast channel (the default), the page is mounted into a FastAPI app
 (`gr.mount_gradio_app`) next to the channel's WebSocket route (ui.channel),
 and uvicorn is run here, because Gradio's own `launch` starts uvicorn with
 per-message compression on: zlib over every JPEG in both directions, which
-cannot shrink them and measured 10.1 ms instead of 4.7 ms per loopback round
-trip (and half again the CPU).  The host and port follow Gradio's rules
+cannot shrink them and roughly doubles a loopback round trip (and its CPU).  The host and port follow Gradio's rules
 (`--host`/`--port`, else `GRADIO_SERVER_NAME`/`GRADIO_SERVER_PORT`, else
 127.0.0.1 and the first free port from 7860), so `python app.py` on a
 Hugging Face Space listens on 0.0.0.0:7860 as the Space expects.
@@ -45,10 +46,12 @@ from sv2v_core.control import CONTROLLED_STRENGTH
 from .channel import channel_route
 from .gpu import ZERO_GPU
 from .layout import PAGE_CSS, build_app
+from .live import Live
 from .popout import view_routes
 from .presets import Preset
 from .recording import Recorder
-from .service import MAX_BATCH, CanvasService
+from .local_renderer import MAX_BATCH
+from .service import CanvasService
 from .sessions import SessionRegistry
 from .wire import MAX_SNAPSHOT_BYTES
 
@@ -138,15 +141,16 @@ def serve(service: CanvasService, presets: dict[str, Preset], *, notice: str | N
         fast_channel, why = fast_channel_available()
         if not fast_channel:
             log.warning("fast channel off (%s): pages use the Gradio event path", why)
-    demo = build_app(service, presets, notice=notice, fast_channel=fast_channel)
+    live = Live(service, presets)  # the session layer; the page, the fast channel and the pop-out adapt it
+    demo = build_app(live, notice=notice, fast_channel=fast_channel)
     demo.queue(default_concurrency_limit=QUEUE_CONCURRENCY)
     if not fast_channel:
         demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, css=PAGE_CSS, show_error=True,
                     prevent_thread_lock=not block, quiet=not block,
-                    app_kwargs={"routes": view_routes(service.views)})
+                    app_kwargs={"routes": view_routes(live)})
         return None if block else RunningApp(demo, demo.local_url, False, demo.close)
 
-    app = fastapi.FastAPI(routes=[channel_route(service), *view_routes(service.views)], docs_url=None, redoc_url=None,
+    app = fastapi.FastAPI(routes=[channel_route(live), *view_routes(live)], docs_url=None, redoc_url=None,
                           openapi_url=None)
     gr.mount_gradio_app(app, demo, path="/", max_file_size=MAX_UPLOAD, css=PAGE_CSS, show_error=True)
     host = host or os.environ.get("GRADIO_SERVER_NAME") or DEFAULT_HOST

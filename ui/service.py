@@ -1,58 +1,33 @@
 """What the app does, without any Gradio: render, reset, export, translate.
 
 `CanvasService` joins a renderer (ui.renderer: what owns each visitor's
-stream, next to the model: the engine and its scheduler in this process, or
-CanvasWorker replicas on a Ray cluster) with a `SessionRegistry` (each
-visitor's recording, settings and the epoch of their stream).  The Gradio
-handlers in `ui.layout` only translate widget values into calls here and
-exceptions into messages.  A render whose stream epoch differs from the
+stream, next to the model: the engine and its scheduler in this process,
+ui.local_renderer, or CanvasWorker replicas on a Ray cluster,
+ui.ray_renderer) with a `SessionRegistry` (each visitor's recording,
+settings and the epoch of their stream).  It uses the renderer only
+through the contract.  The transports (ui.live and its adapters) turn what
+pages send into calls here.  A render whose stream epoch differs from the
 session's last one comes from a stream started afresh (its worker died or
 reclaimed it): it is marked `restarted`, and the page says so.
 
-Render mode, decided by measurement (python -m ui.bench --cases echo:15
-echo:40 tiny:256 --modes latency stream; the echo engine stands in for a GPU
-taking the given time per frame, 512², 4 steps; the fast channel; headless
-Chromium drawing at 60 Hz on a 2-core machine; medians of 2 runs):
+Render mode.  In stream mode every render shows the snapshot sent
+steps − 1 renders earlier, so under flow control its latency is about
+`steps` × its per-call time plus the path, always more than latency mode's
+`steps` batch-1 calls; it can only win renders per second, and only when
+the model, not the drawing nor the page, is what limits them.  People
+drawing on live canvases complain most about lag behind their strokes, so
+the canvas renders in latency mode; `--render-mode stream` remains for
+hosts that prefer smoothness on a slow GPU (the measurements behind this:
+docs/performance.md).  The page still sends "end" with the last snapshot
+of a stroke and the renderer flushes it, so stream mode also converges to
+the last stroke.  Whole videos, where throughput is what counts, are
+translated in stream mode.
 
-    case          mode     renders/s  latency p50  model busy
-    echo 15 ms    latency     57         30 ms        93 %
-    echo 15 ms    stream      57         76 ms        46 %
-    echo 40 ms    latency     24         60 ms        99 %
-    echo 40 ms    stream      46         99 ms        95 %
-    tiny, 256²    latency      2.2      0.46 s        99 %
-    tiny, 256²    stream       2.9      1.34 s        99 %
-
-(The echo engine's stream batch is assumed to cost half of `steps` batch-1
-calls, roughly what a large GPU does.) In stream mode every render shows the
-snapshot sent steps − 1 renders earlier, so under flow control its latency
-is about `steps` × its per-call time plus the path, always more than latency
-mode's `steps` batch-1 calls; it can only win renders per second, and only
-when the model, not the drawing (60 changes a second) nor the page, is what
-limits them (echo 40: 46 vs 24 renders/s, for 39 ms more lag; the built-in
-model on a CPU: 2.9 vs 2.2, for three times the lag). People drawing on live
-canvases complain most about lag behind their strokes, so the canvas renders
-in latency mode; `--render-mode stream` remains for hosts that prefer
-smoothness on a slow GPU. The page still sends "end" with the last snapshot
-of a stroke and the service flushes it, so stream mode also converges to the
-last stroke. Whole videos, where throughput is what counts, are translated
-in stream mode.
-
-Many artists on one GPU.  The in-process renderer's scheduler hands each
-tick's frames (the newest of up to `max_batch` sessions, taking turns) to
-its `_run_batch`, which makes one `on_gpu` call (`_step_on_device`) for the
-whole batch (ui.renderer; a Ray replica runs the same): each stream is
-configured (created, reconfigured, its bank emptied at a cut) and its frame
-checked (`engine.prepare`) on its own, so bad settings or a bad picture fail
-only that frame; the rest render in one `engine.render` call, which stacks
-compatible streams into shared UNet calls.  Should that call raise anyway
-(say, out of GPU memory for the batch), each of its frames is rendered
-again on its own, so the culprit gets its error and the others their
-renders.  Stream mode's end-of-stroke flush runs per stream afterwards.
-Webcam frames are canvas frames (same mailbox, same batches).  Video
-translation stays a series of tasks, one frame each between ticks: its
-frames must never be dropped (newest-wins would), and a video's stream
-(stream mode, the video's aspect) never shares a batch key with the
-canvases' (latency mode, square) anyway.
+Many artists on one GPU: the renderer batches the sessions' frames
+(ui.local_renderer).  Webcam frames are canvas frames (same mailbox, same
+batches).  Each finished render is encoded to JPEG once, on a "finishing"
+thread, and that JPEG is what the page gets, what the recording keeps and
+what the session's pop-out view shows (ui.feeds).
 
 Admission (ui.sessions): a frame is only queued for an admitted session;
 otherwise `submit` raises `Busy` ("busy: N people ahead of you").  A
@@ -64,35 +39,30 @@ sessions idle for the idle timeout (the renderer drops their streams).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import math
 import threading
 import time
-import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
 from sv2v_core.config import StreamConfig
 from sv2v_core.images import fit_size, resize
-from sv2v_core.video import VideoWriter, probe_video, read_video
+from sv2v_core.video import VideoWriter, probe_video
 
-from .gpu import on_gpu
-from .popout import ViewLinks
+from .feeds import ViewLinks
+from .local_renderer import MAX_BATCH, local_renderer
 from .recording import EXPORT_FORMATS, EXPORT_PACES, export_video
-from .renderer import MAX_BATCH, InProcessRenderer, Renderer, StepReply, StepRequest, local_renderer
-from .scheduler import SchedulerClosed
+from .renderer import Renderer, RendererClosed, RenderStats, StepReply, StepRequest
 from .sessions import Session, SessionRegistry
 from .wire import encode_render
 
-# What the page shows when a visitor's stream was started afresh (a worker died or reclaimed it).
-RESTARTED_NOTICE = "render restarted: its worker changed, so the bank starts over from this frame (drawing and recording kept)"
 MAX_VIDEO_SECONDS = 20.0
 MAX_VIDEO_FRAMES = 600
-VIDEO_GPU_SECONDS = 120
 SWEEP_SECONDS = 5.0
 
 
@@ -156,49 +126,12 @@ class Ticket:
         return max(0.0, self.answered - self.submitted - self.reply.result().model_seconds)
 
 
-def make_config(base: StreamConfig, *, prompt, strength, steps, seed, bank, ea, ff,
-                control_scale=None) -> StreamConfig:
-    """`base` with the visitor's settings; ValueError with a readable message.
-
-    control_scale: the ControlNet's conditioning scale (None: keep base's).
-    """
-    if prompt is None:
-        prompt = ""
-    steps_value = _whole("steps", steps)
-    seed_value = _whole("seed", seed)
-    try:
-        strength_value = float(strength)
-    except (TypeError, ValueError):
-        raise ValueError(f"strength must be a number, got {strength!r}") from None
-    if control_scale is not None:
-        try:
-            control_scale = float(control_scale)
-        except (TypeError, ValueError):
-            raise ValueError(f"conditioning scale must be a number, got {control_scale!r}") from None
-    return base.replace(
-        prompt=str(prompt).strip(), strength=strength_value, steps=steps_value, seed=seed_value,
-        bank_mode=str(bank), bank_extended_attention=bool(ea), bank_feature_fusion=bool(ff),
-        control_scale=base.control_scale if control_scale is None else control_scale,
-    )
-
-
-def _whole(name: str, value) -> int:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
-    if not math.isfinite(number) or number != int(number):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    return int(number)
-
-
 class CanvasService:
     """The app's behaviour for every visitor, around one renderer.
 
     renderer: None for the in-process one around `engine` (all model work on
-    its scheduler's one thread, in batches of up to `max_batch` frames;
-    `scheduler` is that scheduler), or another back end (ui.ray_renderer;
-    `engine` is None then).  Frames are decoded and resized by the calling
+    its scheduler's one thread, in batches of up to `max_batch` frames), or
+    another back end (ui.ray_renderer; `engine` is None then).  Frames are decoded and resized by the calling
     thread before they are queued; each render is encoded to JPEG once and
     recorded for export on a separate "finishing" thread.  So neither holds
     up the model.
@@ -206,12 +139,9 @@ class CanvasService:
 
     def __init__(self, engine, registry: SessionRegistry, base: StreamConfig, *, max_batch: int = MAX_BATCH,
                  sweep_seconds: float = SWEEP_SECONDS, renderer: Renderer | None = None):
-        self.engine = engine
         self.registry = registry
         self.base = base
         self.renderer = renderer if renderer is not None else local_renderer(engine, max_batch=max_batch)
-        self.scheduler = self.renderer.scheduler if isinstance(self.renderer, InProcessRenderer) else None
-        self._translate = on_gpu(self._translate_on_device, duration=VIDEO_GPU_SECONDS)
         self.views = ViewLinks()
         registry.on_close = self.renderer.close  # an idle session's stream goes with its recording
         # One thread, so each session's frames are recorded in render order.
@@ -246,7 +176,7 @@ class CanvasService:
         while not self._stop.wait(seconds):
             try:
                 self.sweep()
-            except SchedulerClosed:
+            except RendererClosed:
                 return
 
     # -- finishing a render (on the finishing thread) ----------------------------------
@@ -281,18 +211,13 @@ class CanvasService:
         else:
             ticket.future.set_result(encoded)
 
-    def _translate_on_device(self, config: StreamConfig, source: str) -> Iterator[np.ndarray]:
-        """Renders of the first MAX_VIDEO_FRAMES frames of `source` (a path: it pickles)."""
-        frames, _ = read_video(source)
-        limited = (frame for _, frame in zip(range(MAX_VIDEO_FRAMES), frames))
-        yield from self.engine.translate(self.engine.new_stream(config), limited)
-
     def warm_up(self) -> None:
-        """Render one blank frame on a throwaway stream, so the first visitor does not wait.
+        """Get the renderer ready for the canvas's streams, so the first visitor does not wait."""
+        self.renderer.warm_up(self.base)
 
-        (Ray replicas warm themselves up when they start.)"""
-        if isinstance(self.renderer, InProcessRenderer):
-            self.renderer.warm_up(self.base)
+    def stats(self) -> RenderStats:
+        """The renderer's counters (frames rendered and dropped, batch sizes...), for the benchmarks."""
+        return self.renderer.stats()
 
     # -- per-visitor operations ---------------------------------------------
     def submit(self, session_id: str, image: np.ndarray, config: StreamConfig, *, stamp: float = 0.0,
@@ -395,11 +320,8 @@ class CanvasService:
                         progress: Callable[[int, int], None] = lambda done, total: None) -> Path:
         """Translate a short video file with a fresh stream; VideoError/ValueError on bad input.
 
-        In process, each frame is one task on the scheduler, so canvases keep
-        rendering between the video's frames; the stream runs in stream mode
-        (stream batch), for throughput.  With another renderer (Ray) the
-        frames are the steps of a session of their own, in latency mode (a
-        step returns one render), on whichever worker has room.
+        The renderer renders every frame (none dropped) in stream mode, for
+        throughput, while canvases keep rendering (ui.renderer's `translate`).
         """
         info = probe_video(source)
         seconds = info.frame_count / float(info.fps)
@@ -413,30 +335,9 @@ class CanvasService:
         config = dataclasses.replace(config, width=width, height=height, mode="stream")
         if self.controlled:  # a video has no ink layer: condition on its edges
             config = config.replace(control_image="canny")
-        if self.scheduler is None:
-            return self._translate_by_steps(source, config.replace(mode="latency"), destination, info, progress)
-        renders = self._translate(config, source)
-        try:
-            with VideoWriter(destination, fps=info.fps) as writer:
-                done = 0
-                while (image := self.scheduler.call(lambda: next(renders, None)).result()) is not None:
-                    writer.write(image)
-                    done += 1
-                    progress(done, info.frame_count)
-        finally:
-            self.scheduler.call(renders.close).result()
-        return destination
-
-    def _translate_by_steps(self, source: str, config: StreamConfig, destination: Path, info,
-                            progress: Callable[[int, int], None]) -> Path:
-        session_id = f"video-{uuid.uuid4().hex}"
-        frames, _ = read_video(source)
-        try:
-            with VideoWriter(destination, fps=info.fps) as writer:
-                for done, (_, frame) in enumerate(zip(range(MAX_VIDEO_FRAMES), frames), start=1):
-                    frame = resize(frame, config.width, config.height)
-                    writer.write(self.renderer.step(session_id, StepRequest(frame, config)).result().image)
-                    progress(done, info.frame_count)
-        finally:
-            self.renderer.close(session_id)
+        renders = self.renderer.translate(source, config, MAX_VIDEO_FRAMES)
+        with contextlib.closing(renders), VideoWriter(destination, fps=info.fps) as writer:
+            for done, image in enumerate(renders, start=1):
+                writer.write(image)
+                progress(done, info.frame_count)
         return destination

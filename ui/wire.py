@@ -37,14 +37,25 @@ Server -> page text messages are JSON objects with a "type":
 ``{"type": "ready", "width": W, "height": H, "max_bytes": N}`` once the
 connection is accepted (W×H is the render size: the page sends snapshots at
 that size), ``{"type": "error", "seq": n or null, "message": "..."}`` for a
-snapshot that could not be used, and ``{"type": "dropped", "seq": n}`` when
+snapshot (or, with a null seq, settings) that could not be used, and ``{"type": "dropped", "seq": n}`` when
 a newer snapshot replaced one before the model got to it, and
 ``{"type": "busy", "seq": n, "ahead": k, "message": "..."}`` when every
 place on the server is taken (k people wait before this page), and
 ``{"type": "notice", "message": "..."}`` for the person drawing (e.g. "render
-restarted" when their stream was started afresh on another worker).  The page sends no
-text messages; render settings reach the server through the Gradio page's
-own events (see ui.layout).
+restarted" when their stream was started afresh on another worker).
+
+Page -> server text messages: the page's render settings, on connecting and
+whenever one changes (the Gradio page's own settings events carry them too,
+for the Gradio path):
+
+    {"type": "settings", "subject": "a house", "preset": "Watercolor",
+     "strength": 0.4, "steps": 4, "seed": 0, "bank": "dyme", "ea": true,
+     "ff": true, "control_scale": 1.0}
+
+Every field but control_scale (only with a ControlNet) is required; their
+values are checked like the page's controls (ui.settings), and a bad value
+gets an error message (seq null) while the connection stays open.  Any
+other text closes the connection (1003).
 """
 
 from __future__ import annotations
@@ -57,6 +68,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from .settings import Settings
+
 MAGIC = b"SV"
 VERSION = 1
 END, CUT, CONTROL = 1, 2, 4
@@ -65,11 +78,14 @@ SNAPSHOT_HEADER = struct.Struct("<2sBBId")
 PICTURE_LENGTH = struct.Struct("<I")
 RENDER_HEADER = struct.Struct("<2sBBIId5f")
 MAX_SNAPSHOT_BYTES = 2 * 1024 * 1024  # a 512² JPEG from the page is 10-60 KB
-# Measured (ui.bench --codecs): Chromium encodes a 512² canvas as JPEG in
-# 1.5-2 ms, WebP in 16-20 ms; PIL decodes either in 1-2 ms.  Quality 0.85
-# keeps strokes clean at 10-30 KB; the model adds noise at strength 0.4 anyway.
+# JPEG: Chromium encodes it several times faster than WebP (bench.live --codecs;
+# docs/performance.md).  Quality 0.85 keeps strokes clean; the model adds noise anyway.
 SNAPSHOT_QUALITY = 0.85
 RENDER_QUALITY = 85
+
+
+SETTINGS_FIELDS = ("subject", "preset", "strength", "steps", "seed", "bank", "ea", "ff", "control_scale")
+NOT_SETTINGS = "this channel takes binary canvas snapshots, and settings as JSON text, only"
 
 
 class ProtocolError(ValueError):
@@ -135,6 +151,28 @@ def unpack_snapshot(message: bytes) -> SnapshotMessage:
         control = bytes(body[PICTURE_LENGTH.size + length:])
         body = body[PICTURE_LENGTH.size:PICTURE_LENGTH.size + length]
     return SnapshotMessage(seq, stamp, bool(flags & END), bool(flags & CUT), bytes(body), control)
+
+
+def unpack_settings(text: str) -> Settings:
+    """Parse a settings message; `ProtocolError` for text that is not one (values are checked later)."""
+    try:
+        message = json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        raise ProtocolError(NOT_SETTINGS) from None
+    if not isinstance(message, dict) or message.get("type") != "settings":
+        raise ProtocolError(NOT_SETTINGS)
+    fields = {key: value for key, value in message.items() if key != "type"}
+    missing = [key for key in SETTINGS_FIELDS[:-1] if key not in fields]
+    unknown = sorted(set(fields) - set(SETTINGS_FIELDS))
+    if missing or unknown:
+        raise ProtocolError(f"a settings message needs {', '.join(SETTINGS_FIELDS[:-1])} (and control_scale with "
+                            f"a ControlNet); missing {missing or 'none'}, unknown {unknown or 'none'}")
+    return Settings(**fields)
+
+
+def settings_message(settings: Settings) -> str:
+    """A settings message (what the page sends; used by tests and clients)."""
+    return json.dumps({"type": "settings", **{key: getattr(settings, key) for key in SETTINGS_FIELDS}})
 
 
 def pack_render(reply: int, shows: int, stamp: float, image: bytes, timings: ServerTimings,

@@ -41,6 +41,11 @@
 // undo, clear, a new background), so each stroke renders once.  Settings
 // changes re-render on the server (ui/layout.py), once, whatever the policy.
 //
+// Settings: the page's controls arrive as "sv2v:settings" (and window.sv2vSettings,
+// for a listener that starts late) from a browser-only Gradio event
+// (ui/canvas.py settings_js); on the fast channel they go to the server as a
+// settings message (ui/wire.py) on every (re)connect and whenever they change.
+//
 // With a ControlNet on the server (props.control) every snapshot carries the
 // ink layer alone (`ink()`, given by canvas.js) as white strokes on black:
 // the control source, whatever background the canvas has.
@@ -85,6 +90,7 @@ function startLive(source, props, trigger, ink) {
   const thumbCtx = thumb.getContext("2d", { willReadFrequently: true });
   let policy = "live";
   let changedAt = -Infinity;
+  let settings = window.sv2vSettings || null;
 
   const emit = (name, detail) => document.dispatchEvent(new CustomEvent(name, { detail }));
   const average = (key, value) => {
@@ -241,6 +247,12 @@ function startLive(source, props, trigger, ink) {
   }
 
   // -- the fast channel ----------------------------------------------------------
+  function sendSettings() {
+    if (settings && channel === "ws" && ws && ws.readyState === WebSocket.OPEN) {
+      ws.send(JSON.stringify({ type: "settings", ...settings }));
+    }
+  }
+
   function onRender(buffer) {
     const receivedAt = performance.now();
     const view = new DataView(buffer);
@@ -284,6 +296,8 @@ function startLive(source, props, trigger, ink) {
       connectedOnce = true;
       attempts = 0;
       setChannel("ws", "");
+      settings = settings || window.sv2vSettings || null;
+      sendSettings();  // before any snapshot: it renders with them
       pump();
     } else if (message.type === "dropped") {
       answered(message.seq);
@@ -341,6 +355,7 @@ function startLive(source, props, trigger, ink) {
   document.addEventListener("sv2v:answer", (event) => (event.detail.busy ? refused : answered)(event.detail.reply));
   document.addEventListener("sv2v:shown", () => pump());
   document.addEventListener("sv2v:hello", () => emit("sv2v:channel", { channel, why: channelWhy }));
+  document.addEventListener("sv2v:settings", (event) => { settings = event.detail; sendSettings(); });
   connect();
   return {
     changed,

@@ -5,7 +5,7 @@
 // <canvas> (no copy), newest first: a render showing an older snapshot than one
 // already shown is never drawn.  The stats line
 // shows renders per second, snapshot-to-render latency, flicker and the channel; window.sv2vStats
-// keeps the numbers for the browser test and the benchmark (ui/bench.py).
+// keeps the numbers for the browser test and the benchmark (bench/live.py).
 //
 // Flicker: how much the render changes where the drawing did not.  For each
 // pair of consecutive renders, both pictures and the two snapshots they show

@@ -8,7 +8,7 @@ sent as soon as an answer comes, but no sooner than `interval` after the
 last (the page sends only when the drawing changed, so at most once per
 display frame: 1/60 s; 0: no such limit).  It records each render's latency (snapshot
 sent -> the render showing it received) and the server's timings, and
-counts the other answers.  The benchmarks (ui.bench, ui.loadtest) and the
+counts the other answers.  The benchmarks (bench.live, bench.loadtest) and the
 tests use it.
 """
 
@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import wire
+from ui import wire
 
 RECEIVE_TIMEOUT = 30.0
 

@@ -1,8 +1,8 @@
 """What the Ray hop costs, and how long a session takes to recover from a killed replica.
 
-    python -m ui.raybench                                  # built-in model, 64², 1 replica, 1 and 2 sessions
-    python -m ui.raybench --size 256 --frames 40 --repeat 3
-    python -m ui.raybench --address auto --model SimianLuo/LCM_Dreamshaper_v7 --size 512   # a GPU cluster
+    python -m bench.raybench                                  # built-in model, 64², 1 replica, 1 and 2 sessions
+    python -m bench.raybench --size 256 --frames 40 --repeat 3
+    python -m bench.raybench --address auto --model SimianLuo/LCM_Dreamshaper_v7 --size 512   # a GPU cluster
 
 Each row streams `--frames` frames per session (after `--warmup`), every
 session on its own thread with one frame in flight (the page's flow
@@ -45,7 +45,7 @@ def moving_frames(count: int, size: int, seed: int) -> list[np.ndarray]:
 
 def stream(renderer, sessions: int, frames: int, warmup: int, config, tag: str) -> tuple[list[float], list[float]]:
     """(latencies in ms, frames/s per session) of `sessions` sessions streaming at once."""
-    from .renderer import StepRequest
+    from ui.renderer import StepRequest
 
     latencies: list[float] = []
     rates: list[float] = []
@@ -86,8 +86,8 @@ def recovery(renderer, sessions: int, config) -> dict:
     """Kill the first session's replica mid-stream; seconds to its next render, and that render's latency."""
     import ray
 
-    from .ray_renderer import APP_NAME
-    from .renderer import StepRequest
+    from ui.ray_renderer import APP_NAME
+    from ui.renderer import StepRequest
 
     ids = [f"recover-{index}" for index in range(sessions)]
     inputs = {s: moving_frames(8, config.width, 10 + i) for i, s in enumerate(ids)}
@@ -130,8 +130,8 @@ def main(argv=None) -> None:
 
     from sv2v_core.config import StreamConfig
 
-    from .ray_renderer import WorkerOptions, deploy
-    from .renderer import local_renderer
+    from ui.ray_renderer import WorkerOptions, deploy
+    from ui.local_renderer import local_renderer
 
     torch.set_num_threads(1)
     config = StreamConfig(width=args.size, height=args.size, mode="latency", similarity_skip=None)
@@ -142,7 +142,7 @@ def main(argv=None) -> None:
                  log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}})
     ray_renderer = deploy(WorkerOptions(model=args.model, base=config, max_sessions=max(args.sessions) + 1,
                                         torch_threads=None if args.address else 1), replicas=args.replicas)
-    from .ray_renderer import load_worker_engine
+    from ui.ray_renderer import load_worker_engine
 
     engine = load_worker_engine(WorkerOptions(model=args.model, base=config))
     local = local_renderer(engine)

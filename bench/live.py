@@ -1,9 +1,9 @@
 """Latency benchmark of the live path: a real app, a real browser drawing.
 
-    python -m ui.bench                                   # echo 0 / 15 / 40 ms at 512², built-in model at 256²
-    python -m ui.bench --cases echo:15 --modes latency stream --repeat 3
-    python -m ui.bench --cases echo:0 --channels ws gradio
-    python -m ui.bench --codecs                          # snapshot formats: encode in Chromium, decode, size
+    python -m bench.live                                   # echo 0 / 15 / 40 ms at 512², built-in model at 256²
+    python -m bench.live --cases echo:15 --modes latency stream --repeat 3
+    python -m bench.live --cases echo:0 --channels ws gradio
+    python -m bench.live --codecs                          # snapshot formats: encode in Chromium, decode, size
 
 For every row (a case × render mode × channel, repeated `--repeat` times) it
 starts the app in this process with a fresh service and server (ui.server,
@@ -22,7 +22,7 @@ warm-up:
 - final: after the stroke ends, whether the last snapshot's render was
   drawn (the end-of-stroke flush).
 
-Cases: `echo:MS` is ui.echo.EchoEngine (the input comes back as the render
+Cases: `echo:MS` is bench.echo.EchoEngine (the input comes back as the render
 after MS per frame: 0 shows the path's own cost, 15 a fast GPU, 40 a slower
 one) at 512²; `tiny:SIZE` is the built-in model.  Its renders/s are compared
 with what the engine can do at all: it is also run alone in the same mode on
@@ -54,8 +54,8 @@ from pathlib import Path
 import numpy as np
 
 from .echo import EchoEngine
-from .presets import load_presets
-from .server import create_service, free_port, serve
+from ui.presets import load_presets
+from ui.server import create_service, free_port, serve
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -170,7 +170,7 @@ def _drawing_frames(size: int, count: int) -> list[np.ndarray]:
 
 def engine_alone_fps(engine, size: int, mode: str, frames: int = 12, warmup: int = 3) -> float:
     """Frames per second of the engine rendering a drawing by itself (no app, no browser)."""
-    from .service import make_config
+    from ui.settings import make_config
     from sv2v_core.config import StreamConfig
 
     base = StreamConfig(width=size, height=size, mode=mode, similarity_skip=None)
@@ -202,19 +202,11 @@ def make_engine(case: str, models: dict):
 
 
 def builtin_engine(name: str):
-    """A built-in model's engine, loaded as the app loads it: on CUDA when there
-    is a GPU (sd15-random in float16, tiny in float32, with the app's fast
-    path), else on the CPU."""
-    import torch
+    """A built-in model's engine, loaded as the app loads it (sv2v_core.loader): on CUDA where there is
+    a GPU (sd15-random in float16, tiny in float32), with the serving fast path; else on the CPU."""
+    from sv2v_core.loader import EngineOptions, load_engine
 
-    from sv2v_core import StreamV2V, load_components
-    from sv2v_core.accel import accelerate_for_serving
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if device == "cuda" and name != "tiny" else torch.float32
-    engine = StreamV2V(load_components(name, device=device, dtype=dtype))
-    accelerate_for_serving(engine)
-    return engine
+    return load_engine(EngineOptions(model=name, serving=True)).engine
 
 
 def _gpu_name(models: dict) -> str:
@@ -237,7 +229,7 @@ def run_python_row(case: str, mode: str, seconds: float, models: dict) -> Row:
 
     from PIL import Image
 
-    from . import wire
+    from ui import wire
     from .channel_client import ChannelClient
 
     engine, size = make_engine(case, models)
@@ -246,7 +238,7 @@ def run_python_row(case: str, mode: str, seconds: float, models: dict) -> Row:
     time.sleep(SETTLE_SECONDS)
     service = create_service(engine, size=size, render_mode=mode)
     service.warm_up()
-    measure_alone = lambda: service.scheduler.call(lambda: engine_alone_fps(engine, size, mode)).result()  # noqa: E731
+    measure_alone = lambda: service.renderer.call(lambda: engine_alone_fps(engine, size, mode)).result()  # noqa: E731
     if alone:
         row.engine_alone_runs.append(measure_alone())
     pictures = []
@@ -255,7 +247,7 @@ def run_python_row(case: str, mode: str, seconds: float, models: dict) -> Row:
         Image.fromarray(frame).save(buffer, format="JPEG", quality=int(wire.SNAPSHOT_QUALITY * 100))
         pictures.append(buffer.getvalue())
     app = serve(service, load_presets(), port=free_port(), block=False)
-    busy = lambda: engine.busy_seconds if isinstance(engine, EchoEngine) else service.scheduler.stats().busy_seconds  # noqa: E731
+    busy = lambda: engine.busy_seconds if isinstance(engine, EchoEngine) else service.stats().busy_seconds  # noqa: E731
     try:
         with ChannelClient(app.url, "bench", pictures) as client:
             client.start()
@@ -294,7 +286,7 @@ def run_row(playwright, case: str, mode: str, channel: str, seconds: float, mode
     service = create_service(engine, size=size, render_mode=mode)
     service.warm_up()
     # Alone, but on the thread that renders for the app (torch's thread pool is per calling thread).
-    measure_alone = lambda: service.scheduler.call(lambda: engine_alone_fps(engine, size, mode)).result()  # noqa: E731
+    measure_alone = lambda: service.renderer.call(lambda: engine_alone_fps(engine, size, mode)).result()  # noqa: E731
     if alone:
         row.engine_alone_runs.append(measure_alone())
     app = serve(service, load_presets(), port=free_port(), block=False)
@@ -307,15 +299,15 @@ def run_row(playwright, case: str, mode: str, channel: str, seconds: float, mode
                                timeout=30_000)
         page.evaluate(DRAW_JS)
         time.sleep(WARMUP_SECONDS)
-        busy = lambda: engine.busy_seconds if isinstance(engine, EchoEngine) else service.scheduler.stats().busy_seconds  # noqa: E731
+        busy = lambda: engine.busy_seconds if isinstance(engine, EchoEngine) else service.stats().busy_seconds  # noqa: E731
         start_page, start_busy, start_wall = page.evaluate("performance.now()"), busy(), time.monotonic()
-        start_dropped, start_cpu = service.scheduler.stats().dropped, time.process_time()
+        start_dropped, start_cpu = service.stats().dropped, time.process_time()
         start_browser = _browser_cpu_seconds()
         time.sleep(seconds)
         end_page, end_busy, end_wall = page.evaluate("performance.now()"), busy(), time.monotonic()
         row.server_cpu = (time.process_time() - start_cpu) / (end_wall - start_wall)
         row.browser_cpu = (_browser_cpu_seconds() - start_browser) / (end_wall - start_wall)
-        row.dropped = service.scheduler.stats().dropped - start_dropped
+        row.dropped = service.stats().dropped - start_dropped
         page.evaluate("() => { window.sv2vDrawing.stop = true; }")
         page.wait_for_function("() => window.sv2vDrawing.done")
         row.snapshots = int(page.evaluate("() => Number(document.querySelector('canvas.sv2v-canvas').dataset.seq)"))
@@ -495,7 +487,7 @@ def check_targets(rows: list[Row]) -> list[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ui.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.live", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=["echo:0", "echo:15", "echo:40", "tiny:256"],
                         help="echo:MS (echo engine, MS per frame, 512²) or MODEL:SIZE, a built-in model: tiny (on the CPU) or "
                              "sd15-random (SD1.5's size, random weights; on CUDA in float16 where there is a GPU)")

@@ -1,13 +1,13 @@
 """Load test: many simulated artists drawing at once over the real app.
 
-    python -m ui.loadtest                          # the default rows (below), about 4 minutes
-    python -m ui.loadtest --users 8 --seconds 20   # one size of crowd
-    python -m ui.loadtest --soak 30                # 30 minutes of 8 artists coming and going
+    python -m bench.loadtest                          # the default rows (below), about 4 minutes
+    python -m bench.loadtest --users 8 --seconds 20   # one size of crowd
+    python -m bench.loadtest --soak 30                # 30 minutes of 8 artists coming and going
 
 Each row starts a fresh app server in a child process (ui.server's
 `create_service` and `serve`, what `python app.py` runs; its engine chosen
 here) and N simulated artists in this process: Python clients of the fast
-channel (ui.channel_client), each sending its own drawing, a stroke in its
+channel (bench.channel_client), each sending its own drawing, a stroke in its
 own colour, from JPEGs encoded in advance, as fast as the page's flow
 control lets it (two snapshots unanswered; with `--page-rate HZ`, also at
 most HZ snapshots a second, as a page drawing on a display of HZ frames per
@@ -23,7 +23,7 @@ over `--seconds`:
   artist's colour (any other artist's colour is counted as a leak).
 
 Engines:
-- `echo:A+B`: ui.echo.EchoEngine, the snapshot comes back as the render
+- `echo:A+B`: bench.echo.EchoEngine, the snapshot comes back as the render
   after A ms per call + B ms per frame in the call (default 8+3: an H100 at
   512²), at 512²;
 - `tiny`: the built-in model at `--tiny-size` (128) on this CPU;
@@ -69,7 +69,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .bench import MODEL_CASES, builtin_engine
+from .live import MODEL_CASES, builtin_engine
 from .channel_client import ChannelClient, Received
 
 ECHO = "echo:8+3"
@@ -110,9 +110,9 @@ def serve_forever(args: argparse.Namespace) -> None:
     """The child: serve the app, answer "stats" lines on stdin with JSON, stop at end of input."""
     import torch
 
-    from .memory import limit_malloc_arenas
-    from .presets import load_presets
-    from .server import create_service, serve
+    from ui.memory import limit_malloc_arenas
+    from ui.presets import load_presets
+    from ui.server import create_service, serve
 
     limit_malloc_arenas()  # as app.py does
     torch.set_num_threads(args.torch_threads)
@@ -126,7 +126,7 @@ def serve_forever(args: argparse.Namespace) -> None:
     try:
         for line in sys.stdin:
             if line.strip() in ("stats", "objects"):
-                stats = service.scheduler.stats()
+                stats = service.stats()
                 answer = {"batches": stats.batches, "rendered": stats.rendered, "failed": stats.failed,
                           "dropped": stats.dropped, "sessions": len(service.registry),
                           "active": service.registry.active()}
@@ -146,10 +146,10 @@ class Server:
     def __init__(self, engine: str, *, max_batch: int, mode: str = "latency", tiny_size: int = 128,
                  max_sessions: int | None = None, idle_timeout: float = 1800.0, release_after: float = 30.0,
                  torch_threads: int = 2) -> None:
-        from .server import free_port  # gradio loads only where a server runs
+        from ui.server import free_port  # gradio loads only where a server runs
 
         port = free_port()
-        command = [sys.executable, "-m", "ui.loadtest", "--serve", engine, "--port", str(port),
+        command = [sys.executable, "-m", "bench.loadtest", "--serve", engine, "--port", str(port),
                    "--max-batch", str(max_batch), "--mode", mode, "--tiny-size", str(tiny_size),
                    "--idle-timeout", str(idle_timeout), "--release-after", str(release_after),
                    "--torch-threads", str(torch_threads)]
@@ -522,7 +522,7 @@ def soak_markdown(soak: Soak) -> str:
 
 # -- command line ------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ui.loadtest", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.loadtest", description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", default=None, help=f"run only this engine ({ECHO}, tiny[:SIZE], or sd15-random[:SIZE]: "
                         "SD1.5's size with random weights, on CUDA in float16 where there is a GPU)")
     parser.add_argument("--users", type=int, nargs="+", default=None, help="crowd sizes (default 1 2 4 8 16)")

@@ -4,9 +4,9 @@
 configure, prepare, batch_key, render, __call__, flush, translate,
 size_multiple, close) but no model: a frame's render is the frame itself
 (resized to the stream's size), after sleeping what the denoising would
-cost.  The latency benchmark (ui.bench) uses it to measure everything around
+cost.  The latency benchmark (bench.live) uses it to measure everything around
 the model: with 0 ms it shows the app's own overhead, with 15 or 40 ms per
-frame it plays a fast or a slower GPU.  The load test (ui.loadtest) uses its
+frame it plays a fast or a slower GPU.  The load test (bench.loadtest) uses its
 batch cost: 8 ms per call + 3 ms per frame, a common estimate of an H100
 running SD1.5 at 512².  Tests use it because its render shows exactly what
 was drawn.

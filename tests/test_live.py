@@ -1,0 +1,122 @@
+"""The session layer (ui.live) without any transport: what an adapter gets for each snapshot and setting.
+
+The service renders with the echo engine (bench.echo), whose render is the snapshot itself.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench.echo import EchoEngine
+from sv2v_core.config import StreamConfig
+from ui import wire
+from ui.live import (
+    MAX_UNANSWERED, RESTARTED_NOTICE, BusyReply, Dropped, Failed, Live, Notice, Overrun, Pending, RenderReply,
+)
+from ui.presets import load_presets
+from ui.recording import Recorder
+from ui.service import CanvasService
+from ui.sessions import SessionRegistry
+from ui.settings import Settings
+
+SIZE = 64
+TIMEOUT = 30
+
+
+@pytest.fixture()
+def live():
+    base = StreamConfig(width=SIZE, height=SIZE, mode="latency", similarity_skip=None)
+    service = CanvasService(EchoEngine(0), SessionRegistry(Recorder, max_active=1), base)
+    yield Live(service, load_presets())
+    service.close()
+
+
+def snapshot(seq: int, colour=(200, 30, 30), **flags) -> wire.SnapshotMessage:
+    buffer = io.BytesIO()
+    Image.new("RGB", (128, 128), colour).save(buffer, format="JPEG", quality=90)
+    return wire.SnapshotMessage(seq, 1000.0 + seq, flags.get("end", True), False, buffer.getvalue())
+
+
+def answered(page, message) -> list:
+    outcome = page.snapshot(message)
+    return page.answer(outcome) if isinstance(outcome, Pending) else outcome
+
+
+def test_a_snapshot_is_decoded_queued_and_answered_with_its_render_and_timings(live):
+    page = live.connect("artist")
+    assert page.render_size() == (SIZE, SIZE)
+    outcome = page.snapshot(snapshot(1))
+    assert isinstance(outcome, Pending) and outcome.future.result(TIMEOUT) is not None
+    (reply,) = page.answer(outcome)
+    assert isinstance(reply, RenderReply) and reply.seq == 1 and reply.rendered.seq == 1
+    assert reply.rendered.image.shape == (SIZE, SIZE, 3) and reply.rendered.jpeg.startswith(b"\xff\xd8")
+    assert reply.timings.total >= reply.timings.decode >= 0
+
+
+def test_sequence_decode_and_settings_problems_are_replies_not_exceptions(live):
+    page = live.connect("careful")
+    answered(page, snapshot(5))
+    assert answered(page, snapshot(5)) == [Failed(5, "snapshot 5 arrived after snapshot 5; sequence numbers must "
+                                                     "increase")]
+    broken = wire.SnapshotMessage(6, 0.0, True, False, b"not a picture")
+    (failed,) = answered(page, broken)
+    assert failed.seq == 6 and failed.unreadable and "not a readable image" in failed.message
+    preset = next(iter(live.presets))
+    (bad,) = page.settings(Settings("x", preset, 9.0, 4, 0, "dyme", True, True))
+    assert bad.seq is None and "strength" in bad.message
+    assert page.settings(Settings("a fox", preset, 0.5, 2, 3, "dyme", True, True)) == []
+    assert live.service.config_of("careful").steps == 2
+    assert live.connect("careful").snapshot(snapshot(1)) is not None  # a new connection counts afresh
+
+
+def test_a_connection_that_never_reads_is_an_overrun(live):
+    page = live.connect("deaf")
+    release = threading.Event()
+    holding = live.service.renderer.call(release.wait)  # the model is busy: snapshots wait
+    try:
+        for seq in range(1, MAX_UNANSWERED + 1):
+            assert isinstance(page.snapshot(snapshot(seq)), Pending)
+        with pytest.raises(Overrun):
+            page.snapshot(snapshot(MAX_UNANSWERED + 1))
+    finally:
+        release.set()
+        holding.result(TIMEOUT)
+
+
+def test_a_newer_snapshot_drops_the_waiting_one_and_a_full_app_says_busy(live):
+    page = live.connect("fast")
+    release = threading.Event()
+    holding = live.service.renderer.call(release.wait)
+    first, second = page.snapshot(snapshot(1)), page.snapshot(snapshot(2))
+    release.set()
+    holding.result(TIMEOUT)
+    assert page.answer(first) == [Dropped(1)]
+    assert isinstance(page.answer(second)[0], RenderReply)
+    (busy,) = answered(live.connect("second-artist"), snapshot(1))  # max_active=1: "fast" holds the place
+    assert isinstance(busy, BusyReply) and busy.ahead == 0 and "busy" in busy.message
+
+
+def test_a_restarted_stream_is_a_notice_before_the_render(live):
+    page = live.connect("restart")
+    answered(page, snapshot(1))
+    live.service.renderer.close("restart")  # the renderer lost the stream, as when its worker dies
+    notice, render = answered(page, snapshot(2))
+    assert notice == Notice(RESTARTED_NOTICE) and isinstance(render, RenderReply)
+
+
+def test_decoded_pictures_render_through_the_same_replies_and_reach_the_pop_out(live):
+    page = live.connect("api")
+    token = page.view_token()
+    assert live.watch(token) is not None and live.watch("made-up") is None
+    assert page.rerender() == []  # nothing drawn yet
+    frame = np.full((SIZE, SIZE, 3), 90, np.uint8)
+    (reply,) = page.render(frame, live.service.base)
+    assert isinstance(reply, RenderReply) and np.abs(reply.rendered.image.astype(int) - 90).max() < 8
+    assert isinstance(page.rerender()[0], RenderReply)
+    with pytest.raises(ValueError, match="session"):
+        live.connect("../etc")

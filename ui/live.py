@@ -1,0 +1,267 @@
+"""The session layer of the live canvas: what a page's snapshots and settings go through, on any transport.
+
+A transport adapter only translates: its messages into calls here, and the
+typed replies it gets back into its own messages.  Today's adapters are
+ui.channel (the WebSocket fast channel), ui.layout (Gradio's events: the
+fallback path, the API, the webcam) and ui.popout (the pop-out view); a new
+transport is one more adapter file.  Everything else happens here, once:
+
+- sequence: on one connection a page's snapshot numbers must increase;
+- caps: at most MAX_UNANSWERED snapshots of a connection unanswered
+  (`Overrun`: the client does not read its renders);
+- decode: a snapshot's pictures, decoded and resized to the render size
+  by `ui.inputs.decode_snapshot`, in `LivePage.snapshot` alone;
+- errors: every outcome is one typed reply: `RenderReply`, `Dropped` (a
+  newer snapshot replaced it), `Failed` (bad input, bad settings, a
+  failing device), `BusyReply` (every place taken), plus a `Notice` when
+  the session's stream was restarted (`RESTARTED_NOTICE`);
+- settings: the page's controls (ui.settings) become the session's stream
+  settings, from whichever transport sends them;
+- pop-out: the session's view token, and the feed a view watches (the
+  service publishes every render to it, ui.feeds).
+
+An adapter's calls:
+
+    live = Live(service, presets)                    # one per app
+    page = live.connect(session_id)                  # one per connection (ValueError: a bad id)
+    page.render_size(), page.view_token()            # what the page needs to know: its snapshot size, pop-out link
+    page.settings(Settings(...))                     # -> [] or [Failed]
+    outcome = page.snapshot(message)                 # a wire.SnapshotMessage; blocks while decoding
+    # outcome: a list of replies (answered at once), or a Pending whose
+    # future finishes later; then:
+    page.answer(pending)                             # -> [Notice?, RenderReply] or [Dropped] ...
+    page.rerender(), page.render(frame, config)      # a settings change; the API and the webcam
+    page.close()                                     # the connection ended: its waiting frame goes
+    live.watch(token)                                # the pop-out's feed, or None
+
+An async transport calls `snapshot` on a worker thread (it decodes) and
+`answer` once the pending future is done (`Pending.future`), so its event
+loop never waits for the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Union
+
+import numpy as np
+
+from sv2v_core.config import StreamConfig
+from sv2v_core.images import ImageError
+
+from .feeds import ViewFeed
+from .inputs import decode_snapshot
+from .presets import Preset
+from .renderer import RendererBusy, Superseded
+from .service import CanvasService, Rendered, Ticket
+from .sessions import Busy
+from .settings import Settings
+from .wire import ServerTimings, SnapshotMessage
+
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_UNANSWERED = 8
+# What the page shows when a visitor's stream was started afresh (a worker died or reclaimed it).
+RESTARTED_NOTICE = ("render restarted: its worker changed, so the bank starts over from this frame "
+                    "(drawing and recording kept)")
+
+# What a render can end with besides a picture (Busy and RendererBusy are RuntimeErrors): see `_refusal`.
+RENDER_ERRORS = (Superseded, ValueError, OSError, RuntimeError)
+
+log = logging.getLogger("sv2v.live")
+
+
+class Overrun(Exception):
+    """A connection has more than MAX_UNANSWERED snapshots unanswered: its client does not read its renders."""
+
+
+@dataclass(frozen=True)
+class RenderReply:
+    """Snapshot `seq` rendered (in stream mode the picture may show an older one: `rendered.seq`)."""
+
+    seq: int
+    rendered: Rendered
+    timings: ServerTimings = field(default_factory=ServerTimings)
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A newer snapshot of the page replaced snapshot `seq` before the model got to it."""
+
+    seq: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Snapshot `seq` (None: the settings) could not be used; `unreadable`: its picture could not be decoded."""
+
+    seq: int | None
+    message: str
+    unreadable: bool = False
+
+
+@dataclass(frozen=True)
+class BusyReply:
+    """Every place is taken: `ahead` people wait before this page (0: every render worker is full)."""
+
+    seq: int
+    ahead: int
+    message: str
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the person drawing should know (the render restarted)."""
+
+    message: str
+
+
+Reply = Union[RenderReply, Dropped, Failed, BusyReply, Notice]
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A queued snapshot: `future` finishes when its render does (then `LivePage.answer`)."""
+
+    seq: int
+    ticket: Ticket
+    received: float
+    decode_ms: float
+
+    @property
+    def future(self) -> Future:
+        return self.ticket.future
+
+
+class Live:
+    """The session layer of one app: the service and the style presets the pages' settings refer to."""
+
+    def __init__(self, service: CanvasService, presets: dict[str, Preset]) -> None:
+        self.service = service
+        self.presets = presets
+
+    def connect(self, session_id: str | None) -> "LivePage":
+        """A page's connection (its Gradio session id); ValueError for an id that is not one."""
+        if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
+            raise ValueError(f"not a page's session id: {session_id!r:.80}")
+        return LivePage(self, session_id)
+
+    def config(self, settings: Settings) -> StreamConfig:
+        """The stream settings the page's controls describe; ValueError."""
+        return settings.config(self.service.base, self.presets, controlled=self.service.controlled)
+
+    def watch(self, token: str) -> ViewFeed | None:
+        """The pop-out feed of the session `token` was made for (None: no such live view)."""
+        return self.service.views.find(token)
+
+
+class LivePage:
+    """One page's connection on some transport (see the module docstring)."""
+
+    def __init__(self, live: Live, session_id: str) -> None:
+        self.live = live
+        self.service = live.service
+        self.session_id = session_id
+        self._lock = threading.Lock()
+        self._last_seq = -1
+        self._unanswered = 0  # snapshots queued for the model whose answer is not out yet
+
+    def render_size(self) -> tuple[int, int]:
+        """(width, height) the page's snapshots are rendered at."""
+        config = self.service.config_of(self.session_id)
+        return config.width, config.height
+
+    def view_token(self) -> str:
+        """The session's pop-out link token (made on first use)."""
+        return self.service.view_token(self.session_id)
+
+    def settings(self, settings: Settings) -> list[Reply]:
+        """Render with these settings from now on: [] or [Failed] (the settings stay as they were)."""
+        try:
+            self.service.set_config(self.session_id, self.live.config(settings))
+        except ValueError as error:
+            return [Failed(None, str(error))]
+        return []
+
+    def snapshot(self, message: SnapshotMessage, received: float | None = None) -> list[Reply] | Pending:
+        """Check, decode and queue one snapshot (newest wins); replies now, or a Pending.
+
+        Blocks while decoding.  received: when the transport got it
+        (time.monotonic; default now).  Raises `Overrun` when too many are
+        unanswered: the transport should drop the connection.
+        """
+        received = time.monotonic() if received is None else received
+        seq = message.seq
+        with self._lock:
+            if self._unanswered >= MAX_UNANSWERED:
+                raise Overrun(f"more than {MAX_UNANSWERED} snapshots unanswered: read the renders")
+            if seq <= self._last_seq:
+                return [Failed(seq, f"snapshot {seq} arrived after snapshot {self._last_seq}; "
+                                    "sequence numbers must increase")]
+            self._last_seq = seq
+        try:
+            snapshot = decode_snapshot(message, self.render_size())
+        except ImageError as error:
+            return [Failed(seq, str(error), unreadable=True)]
+        decode_ms = (time.monotonic() - received) * 1000
+        try:
+            ticket = self.service.submit(self.session_id, snapshot.image, self.service.config_of(self.session_id),
+                                         stamp=snapshot.stamp, seq=seq, end=snapshot.end, cut=snapshot.cut,
+                                         jpeg=message.image, control=snapshot.control)
+        except RENDER_ERRORS as error:
+            return self._refusal(seq, error)
+        with self._lock:
+            self._unanswered += 1
+        return Pending(seq, ticket, received, decode_ms)
+
+    def answer(self, pending: Pending) -> list[Reply]:
+        """The replies to a queued snapshot (waits for its render if it is not done)."""
+        with self._lock:
+            self._unanswered -= 1
+
+        def timings(rendered: Rendered) -> ServerTimings:
+            return ServerTimings(decode=pending.decode_ms, wait=pending.ticket.wait_seconds * 1000,
+                                 model=rendered.model_seconds * 1000, encode=rendered.encode_seconds * 1000,
+                                 total=(time.monotonic() - pending.received) * 1000)
+
+        return self._replies(pending.seq, pending.ticket.future.result, timings)
+
+    def rerender(self) -> list[Reply]:
+        """Render the newest snapshot again with the current settings ([] when nothing was drawn)."""
+        return self._replies(0, lambda: self.service.rerender(self.session_id))
+
+    def render(self, frame: np.ndarray, config: StreamConfig, *, end: bool = True) -> list[Reply]:
+        """Render a picture that came decoded (the API's image, a webcam frame) with `config`."""
+        return self._replies(0, lambda: self.service.render(self.session_id, frame, config, end=end))
+
+    def close(self) -> None:
+        """The connection ended: its waiting snapshot is dropped; the session stays for a reconnect."""
+        self.service.cancel(self.session_id)
+
+    def _replies(self, seq: int, attempt: Callable[[], Rendered | None],
+                 timings: Callable[[Rendered], ServerTimings] | None = None) -> list[Reply]:
+        """What `attempt` comes to, as replies (None from it: no render, no reply)."""
+        try:
+            rendered = attempt()
+        except RENDER_ERRORS as error:
+            return self._refusal(seq, error)
+        if rendered is None:
+            return []
+        notice = [Notice(RESTARTED_NOTICE)] if rendered.restarted else []
+        return [*notice, RenderReply(seq, rendered, ServerTimings() if timings is None else timings(rendered))]
+
+    def _refusal(self, seq: int, error: Exception) -> list[Reply]:
+        """The reply to snapshot `seq` for an error a render ended with: the one mapping of errors to replies."""
+        if isinstance(error, Superseded):
+            return [Dropped(seq)]
+        if isinstance(error, Busy):  # every place is taken (ui.sessions): the page shows it and asks again
+            return [BusyReply(seq, error.ahead, str(error))]
+        if isinstance(error, RendererBusy):  # every render worker is full (Ray): the same busy state
+            return [BusyReply(seq, 0, str(error))]
+        if not isinstance(error, ValueError):  # a bad picture or setting is the visitor's to fix; this is ours
+            log.warning("render of snapshot %d of session %s failed: %s", seq, self.session_id, error)
+        return [Failed(seq, str(error))]
