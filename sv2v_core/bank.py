@@ -20,7 +20,8 @@ in its batch and, when the frame is due to update the bank, records the
 current frame's features.  After each frame the engine commits the frame
 (`commit_banks`, for all the streams of a call at once), which updates the
 bank every `merge_every` frames (the first frame after a start or reset is
-always stored):
+always stored) through the update policy of its mode (`UPDATE_POLICIES`, one
+function each):
 
 - "queue": keep the last `size` stored frames (FIFO), tokens concatenated;
 - "dyme": merge the stored and the new tokens back into one frame's worth
@@ -48,7 +49,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .config import BankConfig
+from .config import BANK_MODES, BankConfig
 from .merging import bipartite_match, random_bipartite_match, random_order  # noqa: F401 - see below
 
 # `random_bipartite_match` is imported only for sv2v_core.bench's `instrumented()`, which wraps it by
@@ -120,8 +121,8 @@ class FeatureBank:
 
     @property
     def capacity(self) -> int:
-        """Frames the buffers hold: a queue's size, else one."""
-        return self.config.size if self.config.mode == "queue" else 1
+        """Frames the buffers hold: a queue's size; one for DyMe (its size is always one)."""
+        return self.config.size
 
     # -- reading and recording (during UNet calls) ------------------------
     @property
@@ -198,17 +199,6 @@ class FeatureBank:
                 self._slot(self.buffers[layer][name], 0).copy_(t)
         self.stored = 1
 
-    def _push(self, new: dict[str, dict[str, torch.Tensor]]) -> None:
-        """A queue takes the new frame; once full, the oldest goes (in place)."""
-        for layer, features in new.items():
-            for name, t in features.items():
-                buffer = self.buffers[layer][name]
-                if self.stored == self.capacity:
-                    tokens = t.shape[1]
-                    buffer[:, :-tokens].copy_(buffer[:, tokens:].clone())
-                self._slot(buffer, min(self.stored, self.capacity - 1)).copy_(t)
-        self.stored = min(self.stored + 1, self.capacity)
-
     def split_draws(self, device: torch.device, slots: int, tokens: Sequence[int]) -> list[torch.Tensor]:
         """This merge's uniform draws, one (slots, 2N) block per layer (2N =
         `tokens[i]`), from a fresh seed given by the bank's own generator:
@@ -267,33 +257,38 @@ class FeatureBank:
                         for layer, features in self.buffers.items()}
 
 
-def commit_banks(banks: Sequence[FeatureBank]) -> None:
-    """Commit the frame each bank's stream has just rendered (see
-    `FeatureBank.commit`).  The first frame after a reset is copied in, a
-    queue shifts in place, and the DyMe merges of all the banks are batched:
-    one match and one merge per group of (bank, layer) pairs whose features
-    have equal shapes."""
-    merges = []
-    for bank in banks:
-        new = bank._take()
-        if new is None:
-            continue
-        if not bank.stored or not bank._fits(new):
-            bank._store_first(new)
-        elif bank.config.mode == "queue":
-            bank._push(new)
-        else:
-            merges.append((bank, new))
-    dyme_merge(merges)
+# ---------------------------------------------------------------- update policies
+#
+# How a bank that already holds frames takes a due frame's features: one
+# function per `BankConfig.mode`, given every (bank, new features) pair of a
+# commit whose bank uses that mode (so it may batch them), updating each
+# bank's buffers in place.  The first frame after a reset is stored before
+# any policy runs; "none" keeps nothing and never gets here.  A new policy is
+# one function here, its name in `config.BANK_MODES`, and its test.
+
+Update = Sequence[tuple["FeatureBank", dict[str, dict[str, torch.Tensor]]]]
 
 
-def dyme_merge(jobs: Sequence[tuple[FeatureBank, dict[str, dict[str, torch.Tensor]]]]) -> None:
+def queue_update(jobs: Update) -> None:
+    """FIFO of `size` frames: the new frame goes behind the stored ones; once
+    full, the oldest goes (tokens shift forward in place)."""
+    for bank, new in jobs:
+        for layer, features in new.items():
+            for name, t in features.items():
+                buffer = bank.buffers[layer][name]
+                if bank.stored == bank.capacity:
+                    buffer[:, :-t.shape[1]].copy_(buffer[:, t.shape[1]:].clone())
+                bank._slot(buffer, min(bank.stored, bank.capacity - 1)).copy_(t)
+        bank.stored = min(bank.stored + 1, bank.capacity)
+
+
+def dyme_update(jobs: Update) -> None:
     """Merge each bank's new frame into its one stored frame (paper §4.3),
     in place: per layer, the 2N stored and new tokens are split at random
     (the bank's own draws), every src token joins its most cosine-similar
     dst token (on the keys), each dst becomes the mean of its group; k, v
     and o follow the same assignment.  Pairs of equal shapes, across banks
-    and layers, run as one batched operation."""
+    and layers, run as one batched match and merge."""
     new_of = {id(bank): new for bank, new in jobs}
     groups: dict[tuple, list[tuple[FeatureBank, str, torch.Tensor]]] = {}
     for bank, new in jobs:
@@ -311,6 +306,28 @@ def dyme_merge(jobs: Sequence[tuple[FeatureBank, dict[str, dict[str, torch.Tenso
             merged = match.merge(_stored_and_new(members, new_of, name)).chunk(len(members))
             for (bank, layer, _), part in zip(members, merged):
                 bank._slot(bank.buffers[layer][name], 0).copy_(part)
+
+
+UPDATE_POLICIES = {"queue": queue_update, "dyme": dyme_update}
+assert set(UPDATE_POLICIES) | {"none"} == set(BANK_MODES), "every bank mode needs its update policy"
+
+
+def commit_banks(banks: Sequence[FeatureBank]) -> None:
+    """Commit the frame each bank's stream has just rendered (see
+    `FeatureBank.commit`), all the banks of a call at once: the first frame
+    after a reset is copied in, and each policy updates the banks of its
+    mode together (DyMe batches its merges)."""
+    due: dict[str, list] = {}
+    for bank in banks:
+        new = bank._take()
+        if new is None:
+            continue
+        if not bank.stored or not bank._fits(new):
+            bank._store_first(new)
+        else:
+            due.setdefault(bank.config.mode, []).append((bank, new))
+    for mode, jobs in due.items():
+        UPDATE_POLICIES[mode](jobs)
 
 
 def _stored_and_new(members, new_of, name: str) -> torch.Tensor:

@@ -280,7 +280,7 @@ class ServingBackend:
             height=config.height // engine.latent_scale, width=config.width // engine.latent_scale,
             rows_per_stream=config.steps if config.mode == "stream" else 1,
             cfg=engine.cfg_of(config), controlled=engine.controlled_by(config),
-            capacity=bank.size if bank.mode == "queue" else 1, fusion_blocks=bank.fusion_blocks)
+            capacity=bank.size, fusion_blocks=bank.fusion_blocks)
 
     def batch_key(self, state) -> tuple:
         """Streams with equal keys share serving calls: equal call shapes, the
