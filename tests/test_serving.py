@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from sv2v_core import BankConfig, StreamConfig, StreamV2V, load_components
+from sv2v_core import bank as bank_module
 from sv2v_core.bank import FeatureBank, commit_banks, layer_order
 from sv2v_core.merging import bipartite_match, random_order
 from sv2v_core.serving import (
@@ -465,7 +466,9 @@ def reference_dyme(bank: FeatureBank) -> dict[str, dict[str, torch.Tensor]]:
     return result
 
 
-def test_batched_dyme_update_equals_the_per_stream_per_layer_update():
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "one-by-one"])
+def test_batched_dyme_update_equals_the_per_stream_per_layer_update(monkeypatch, batched):
+    monkeypatch.setitem(bank_module.BATCHED_MERGES, "cpu", batched)  # the CPU merges one by one by default
     generator = torch.Generator().manual_seed(0)
     banks = [FeatureBank(BankConfig(merge_every=every), seed=seed) for seed, every in ((0, 1), (1, 1), (2, 2), (3, 1))]
     queue = FeatureBank(BankConfig(mode="queue", size=2, merge_every=1), seed=9)
