@@ -409,7 +409,9 @@ class ServingBackend:
             missing = spec.rows - sum(part.shape[0] for part in parts)
             if missing:
                 parts.append(self._zeros_like((missing, spec.capacity * tokens, channels), dtype))
-            args.append(torch.cat(parts) if len(parts) > 1 else parts[0].contiguous())
+            # always a fresh tensor: two inputs sharing memory (one cached block of zeros) would be
+            # another graph to torch.compile, made mid-serving
+            args.append(torch.cat(parts) if len(parts) > 1 else parts[0].clone())
         if spec.control:
             down, mid = residuals
             args += [self._padded(residual, spec, copies) for residual in (*down, mid)]

@@ -391,7 +391,8 @@ def test_compiled_serving_equals_eager(engine):
     engine.backend = ServingBackend(engine, compiled_function(engine), buckets=(2,))
     try:
         engine.warm_up([streams[0].config], freeze=True)
-        together, _ = render_together(engine, streams, steps=6)
+        with torch._dynamo.config.patch(error_on_recompile=True):  # real streams' inputs pass the warm-up's guards
+            together, _ = render_together(engine, streams, steps=6)
         assert len(engine.backend.functions) == 1
     finally:
         engine.backend = None
