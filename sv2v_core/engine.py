@@ -38,6 +38,12 @@ The method (paper §3–4; docs/method.md has every equation):
   `down_block_additional_residuals` / `mid_block_additional_residual`.  The
   bank is unchanged: EA/FF run in the UNet; the ControlNet's own attention
   has no bank.  Streams with scale 0 never run the ControlNet.
+- Backends: `engine.backend` may run the UNet calls instead of the patched
+  diffusers UNet: `serving.ServingBackend` (fixed-shape, bucketed calls for
+  torch.compile and CUDA graphs; `engine.warm_up(configs)` prepares them;
+  docs/serving.md), or `accel`'s and `onnx_export`'s per-bank-shape runners.
+- Timing: `engine.stages`, None or a callable stage(name) -> context manager,
+  is entered around each stage of a frame (`STAGES`), for profilers.
 """
 
 from __future__ import annotations
