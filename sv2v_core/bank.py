@@ -43,7 +43,6 @@ model, so one loaded model serves any number of independent streams.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
