@@ -64,12 +64,12 @@ from .control import control_image
 from .stream import Output, StreamState
 
 LCM_ORIGINAL_STEPS = 50
+LCM_DISTILLED_GUIDANCE = 8.5
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # What `StreamV2V.stages` is called with, around each stage of a frame (a UNet
 # call of latency mode is one "unet" per step; "bank update" is after each
 # frame's UNet calls, for all the streams of a call at once).
 STAGES = ("encode", "controlnet", "unet", "bank update", "decode")
-LCM_DISTILLED_GUIDANCE = 8.5
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def lcm_timesteps(strength: float, steps: int, train_timesteps: int = 1000) -> list[int]:
