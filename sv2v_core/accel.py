@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import BankAttnProcessor
+from .bank import FusionInputs, KeysValues, layer_order
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -63,12 +64,13 @@ class ExplicitBank:
         self.banked = banked
         self.recorded: dict[tuple[str, str], torch.Tensor] = {}
 
-    def extended_keys_values(self, layer: str):
+    def extended_keys_values(self, layer: str) -> KeysValues | None:
         k, v = self.banked.get((layer, "k")), self.banked.get((layer, "v"))
-        return None if k is None or v is None else (k, v)
+        return None if k is None or v is None else KeysValues(k, v)
 
-    def fusion_features(self, layer: str):
-        return self.banked.get((layer, "o"))
+    def fusion_inputs(self, layer: str) -> FusionInputs | None:
+        o = self.banked.get((layer, "o"))
+        return None if o is None else FusionInputs(o, None, *self.fusion)
 
     def record(self, layer: str, name: str, features: torch.Tensor) -> None:
         self.recorded[(layer, name)] = features
@@ -95,11 +97,8 @@ class BankSpec:
 
 
 def forward_order(layers: list[str]) -> list[str]:
-    """`layers` in the order a UNet forward runs them (down, mid, up blocks).
-    The bank records in this order, and DyMe draws its random splits layer by
-    layer in recording order: keeping it makes the result identical."""
-    rank = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
-    return sorted(layers, key=lambda layer: rank.get(layer.split(".")[0], 3))
+    """`layers` in the order a UNet forward runs them (`bank.layer_order`)."""
+    return layer_order(layers)
 
 
 def bank_spec(view, layers: list[str]) -> tuple[BankSpec, list[torch.Tensor]]:
@@ -110,7 +109,7 @@ def bank_spec(view, layers: list[str]) -> tuple[BankSpec, list[torch.Tensor]]:
         kv = view.extended_keys_values(layer)
         if kv is not None:
             inputs += [(layer, "k"), (layer, "v")]
-            tensors += list(kv)
+            tensors += [kv.k, kv.v]
         o = view.fusion_features(layer)
         if o is not None:
             inputs.append((layer, "o"))

@@ -78,13 +78,15 @@ class BankAttnProcessor:
             context = encoder_hidden_states
         query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
 
+        banked_keep = None
         if self_attention and bank is not None:
             bank.record(self.layer, "k", key)
             bank.record(self.layer, "v", value)
             banked = bank.extended_keys_values(self.layer)
             if banked is not None:
-                key = torch.cat([key, banked[0]], dim=1)
-                value = torch.cat([value, banked[1]], dim=1)
+                key = torch.cat([key, banked.k], dim=1)
+                value = torch.cat([value, banked.v], dim=1)
+                banked_keep = banked.keep
 
         batch, queries, _ = query.shape
         if attention_mask is not None:
@@ -93,6 +95,8 @@ class BankAttnProcessor:
             # the banked keys are always attended: pad with "keep" (True, or 0 added to the logits)
             keep = True if attention_mask.dtype == torch.bool else 0.0
             attention_mask = F.pad(attention_mask, (0, key.shape[1] - attention_mask.shape[-1]), value=keep)
+        if banked_keep is not None:  # banked tokens not stored yet are never attended
+            attention_mask = _mask_absent(attention_mask, banked_keep, key.shape[1])
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
         key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
@@ -112,17 +116,28 @@ class BankAttnProcessor:
         return out / attn.rescale_output_factor
 
 
+def _mask_absent(mask: torch.Tensor | None, keep: torch.Tensor, keys: int) -> torch.Tensor:
+    """An attention mask over `keys` keys, [current; banked], that hides the
+    banked tokens `keep` (B, M) marks absent, combined with `mask`."""
+    current = keep.new_ones(keep.shape[0], keys - keep.shape[1])
+    visible = torch.cat([current, keep], dim=1)[:, None, None, :]  # (B, 1, 1, keys)
+    if mask is None:
+        return visible
+    if mask.dtype == torch.bool:
+        return mask & visible
+    return mask.masked_fill(~visible, float("-inf"))
+
+
 def _fusion_hook(layer: str):
     def hook(module, args, kwargs, output):
         bank = (kwargs.get("cross_attention_kwargs") or {}).get("bank")
         if bank is None:
             return None
         bank.record(layer, "o", output)  # O_t, before fusion: the bank must not feed on its own past
-        banked = bank.fusion_features(layer)
+        banked = bank.fusion_inputs(layer)
         if banked is None:
             return None
-        alpha, threshold = bank.fusion
-        return fuse(output, banked, alpha, threshold)
+        return fuse(output, banked.o, banked.alpha, banked.threshold, keep=banked.keep)
 
     return hook
 

@@ -38,20 +38,27 @@ The method (paper §3–4; docs/method.md has every equation):
   `down_block_additional_residuals` / `mid_block_additional_residual`.  The
   bank is unchanged: EA/FF run in the UNet; the ControlNet's own attention
   has no bank.  Streams with scale 0 never run the ControlNet.
+- Backends: `engine.backend` may run the UNet calls instead of the patched
+  diffusers UNet: `serving.ServingBackend` (fixed-shape, bucketed calls for
+  torch.compile and CUDA graphs; `engine.warm_up(configs)` prepares them;
+  docs/serving.md), or `accel`'s and `onnx_export`'s per-bank-shape runners.
+- Timing: `engine.stages`, None or a callable stage(name) -> context manager,
+  is entered around each stage of a frame (`STAGES`), for profilers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, ContextManager, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from . import images
 from .attention import BankPatch
-from .bank import BankView, BatchView, as_index
+from .bank import BankView, BatchView, as_index, commit_banks
 from .config import StreamConfig
 from .control import control_image
 from .stream import Output, StreamState
@@ -59,6 +66,10 @@ from .stream import Output, StreamState
 LCM_ORIGINAL_STEPS = 50
 LCM_DISTILLED_GUIDANCE = 8.5
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# What `StreamV2V.stages` is called with, around each stage of a frame (a UNet
+# call of latency mode is one "unet" per step; "bank update" is after each
+# frame's UNet calls, for all the streams of a call at once).
+STAGES = ("encode", "controlnet", "unet", "bank update", "decode")
 
 
 def lcm_timesteps(strength: float, steps: int, train_timesteps: int = 1000) -> list[int]:
@@ -125,17 +136,23 @@ class StreamV2V:
         self.size_multiple = vae_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
         self.guidance_embedded = self.unet.config.time_cond_proj_dim is not None
         self._conditions: dict[tuple, torch.Tensor] = {}
+        self._empty_prompts: dict[tuple, torch.Tensor] = {}
         self.controlnet = components.controlnet
         if self.controlnet is not None:
             factor = 2 ** (len(self.controlnet.config.conditioning_embedding_out_channels) - 1)
             if factor != vae_factor:
                 raise ValueError(f"the ControlNet reads control images at 1/{factor} of the latent size's pixels, "
                                  f"the autoencoder makes latents at 1/{vae_factor}: they do not fit together")
-        # None: the patched diffusers UNet, eagerly.  `accel` may install a
-        # callable (x, t, embeds, condition, view, residuals) -> eps with the
-        # same results: a compiled or TensorRT UNet with the bank (and the
-        # ControlNet's residuals) as explicit inputs.
+        # None: the patched diffusers UNet, eagerly.  `accel` and `serving` may
+        # install a callable (x, t, embeds, condition, view, residuals) -> eps
+        # with the same results: a compiled or TensorRT UNet with the bank (and
+        # the ControlNet's residuals) as explicit inputs.  A backend may also
+        # say which streams share a call (`batch_key(state)`), how many at most
+        # (`max_streams`), and warm itself up (`warm_up(configs)`).
         self.backend = None
+        # A profiler's seam: None, or a callable stage(name) -> context manager
+        # entered around each stage of a frame (see `STAGES`).
+        self.stages: Callable[[str], ContextManager] | None = None
 
     # Not `unet.device` / `unet.dtype`: diffusers walks every submodule for hooks on
     # each call (measured 3.5 ms on SD1.5's UNet, several times per frame).
@@ -245,10 +262,25 @@ class StreamV2V:
     def batch_key(self, state: StreamState) -> tuple:
         """Streams whose next frames have equal keys can share UNet calls:
         same size, steps and mode, guidance alike, banks of the same shapes,
-        ControlNet on or off (scales and control images are per row)."""
+        ControlNet on or off (scales and control images are per row).  A
+        backend may relax it (`serving.ServingBackend.batch_key`: banks of
+        any fill share a call)."""
+        backend_key = getattr(self.backend, "batch_key", None)
+        if backend_key is not None:
+            return backend_key(state)
         config = state.config
         return (config.width, config.height, config.steps, config.mode, self._cfg(state), self.controlled(state),
                 state.bank.signature())
+
+    def warm_up(self, configs: Iterable[StreamConfig], **options) -> list:
+        """Prepare the backend for streams with these settings before serving
+        them (serving graphs: compile and capture every bucket; see
+        `ServingBackend.warm_up` for the options).  Nothing to do eagerly."""
+        configs = list(configs)
+        for config in configs:
+            self._check(config)
+        warm = getattr(self.backend, "warm_up", None)
+        return [] if warm is None else warm(configs, **options)
 
     def control_scale(self, state: StreamState) -> float:
         """The stream's ControlNet conditioning scale (its own, or 1.0 with a ControlNet, 0 without)."""
@@ -259,7 +291,12 @@ class StreamV2V:
 
     def controlled(self, state: StreamState) -> bool:
         """Whether the stream's UNet calls run the ControlNet."""
-        return self.controlnet is not None and self.control_scale(state) > 0
+        return self.controlled_by(state.config)
+
+    def controlled_by(self, config: StreamConfig) -> bool:
+        """Whether a stream with these settings runs the ControlNet."""
+        scale = config.control_scale
+        return self.controlnet is not None and (scale is None or scale > 0)
 
     @torch.inference_mode()
     def flush(self, state: StreamState) -> list[Output]:
@@ -338,16 +375,23 @@ class StreamV2V:
         return _Frame(state, index, image=image, control=control)
 
     def _groups(self, frames: list[_Frame]) -> list[list[_Frame]]:
+        """Frames that share UNet calls: equal `batch_key`, at most the backend's `max_streams` per call."""
         groups: dict[tuple, list[_Frame]] = {}
         for frame in frames:
             groups.setdefault(self.batch_key(frame.state), []).append(frame)
-        return list(groups.values())
+        limit = getattr(self.backend, "max_streams", None)
+        return [group[start:start + (limit or len(group))] for group in groups.values()
+                for start in range(0, len(group), limit or len(group))]
+
+    def _stage(self, name: str) -> ContextManager:
+        return contextlib.nullcontext() if self.stages is None else self.stages(name)
 
     def _render_group(self, group: list[_Frame]) -> list[Output]:
         """Encode, denoise and decode the frames of streams that share UNet calls."""
         new = [frame for frame in group if frame.latent is None]
         if new:
-            latents = self._encode(np.stack([frame.image for frame in new]))
+            with self._stage("encode"):
+                latents = self._encode(np.stack([frame.image for frame in new]))
             for frame, latent in zip(new, latents.split(1)):
                 frame.latent = frame.state.last_latent = latent
         if group[0].state.config.mode == "stream":
@@ -355,7 +399,9 @@ class StreamV2V:
         else:
             denoised, sources = self._latency_steps(group), [frame.index for frame in group]
         outputs = []
-        for frame, image, source in zip(group, self._decode(denoised), sources):
+        with self._stage("decode"):
+            decoded = self._decode(denoised)
+        for frame, image, source in zip(group, decoded, sources):
             frame.state.last_output = Output(image, source)
             outputs.append(frame.state.last_output)
         return outputs
@@ -381,10 +427,10 @@ class StreamV2V:
         recording = [take and state.bank.due() for state, take in zip(states, takes)]
         control = _stack(controls) if self.controlled(states[0]) else None
         denoised = self._lcm_step(states, _stack(x), list(range(steps)), recording, control)
+        with self._stage("bank update"):
+            _commit([state.bank for state, take in zip(states, takes) if take])
         newest = []
-        for index, (state, rows, row_sources, take) in enumerate(zip(states, denoised.split(steps), sources, takes)):
-            if take:
-                state.bank.commit()
+        for index, (state, rows, row_sources) in enumerate(zip(states, denoised.split(steps), sources)):
             state.in_flight = self._noised(state, rows[:-1], range(1, steps))
             state.in_flight_sources = row_sources[:-1]
             if controls:
@@ -404,9 +450,8 @@ class StreamV2V:
             denoised = self._lcm_step(states, x, [slot], recording, control)
             if slot + 1 < steps:
                 x = _stack([self._noised(state, rows, [slot + 1]) for state, rows in zip(states, denoised.split(1))])
-        for state, take in zip(states, takes):
-            if take:
-                state.bank.commit()
+        with self._stage("bank update"):
+            _commit([state.bank for state, take in zip(states, takes) if take])
         return denoised
 
     def _lcm_step(self, states: list[StreamState], x: torch.Tensor, slots: list[int],
@@ -430,16 +475,19 @@ class StreamV2V:
         residuals = None
         if control is not None:
             scales = [self.control_scale(state) for state in states]
-            residuals = self.control_residuals(x_in, t_in, embeds, control, scales, rows, copies=2 if cfg else 1)
-        if self.backend is not None:
-            eps = self.backend(x_in, t_in, embeds, condition, view, residuals)
-        else:
-            down, mid = residuals if residuals is not None else (None, None)
-            eps = self.unet(
-                x_in, t_in, encoder_hidden_states=embeds, timestep_cond=condition,
-                cross_attention_kwargs={"bank": view}, down_block_additional_residuals=down,
-                mid_block_additional_residual=mid, return_dict=False,
-            )[0]
+            with self._stage("controlnet"):
+                residuals = self.control_residuals(x_in, t_in, embeds, control, scales, rows,
+                                                   copies=2 if cfg else 1)
+        with self._stage("unet"):
+            if self.backend is not None:
+                eps = self.backend(x_in, t_in, embeds, condition, view, residuals)
+            else:
+                down, mid = residuals if residuals is not None else (None, None)
+                eps = self.unet(
+                    x_in, t_in, encoder_hidden_states=embeds, timestep_cond=condition,
+                    cross_attention_kwargs={"bank": view}, down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid, return_dict=False,
+                )[0]
         if cfg:
             uncond, cond = eps.chunk(2)
             eps = _stack([u + state.config.guidance_scale * (c - u)
@@ -497,8 +545,19 @@ class StreamV2V:
         lcm_timesteps(config.strength, config.steps, self.scheduler.config.num_train_timesteps)
 
     def _cfg(self, state: StreamState) -> bool:
-        scale = state.config.guidance_scale
+        return self.cfg_of(state.config)
+
+    def cfg_of(self, config: StreamConfig) -> bool:
+        """Whether streams with these settings run classifier-free guidance (the batch doubles)."""
+        scale = config.guidance_scale
         return not self.guidance_embedded and scale is not None and scale > 1.0
+
+    def empty_prompt(self) -> torch.Tensor:
+        """The embedding of the empty prompt (1, tokens, channels), computed once."""
+        key = (self.device, self.dtype)
+        if key not in self._empty_prompts:
+            self._empty_prompts[key] = self._encode_text("")
+        return self._empty_prompts[key]
 
     def _schedule(self, config: StreamConfig) -> dict[str, torch.Tensor]:
         """Timesteps and per-slot coefficients, each (steps, 1, 1, 1) but timesteps (steps,)."""
@@ -551,6 +610,16 @@ class _Frame:
     latent: torch.Tensor | None = None
     control: torch.Tensor | None = None  # its control image (with a ControlNet), uint8 (1, 3, H, W)
     position: int = 0                   # its job's place in the call
+
+
+def _commit(banks: list) -> None:
+    """Commit the frame into the banks of a call's streams, batched (`bank.commit_banks`).  One bank
+    goes through its own `commit`, which sv2v_core.bench's `instrumented()` wraps by name (until the
+    profiler times through `StreamV2V.stages`)."""
+    if len(banks) == 1:
+        banks[0].commit()
+    else:
+        commit_banks(banks)
 
 
 def _stack(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -148,7 +148,7 @@ def check_onnx(engine, state: StreamState, export: OnnxExport, *, atol: float = 
     # The reference: the eager hooks path, recording into a scratch bank that
     # shares the stored frames (the stream's own bank is left untouched).
     scratch = FeatureBank(state.bank.config)
-    scratch.layers = state.bank.layers
+    scratch.buffers, scratch.stored = state.bank.buffers, state.bank.stored
     view = BankView(scratch, call.view.slots)
     down, mid = call.residuals if call.residuals is not None else (None, None)
     eps = engine.unet(call.sample, call.timestep, encoder_hidden_states=call.encoder_hidden_states,

@@ -22,8 +22,12 @@ def _attention(**kwargs):
 
 
 def _bank_with(layer, stored, **config):
+    """A bank holding one frame: `stored` ({"k": …, "v": …[, "o": …]}) of `layer`, recorded and committed."""
     bank = FeatureBank(BankConfig(**{"merge_every": 1, **config}))
-    bank.layers[layer] = stored
+    for name, features in stored.items():
+        bank.record(layer, name, features)
+    bank.commit()
+    assert all(torch.equal(bank.layers[layer][name], features) for name, features in stored.items())
     return bank
 
 

@@ -211,3 +211,50 @@ def test_the_apps_engine_on_cuda_gets_the_serving_fast_path():
         assert image.shape == (512, 512, 3) and image.std() > 1
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("mode", ["latency", "stream"])
+def test_serving_graphs_on_cuda_match_eager(mode):
+    """The serving functions compiled with CUDA graphs ("reduce-overhead"),
+    every bucket warmed up and frozen, no recompilation afterwards: three
+    streams (bucket 4, padded), one joining late (an empty bank beside full
+    ones), each close to its eager render alone."""
+    from sv2v_core.serving import serving_backend
+
+    engine = StreamV2V(load_components("tiny", device="cuda", dtype=torch.float16))
+    torch._dynamo.reset()
+    settings = [config(DYME, mode, steps=2), config(NONE, mode, steps=2).replace(seed=1),
+                config(BankConfig(merge_every=2, feature_fusion=False), mode, steps=2).replace(seed=2)]
+    joins = [0, 0, 3]
+    try:
+        alone = []
+        for setting, join in zip(settings, joins):
+            state = engine.new_stream(setting)
+            alone.append({step: engine(state, sketch(step)).image.astype(int) for step in range(join, FRAMES)})
+        without_bank = tiny_renders(engine, NONE, mode)
+        engine.backend = serving_backend(engine, compile=True, buckets=(1, 2, 4))
+        engine.warm_up([settings[0]], freeze=True)
+        served = [{} for _ in settings]
+        states = {}
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for step in range(FRAMES):
+                present = [index for index, join in enumerate(joins) if step >= join]
+                for index in present:
+                    states.setdefault(index, engine.new_stream(settings[index]))
+                outputs = engine.render([(states[index], sketch(step)) for index in present])
+                for index, output in zip(present, outputs):
+                    served[index][step] = output.image.astype(int)
+        buckets = {spec.rows for spec, *_ in engine.backend.calls}
+    finally:
+        engine.backend = None
+        engine.close()
+        torch._dynamo.reset()
+    rows = 2 if mode == "stream" else 1
+    assert buckets == {2 * rows, 4 * rows}  # two streams, then three padded to four
+    plain = [alone[0][step] for step in range(FRAMES)]
+    bank_gap = mean_gap(without_bank, plain)
+    gaps = [float(np.mean([np.abs(served[index][step] - alone[index][step]).mean()
+                           for step in alone[index] if step >= SETTLED])) for index in range(len(settings))]
+    print(f"tiny {mode}, float16 on CUDA: serving graphs vs eager {max(gaps):.3f} levels; bank off {bank_gap:.3f}")
+    assert bank_gap > 0.3
+    assert max(gaps) < bank_gap / 4

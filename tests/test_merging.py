@@ -184,3 +184,25 @@ def test_nothing_is_recorded_or_kept_between_due_frames():
         bank.commit()
     assert dues == [True, False, False, True, False, False, True]
     assert not FeatureBank(BankConfig(mode="none")).due()
+
+
+def test_an_update_policy_is_one_function(monkeypatch):
+    """The seam: a bank mode is a function given every (bank, new frame) pair
+    of a commit; here a toy "newest" policy that keeps only the latest frame."""
+    from sv2v_core import bank as bank_module
+    from sv2v_core import config as config_module
+
+    def newest_update(jobs):
+        for bank, new in jobs:
+            for layer, features in new.items():
+                for name, tensor in features.items():
+                    bank.buffers[layer][name].copy_(tensor)
+
+    monkeypatch.setattr(config_module, "BANK_MODES", (*config_module.BANK_MODES, "newest"))
+    monkeypatch.setitem(bank_module.UPDATE_POLICIES, "newest", newest_update)
+    bank = FeatureBank(BankConfig(mode="newest", merge_every=1))
+    layer = "mid_block.attentions.0.transformer_blocks.0"
+    frames = [torch.randn(2, 8, 4) for _ in range(3)]
+    for k in frames:
+        _record_frame(bank, layer, k)
+    assert torch.equal(bank.layers[layer]["k"], frames[-1]) and bank.stored == 1
