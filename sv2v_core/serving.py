@@ -42,15 +42,19 @@ torch.compile on a CPU (inductor, no graphs) and on CUDA with graphs.
 Warm-up (`ServingBackend.warm_up`) runs every bucket of every given setting
 until it is compiled and captured (cuDNN's autotuning included), so no
 artist waits for a compile mid-stroke; with `background=True` it does so in a
-thread while calls whose graph is not ready run the same function eagerly.
-After `warm_up(..., freeze=True)` a call of any shape that was not warmed up
-raises `UnwarmedShape` instead of compiling (a test's proof that no call
-leaves the buckets).
+thread while calls whose graph is not ready run the same function eagerly
+(the backend's `fallback`).  After `warm_up(..., freeze=True)` nothing is
+compiled any more: a call of a shape that was not warmed up runs through the
+fallback, eagerly, or, on a backend without one, raises `UnwarmedShape` (a
+test's proof that no call leaves the buckets).  Warm-up reports its progress
+on the "sv2v.serving" logger.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -63,6 +67,8 @@ from .config import StreamConfig
 BUCKETS = (1, 2, 4, 8)
 ROW_FIELDS = ("frames", "ea", "ff", "alpha", "threshold")  # the per-row data, columns of one float32 tensor
 NEVER = 2.0  # a fusion threshold no cosine similarity exceeds
+
+log = logging.getLogger("sv2v.serving")
 
 
 class UnwarmedShape(RuntimeError):
@@ -245,15 +251,21 @@ class ServingBackend:
         (CUDA graphs reuse it on the next replay).
     step_marker: called before each call (CUDA graphs: a new step begins).
     fallback: made like `make`, used for a shape whose `make` function is not
-        ready yet (a background warm-up), e.g. `eager_function`.
+        ready yet (a background warm-up) or was never warmed up (after a
+        frozen warm-up), e.g. `eager_function`.
+    background: `warm_up`'s default: make the functions in a thread while
+        the fallback serves (needs a fallback).
     """
 
     def __init__(self, engine, make: Callable | None = None, *, buckets: Sequence[int] = BUCKETS,
                  clone_outputs: bool = False, step_marker: Callable[[], None] | None = None,
-                 fallback: Callable | None = None) -> None:
+                 fallback: Callable | None = None, background: bool = False) -> None:
+        if background and fallback is None:
+            raise ValueError("a background warm-up needs a fallback to serve with meanwhile")
         self.engine = engine
         self.make = make or eager_function(engine)
         self.fallback = fallback
+        self.background = background
         self.buckets = tuple(sorted(buckets))
         self.clone_outputs = clone_outputs
         self.step_marker = step_marker
@@ -326,20 +338,26 @@ class ServingBackend:
         key = (spec, *((tuple(a.shape), a.dtype, a.device) for a in args))
         function = self.functions.get(key)
         if function is None:
-            if key in self._planned and self.fallback is not None:  # its graph is being made: serve eagerly
-                function = self._fallbacks.get(key)
-                if function is None:
-                    function = self._fallbacks[key] = self.fallback(spec, args)
+            if self.fallback is not None and (key in self._planned or self.frozen):
+                function = self._fallback(key, spec, args)  # being made, or never to be: serve it eagerly
             elif self.frozen:
-                raise UnwarmedShape(f"no serving function was warmed up for {spec.rows} rows × {spec.copies} "
-                                    f"(capacity {spec.capacity}, ControlNet {bool(spec.control)}) at latent "
-                                    f"{tuple(args[0].shape[-2:])}: warm this setting up before serving it")
+                raise UnwarmedShape(f"no serving function was warmed up for {describe(spec, args)}: warm this "
+                                    "setting up before serving it")
             else:
                 function = self.functions[key] = self.make(spec, args)
         self.calls.append(key)
         if self.step_marker is not None:
             self.step_marker()
         return function(*args)
+
+    def _fallback(self, key: tuple, spec: ServingSpec, args: list[torch.Tensor]) -> Callable:
+        """The fallback's function for a shape, made once (and said once when nobody warmed the shape up)."""
+        function = self._fallbacks.get(key)
+        if function is None:
+            if key not in self._planned:
+                log.info("serving %s eagerly: it was not warmed up", describe(spec, args))
+            function = self._fallbacks[key] = self.fallback(spec, args)
+        return function
 
     def _zeros_like(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         """A cached tensor of zeros (never written to)."""
@@ -419,32 +437,37 @@ class ServingBackend:
 
     # -- warm-up ------------------------------------------------------------------
     def warm_up(self, configs: Iterable[StreamConfig], buckets: Sequence[int] | None = None, *,
-                repeats: int | None = None, freeze: bool = False, background: bool = False) -> list[tuple]:
+                repeats: int | None = None, freeze: bool = False, background: bool | None = None) -> list[tuple]:
         """Make (compile, capture) the function of every bucket for each of
         `configs`' call shapes, by running each `repeats` times on padding
         rows (default: 3 with CUDA graphs, which record on the second run and
         replay from the third; else 1).  Returns the shape keys made.
 
-        freeze: afterwards, refuse any call of another shape (`UnwarmedShape`).
+        freeze: afterwards, make no function any more: a call of another
+            shape runs the fallback's function (eager), or raises
+            `UnwarmedShape` when there is no fallback.
         background: do it in a thread and return at once; until a shape is
-            ready its calls run `fallback`'s function (eager)."""
+            ready its calls run the fallback's function (eager).  None: the
+            backend's default (`background`)."""
+        background = self.background if background is None else background
         buckets = self.buckets if buckets is None else tuple(buckets)
         repeats = repeats or (3 if self.clone_outputs else 1)
         shapes = list(dict.fromkeys(self.call_shape(config) for config in configs))
-        plan = [(shape, bucket) for shape in shapes for bucket in buckets]
-        keys = [self._key_for(shape, bucket) for shape, bucket in plan]
+        plan = {self._key_for(shape, bucket): (shape, bucket) for shape in shapes for bucket in buckets}
         if freeze:
             self.frozen = True
+        self.warm_error = None
         if background:
             if self.fallback is None:
                 raise ValueError("a background warm-up needs a fallback to serve with meanwhile")
-            self._planned = set(keys) - set(self.functions)
+            self._planned = set(plan) - set(self.functions)
             self.warming = threading.Thread(target=self._warm_all, args=(plan, repeats), daemon=True,
                                             name="serving-warm-up")
             self.warming.start()
         else:
             self._warm_all(plan, repeats)
-        return keys
+            self.wait()
+        return list(plan)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for a background warm-up; True when it is done (re-raises its error)."""
@@ -487,23 +510,40 @@ class ServingBackend:
                                                  engine.empty_prompt(), control, [0.0], 1)
         return [d[:0] for d in down], mid[:0]
 
-    def _warm_all(self, plan, repeats: int) -> None:
+    def _warm_all(self, plan: dict[tuple, tuple[CallShape, int]], repeats: int) -> None:
+        """Make the function of every shape of `plan` not made yet; a failure is kept for `wait`."""
+        started = time.monotonic()
         try:
             with torch.inference_mode():
-                for shape, bucket in plan:
+                for number, (key, (shape, bucket)) in enumerate(plan.items(), start=1):
+                    if key in self.functions:
+                        continue
+                    since = time.monotonic()
                     spec = self.spec_for(shape, bucket)
                     args = self._dummy_arguments(spec, shape)
-                    key = (spec, *((tuple(a.shape), a.dtype, a.device) for a in args))
-                    function = self.functions.get(key) or self.make(spec, args)
+                    function = self.make(spec, args)
                     for _ in range(repeats):
                         if self.step_marker is not None:
                             self.step_marker()
                         function(*args)
                     self.functions[key] = function
                     self._planned.discard(key)
+                    log.info("serving warm-up %d/%d: %s ready in %.1f s", number, len(plan), describe(spec, args),
+                             time.monotonic() - since)
         except Exception as error:  # noqa: BLE001 - kept for `wait`, which re-raises it in the caller
             self.warm_error = error
-            raise
+            self._planned.clear()  # frozen, the shapes left run through the fallback (if any)
+            log.warning("serving warm-up failed: %s: %s", type(error).__name__, error)
+            return
+        log.info("serving warm-up done in %.1f s: %d functions ready", time.monotonic() - started,
+                 len(self.functions))
+
+
+def describe(spec: ServingSpec, args: Sequence[torch.Tensor]) -> str:
+    """A serving shape in words, for the log and errors."""
+    height, width = args[0].shape[-2:]
+    extras = (", classifier-free guidance" if spec.copies > 1 else "") + (", ControlNet" if spec.control else "")
+    return f"{spec.rows} rows at latent {height}×{width} (bank of {spec.capacity}{extras})"
 
 
 def compile_problem() -> str | None:
@@ -514,13 +554,15 @@ def compile_problem() -> str | None:
 
 
 def serving_backend(engine, *, compile: bool = True, mode: str | None = None, buckets: Sequence[int] = BUCKETS,
-                    background_fallback: bool = False) -> ServingBackend:
+                    eager_fallback: bool = False, background: bool = False) -> ServingBackend:
     """The app's engine backend: bucketed, fixed-shape UNet calls.
 
     compile True: torch.compile (CUDA graphs on CUDA, inductor on a CPU);
-    False: the same functions eagerly (ZeroGPU, where torch.compile is not
-    supported, or to start at once).  background_fallback: serve eagerly
-    while `warm_up(..., background=True)` compiles."""
+    False: the same functions eagerly (to start at once, or for tests).
+    eager_fallback: a shape whose compiled function is not ready (a
+    background warm-up) or was never warmed up (after a frozen warm-up) runs
+    the same function eagerly.  background: `warm_up` compiles in a thread by
+    default, serving eagerly meanwhile (implies eager_fallback)."""
     if not compile:
         return ServingBackend(engine, eager_function(engine), buckets=buckets)
     problem = compile_problem()
@@ -529,4 +571,5 @@ def serving_backend(engine, *, compile: bool = True, mode: str | None = None, bu
     graphs = uses_graphs(engine, mode)
     return ServingBackend(engine, compiled_function(engine, mode=mode), buckets=buckets, clone_outputs=graphs,
                           step_marker=torch.compiler.cudagraph_mark_step_begin if graphs else None,
-                          fallback=eager_function(engine) if background_fallback else None)
+                          fallback=eager_function(engine) if eager_fallback or background else None,
+                          background=background)
