@@ -14,6 +14,7 @@ import torch
 from sv2v_core.attention import BankAttnProcessor
 from sv2v_core.engine import LCM_ORIGINAL_STEPS, lcm_timesteps
 
+from .profile import STAGE_LABELS
 from .rows import PROMPT, STRENGTH
 
 if TYPE_CHECKING:
@@ -108,10 +109,10 @@ class PeerRow:
 
     @contextlib.contextmanager
     def instrumented(self, timer: "StageTimer"):
-        """Time its stages under the same names as ours (undone on exit)."""
-        self.encode = timer.wrap("autoencoder encode", self.encode)
-        self.decode = timer.wrap("autoencoder decode (+ to host)", self.decode)
-        self.stream.unet_step = timer.wrap("UNet call (+ LCM step)", self.stream.unet_step)
+        """Time its stages under the names of ours (undone on exit); its UNet call includes its LCM step."""
+        self.encode = timer.wrap(STAGE_LABELS["encode"], self.encode)
+        self.decode = timer.wrap(STAGE_LABELS["decode"], self.decode)
+        self.stream.unet_step = timer.wrap(STAGE_LABELS["unet"], self.stream.unet_step)
         try:
             yield
         finally:

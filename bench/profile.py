@@ -1,4 +1,5 @@
-"""Per-stage profile of a frame: the engine's stages timed with the device synchronised around each."""
+"""Per-stage profile of a frame: the engine's stages, through its timing seam (`StreamV2V.stages`), timed
+with the device synchronised around each."""
 
 from __future__ import annotations
 
@@ -9,6 +10,12 @@ import numpy as np
 import torch
 
 from .timing import sync
+
+# What each of the engine's stages (sv2v_core.engine.STAGES) is called in a profile.
+STAGE_LABELS = {"encode": "autoencoder encode", "controlnet": "ControlNet", "unet": "UNet call",
+                "bank update": "bank update", "decode": "autoencoder decode (+ to host)"}
+FRAME = "frame (total)"
+REST = "host work (rest of the frame)"
 
 
 class StageTimer:
@@ -39,38 +46,19 @@ class StageTimer:
 
 
 @contextlib.contextmanager
-def instrumented(engine, state, timer: StageTimer):
-    """Time the stages of `engine` on `state` by wrapping them (undone on exit)."""
-    from sv2v_core import attention, bank, merging
-
-    saved_module = [(attention, "fuse", attention.fuse), (bank, "random_bipartite_match", bank.random_bipartite_match)]
-    saved_merge = merging.Match.merge
-    engine._encode = timer.wrap("autoencoder encode", engine._encode)
-    engine._decode = timer.wrap("autoencoder decode (+ to host)", engine._decode)
-    engine._lcm_step = timer.wrap("UNet call (+ LCM step)", engine._lcm_step)
-    state.bank.commit = timer.wrap("bank update (commit)", state.bank.commit)
-    attention.fuse = timer.wrap("  feature fusion (cosine, argmax, lerp)", attention.fuse)
-    bank.random_bipartite_match = timer.wrap("  DyMe match (cosine, argmax)", bank.random_bipartite_match)
-    merging.Match.merge = timer.wrap("  DyMe merge (scatter-mean)", saved_merge)
+def timed_stages(engine, timer: StageTimer):
+    """Time `engine`'s stages with `timer` through its `stages` seam (the seam is restored on exit)."""
+    previous = engine.stages
+    engine.stages = lambda name: timer.stage(STAGE_LABELS.get(name, name))
     try:
         yield
     finally:
-        for name in ("_encode", "_decode", "_lcm_step"):
-            engine.__dict__.pop(name, None)
-        state.bank.__dict__.pop("commit", None)
-        for module, name, value in saved_module:
-            setattr(module, name, value)
-        merging.Match.merge = saved_merge
-
-
-PROFILE_STAGES = ("frame (total)", "autoencoder encode", "UNet call (+ LCM step)",
-                  "  feature fusion (cosine, argmax, lerp)", "bank update (commit)", "  DyMe match (cosine, argmax)",
-                  "  DyMe merge (scatter-mean)", "autoencoder decode (+ to host)")
-TOP_STAGES = ("autoencoder encode", "UNet call (+ LCM step)", "bank update (commit)", "autoencoder decode (+ to host)")
+        engine.stages = previous
 
 
 def profile_row(row, frames: list[np.ndarray], count: int, device: torch.device, clock=time.perf_counter) -> dict:
-    """Per-stage time of `count` frames of `row` (alone, after its warm-up)."""
+    """Per-stage time of `count` frames of `row` (alone, after its warm-up); what the stages leave out of
+    a frame is its host work (preparing the frame, the LCM step's arithmetic, the rest)."""
     row.start()
     try:
         for index in range(row.warmup):
@@ -78,13 +66,13 @@ def profile_row(row, frames: list[np.ndarray], count: int, device: torch.device,
         timer = StageTimer(device, clock)
         with row.instrumented(timer):
             for index in range(row.warmup, row.warmup + count):
-                with timer.stage("frame (total)"):
+                with timer.stage(FRAME):
                     row(frames[index % len(frames)])
     finally:
         row.stop()
-    per_frame = {name: 1000 * timer.total[name] / count for name in PROFILE_STAGES if name in timer.total}
-    per_frame["host work (rest of the frame)"] = (per_frame["frame (total)"]
-                                                  - sum(per_frame.get(n, 0.0) for n in TOP_STAGES))
+    names = [FRAME] + [name for name in timer.total if name != FRAME]
+    per_frame = {name: 1000 * timer.total[name] / count for name in names}
+    per_frame[REST] = per_frame[FRAME] - sum(ms for name, ms in per_frame.items() if name != FRAME)
     calls = {name: timer.count[name] / count for name in timer.count}
     per_call = {name: 1000 * timer.total[name] / timer.count[name] for name in timer.count}
     return {"row": row.key, "label": row.label, "steps": row.steps, "mode": row.mode, "frames": count,

@@ -2,7 +2,7 @@
 
 A row is called with a uint8 frame and returns the uint8 image on the host;
 `start` gives it a fresh stream, `stop` drops it, `instrumented(timer)`
-times its stages (bench.profile).
+times its stages through the engine's timing seam (bench.profile).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from sv2v_core.config import BankConfig, StreamConfig
 
-from .profile import instrumented
+from .profile import timed_stages
 
 if TYPE_CHECKING:
     from .profile import StageTimer
@@ -72,4 +72,4 @@ class EngineRow:
         return {layer: self.state.bank.tokens(layer) for layer in self.state.bank.layers}
 
     def instrumented(self, timer: "StageTimer"):
-        return instrumented(self.engine, self.state, timer)
+        return timed_stages(self.engine, timer)

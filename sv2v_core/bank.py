@@ -49,10 +49,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from .config import BANK_MODES, BankConfig
-from .merging import bipartite_match, random_bipartite_match, random_order  # noqa: F401 - see below
-
-# `random_bipartite_match` is imported only for sv2v_core.bench's `instrumented()`, which wraps it by
-# name; drop it when the profiler times through `StreamV2V.stages` instead.
+from .merging import bipartite_match, random_order
 
 SEED_RANGE = 2**62
 FEATURES = ("k", "v", "o")

@@ -428,7 +428,7 @@ class StreamV2V:
         control = _stack(controls) if self.controlled(states[0]) else None
         denoised = self._lcm_step(states, _stack(x), list(range(steps)), recording, control)
         with self._stage("bank update"):
-            _commit([state.bank for state, take in zip(states, takes) if take])
+            commit_banks([state.bank for state, take in zip(states, takes) if take])
         newest = []
         for index, (state, rows, row_sources) in enumerate(zip(states, denoised.split(steps), sources)):
             state.in_flight = self._noised(state, rows[:-1], range(1, steps))
@@ -451,7 +451,7 @@ class StreamV2V:
             if slot + 1 < steps:
                 x = _stack([self._noised(state, rows, [slot + 1]) for state, rows in zip(states, denoised.split(1))])
         with self._stage("bank update"):
-            _commit([state.bank for state, take in zip(states, takes) if take])
+            commit_banks([state.bank for state, take in zip(states, takes) if take])
         return denoised
 
     def _lcm_step(self, states: list[StreamState], x: torch.Tensor, slots: list[int],
@@ -610,16 +610,6 @@ class _Frame:
     latent: torch.Tensor | None = None
     control: torch.Tensor | None = None  # its control image (with a ControlNet), uint8 (1, 3, H, W)
     position: int = 0                   # its job's place in the call
-
-
-def _commit(banks: list) -> None:
-    """Commit the frame into the banks of a call's streams, batched (`bank.commit_banks`).  One bank
-    goes through its own `commit`, which sv2v_core.bench's `instrumented()` wraps by name (until the
-    profiler times through `StreamV2V.stages`)."""
-    if len(banks) == 1:
-        banks[0].commit()
-    else:
-        commit_banks(banks)
 
 
 def _stack(parts: list[torch.Tensor]) -> torch.Tensor:

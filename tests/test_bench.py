@@ -267,15 +267,16 @@ def test_bench_profile_and_peer(tmp_path, capsys):
     profiles = {p["row"]: p for p in result["profiles"]}
     keys = [r["key"] for r in result["rows"]]
     dyme = profiles["dyme1"]["ms_per_frame"]
-    for stage in ("frame (total)", "autoencoder encode", "UNet call (+ LCM step)", "autoencoder decode (+ to host)",
-                  "bank update (commit)", "host work (rest of the frame)"):
+    for stage in ("frame (total)", "autoencoder encode", "UNet call", "autoencoder decode (+ to host)",
+                  "bank update", "host work (rest of the frame)"):
         assert stage in dyme
-    assert "  feature fusion (cosine, argmax, lerp)" in dyme  # the bank is read from the second frame on
+    assert profiles["dyme1"]["calls_per_frame"]["UNet call"] == 1  # stream batch: one call a frame
+    assert profiles["dyme1"]["ms_per_frame"]["bank update"] > 0
     if bench_peer.peer_problem() is None:
         assert keys == ["none", "dyme1", "peer"]
         assert set(profiles) == {"none", "dyme1", "peer"}
         peer = profiles["peer"]["ms_per_frame"]
-        for stage in ("autoencoder encode", "UNet call (+ LCM step)", "autoencoder decode (+ to host)"):
+        for stage in ("autoencoder encode", "UNet call", "autoencoder decode (+ to host)"):
             assert stage in peer
         assert "streamdiffusion" in result["peer_note"]
         none = next(r for r in result["rows"] if r["key"] == "none")

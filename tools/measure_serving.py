@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from sv2v_core import StreamConfig, StreamV2V, load_components
-from sv2v_core.bench import synthetic_frames
+from bench.frames import synthetic_frames
 from sv2v_core.serving import serving_backend
 
 VARIANTS = ("eager", "serving-eager", "serving-compiled")
