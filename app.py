@@ -28,8 +28,13 @@ once, default 16; the next ones are told "busy: N people ahead of you"),
 --no-fast-channel (serve the Gradio page only), --controlnet ID_OR_PATH (an
 SD1.5 scribble / line-art ControlNet, or `tiny` with the built-in model: the
 canvas's ink layer conditions the render; the page then shows a conditioning
-slider and starts at strength 0.6) and --control-scale (its default
-conditioning scale, 1.0).  A ControlNet that cannot be loaded stops the
+slider and starts at strength 0.6), --control-scale (its default
+conditioning scale, 1.0), --compile auto|on|off (auto: compiled serving
+graphs on a CUDA GPU, warmed up before the page is served; eager on a CPU
+and on ZeroGPU; sv2v_core.loader.choose_serving) and --torch-threads
+(the model's CPU threads; default: all cores but one when the app serves a
+browser on this machine from a CPU, leaving it a core, else torch's own:
+ui.server.model_threads).  A ControlNet that cannot be loaded stops the
 start-up with one error line.  The model is chosen only here, by whoever
 runs the app: the page never lets a visitor load a model or file.
 
@@ -88,13 +93,13 @@ import torch
 
 from sv2v_core.config import MAX_CONTROL_SCALE, RENDER_MODES
 from sv2v_core.engine import StreamV2V
-from sv2v_core.loader import DEFAULT_MODEL, EngineOptions, choose_model
+from sv2v_core.loader import COMPILE_CHOICES, DEFAULT_MODEL, EngineOptions, choose_model
 from sv2v_core.loader import load_engine as load_core_engine
 from sv2v_core.models import DEFAULT_VAE, ModelLoadError
 from ui.gpu import ZERO_GPU
 from ui.memory import limit_malloc_arenas
 from ui.presets import load_presets
-from ui.server import create_base_config, create_service, serve
+from ui.server import create_base_config, create_service, model_threads, serve
 from ui.local_renderer import MAX_BATCH
 
 HOW_TO_REAL = (f"To use real weights, run on a GPU with Hub access, or set SV2V_MODEL (default {DEFAULT_MODEL}) "
@@ -149,23 +154,34 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="CanvasWorker replicas (default: one per GPU in the Ray cluster)")
     parser.add_argument("--sessions-per-replica", type=int, default=8,
                         help="at most this many sessions per replica (fewer if its GPU memory holds fewer)")
+    parser.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
+                        help="compile the UNet into serving graphs: auto (on a CUDA GPU, warmed up before the page "
+                             "is served; not on a CPU nor on ZeroGPU), on (a CPU too, in the background while "
+                             "serving eagerly) or off")
+    parser.add_argument("--torch-threads", type=int, default=None, metavar="N",
+                        help="CPU threads for the model (default: all cores but one on a CPU serving a browser on "
+                             "this machine, else torch's own; 0: torch's own)")
     args = parser.parse_args(argv)
+    if args.torch_threads is not None and args.torch_threads < 0:
+        parser.error("--torch-threads must be 0 (torch's own) or more")
     if args.control_scale is not None and args.controlnet is None:
         parser.error("--control-scale needs --controlnet (a ControlNet to condition with)")
     return args
 
 
 def load_engine(model: str | None, vae: str | None, controlnet: str | None = None,
-                lora: str | None = None) -> tuple[StreamV2V, str | None]:
+                lora: str | None = None, compile: str = "auto") -> tuple[StreamV2V, str | None]:
     """The engine (sv2v_core.loader), and a notice for the page when it runs a built-in model.
 
     A model that cannot be loaded falls back to the built-in one; a
     ControlNet that cannot be loaded (or does not fit the model) ends the
-    start-up with one error line.
+    start-up with one error line.  compile: the serving choice's "auto",
+    "on" or "off" (sv2v_core.loader.choose_serving; never compiled on ZeroGPU).
     """
     has_gpu = ZERO_GPU or torch.cuda.is_available()  # on ZeroGPU the GPU appears inside requests only
     options = EngineOptions(model=model, vae=vae, lora=lora, controlnet=controlnet,
-                            device="cuda" if has_gpu else "cpu", fallback=True, serving=True)
+                            device="cuda" if has_gpu else "cpu", fallback=True, serving=True, compile=compile,
+                            zero_gpu=ZERO_GPU)
     try:
         loaded = load_core_engine(options)
     except ModelLoadError as error:  # a ControlNet's, or the built-in model's own
@@ -175,6 +191,7 @@ def load_engine(model: str | None, vae: str | None, controlnet: str | None = Non
         log.warning("%s", loaded.fell_back)
     if loaded.fast_path:
         log.info("fast path: %s", loaded.fast_path)
+    log.info("serving: %s", loaded.serving.why)
     engine = loaded.engine
     if controlnet is not None:
         log.info("conditioning on the canvas's ink layer with ControlNet %s", controlnet)
@@ -199,7 +216,7 @@ def start_ray(args: argparse.Namespace):
                                   control_scale=args.control_scale)
         options = WorkerOptions(model=model, vae=args.vae, lora=args.lora, base=base, controlnet=args.controlnet,
                                 max_sessions=args.sessions_per_replica, max_batch=args.max_batch,
-                                idle_timeout=args.idle_timeout)
+                                idle_timeout=args.idle_timeout, compile=args.compile)
     except ValueError as error:
         raise SystemExit(f"cannot start: {error}") from error
     connect(args.ray)
@@ -222,7 +239,12 @@ def main(argv=None) -> None:
         engine = None
         renderer, notice, size = start_ray(args)
     else:
-        engine, notice = load_engine(args.model, args.vae, args.controlnet, args.lora)
+        threads = model_threads(args.host, "cuda" if ZERO_GPU or torch.cuda.is_available() else "cpu",
+                                args.torch_threads)
+        if threads:  # before any thread of the app runs torch
+            torch.set_num_threads(threads)
+        log.info("model threads: %d", torch.get_num_threads())
+        engine, notice = load_engine(args.model, args.vae, args.controlnet, args.lora, args.compile)
         renderer, size = None, args.size or (TINY_SIZE if engine.components.name == "tiny" else REAL_SIZE)
     try:
         service = create_service(engine, size=size, render_mode=args.render_mode, idle_timeout=args.idle_timeout,

@@ -1,7 +1,7 @@
 """A stand-in engine that returns its input, taking the time a GPU would.
 
 `EchoEngine` has the public interface of `sv2v_core.StreamV2V` (new_stream,
-configure, prepare, batch_key, render, __call__, flush, translate,
+configure, prepare, batch_key, render, __call__, flush, translate, warm_up,
 size_multiple, close) but no model: a frame's render is the frame itself
 (resized to the stream's size), after sleeping what the denoising would
 cost.  The latency benchmark (bench.live) uses it to measure everything around
@@ -97,6 +97,10 @@ class EchoEngine:
 
     def close(self) -> None:
         pass
+
+    def warm_up(self, configs, **options) -> list:
+        """Nothing to prepare (the real engine's serving warm-up)."""
+        return []
 
     def new_stream(self, config: StreamConfig) -> EchoState:
         return EchoState(config)

@@ -146,7 +146,7 @@ def main(argv=None) -> None:
 
     engine = load_worker_engine(WorkerOptions(model=args.model, base=config))
     local = local_renderer(engine)
-    local.warm_up(config)
+    local.warm_up([config])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}, load average (1 min) {os.getloadavg()[0]:.1f}; model {args.model}, "
           f"{args.size}², latency mode, {args.replicas} replica(s), this process on {device}; "

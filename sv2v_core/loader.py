@@ -5,9 +5,10 @@
     engine = loaded.engine
 
 `EngineOptions` says what to load (model, autoencoder, LoRA, ControlNet,
-device, dtype) and how (`fallback`, `serving`); `load_engine` loads the
-components (sv2v_core.models), builds the `StreamV2V` engine and applies the
-serving fast path (sv2v_core.accel.accelerate_for_serving) when asked.
+device, dtype) and how (`fallback`, `serving`, `compile`); `load_engine`
+loads the components (sv2v_core.models), builds the `StreamV2V` engine and,
+for serving, applies the fast path (sv2v_core.accel.accelerate_for_serving)
+and the serving choice (`choose_serving`).
 `load` stops before the engine, for a caller that needs the components
 first (the benchmark's peer copies the UNet before the engine patches it).
 
@@ -21,6 +22,16 @@ shows them (the app logs them, the CLI prints them).
 
 dtype "auto": float16 on CUDA, float32 on the CPU; the built-in 'tiny' in
 float32 everywhere (it is small enough that half precision saves nothing).
+
+The serving choice (`choose_serving`, for what serves people: the app and
+each Ray replica): on CUDA the UNet runs as compiled serving graphs
+(sv2v_core.serving: torch.compile with CUDA graphs, at a few static shapes,
+warmed up before serving; shapes nobody warmed up run eagerly); on ZeroGPU,
+which does not support torch.compile, and on a CPU, where compiling gains
+little at the app's sizes and takes minutes (docs/serving.md), the plain
+eager engine.  `compile="on"` compiles on a CPU too, in the background while
+serving eagerly; `"off"` never compiles.  `Loaded.serving` says what was
+chosen and why.
 Every failure raises `ModelLoadError` (a ControlNet's: `ControlNetLoadError`)
 with one message naming what was tried and how to fix it.
 """
@@ -37,11 +48,13 @@ import torch
 from .accel import accelerate_for_serving
 from .engine import StreamV2V
 from .models import BUILTIN_MODELS, DEFAULT_VAE, Components, ControlNetLoadError, ModelLoadError, load_components
+from .serving import compile_problem, serving_backend
 
 DEFAULT_MODEL = "SimianLuo/LCM_Dreamshaper_v7"
 FALLBACK_MODEL = "tiny"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEVICES = ("auto", "cpu", "cuda")
+COMPILE_CHOICES = ("auto", "on", "off")
 
 # Library chatter that is no help to a person starting the app or the CLI (diffusers passes
 # huggingface_hub an argument it deprecated); silenced so that a failed hub lookup is one error line.
@@ -73,6 +86,37 @@ def choose_model(model: str | None, cuda: bool) -> ModelChoice:
         return ModelChoice(DEFAULT_MODEL, f"the default on a CUDA GPU (real weights, autoencoder {DEFAULT_VAE})")
     return ModelChoice(FALLBACK_MODEL, "the default without a CUDA GPU, where a full-size model takes tens of "
                                        "seconds a frame; name a model to override")
+
+
+@dataclass(frozen=True)
+class ServingChoice:
+    """How a serving engine runs its UNet: compiled serving functions (warmed
+    up in the background, serving eagerly meanwhile, or before serving), or
+    the plain eager engine; and why."""
+
+    compiled: bool
+    background: bool
+    why: str
+
+
+def choose_serving(compile: str, device: torch.device, *, zero_gpu: bool = False) -> ServingChoice:
+    """The serving choice for `compile` ("auto", "on", "off") on `device` (see the module docstring)."""
+    eager = "eager (the plain engine)"
+    if zero_gpu:
+        return ServingChoice(False, False, f"{eager}: ZeroGPU does not support torch.compile")
+    if compile == "off":
+        return ServingChoice(False, False, f"{eager}: compiling is off")
+    if compile == "auto" and device.type != "cuda":
+        return ServingChoice(False, False, f"{eager}: on a CPU compiling gains little at the app's sizes and "
+                                           "takes minutes (--compile on to compile anyway)")
+    problem = compile_problem()
+    if problem:
+        return ServingChoice(False, False, f"{eager}: {problem}")
+    if device.type == "cuda":
+        return ServingChoice(True, False, "compiled serving graphs (torch.compile, CUDA graphs), every bucket "
+                                          "warmed up before serving")
+    return ServingChoice(True, True, "compiled serving functions (torch.compile, inductor), compiled in the "
+                                     "background while serving eagerly")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -112,8 +156,11 @@ class EngineOptions:
         model that cannot be loaded falls back to the built-in 'tiny', and
         vae and lora, which are for real weights, are left out for a
         built-in model.  A ControlNet that cannot be loaded still fails.
-    serving: apply the serving fast path (accelerate_for_serving: on CUDA,
-        channels-last, cuDNN autotuning, fast attention; no compiling).
+    serving: make the engine for serving people: the fast path
+        (accelerate_for_serving: on CUDA, channels-last, cuDNN autotuning,
+        fast attention) and the serving choice (`choose_serving`).
+    compile: with serving, "auto", "on" or "off" (`choose_serving`).
+    zero_gpu: with serving, the app runs on ZeroGPU (never compiled there).
     """
 
     model: str | None = None
@@ -124,12 +171,19 @@ class EngineOptions:
     dtype: str | torch.dtype = "auto"
     fallback: bool = False
     serving: bool = False
+    compile: str = "auto"
+    zero_gpu: bool = False
+
+    def __post_init__(self) -> None:
+        if self.compile not in COMPILE_CHOICES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")
 
 
 @dataclass
 class Loaded:
     """What was loaded: the components (and, from `load_engine`, the engine), the model chosen and why,
-    why it fell back to the built-in model (None: it did not) and the serving fast path (None: none)."""
+    why it fell back to the built-in model (None: it did not), the serving fast path (None: none) and
+    the serving choice (None: not for serving)."""
 
     components: Components
     choice: ModelChoice
@@ -137,6 +191,7 @@ class Loaded:
     fell_back: str | None = None
     engine: StreamV2V | None = None
     fast_path: str | None = None
+    serving: ServingChoice | None = None
 
 
 def load(options: EngineOptions) -> Loaded:
@@ -157,11 +212,16 @@ def load(options: EngineOptions) -> Loaded:
 
 
 def load_engine(options: EngineOptions) -> Loaded:
-    """The engine `options` describe (in `Loaded.engine`), with the serving fast path if asked; ModelLoadError."""
+    """The engine `options` describe (in `Loaded.engine`), made for serving if asked; ModelLoadError."""
     loaded = load(options)
-    loaded.engine = StreamV2V(loaded.components)
-    if options.serving and (report := accelerate_for_serving(loaded.engine)) is not None:
+    engine = loaded.engine = StreamV2V(loaded.components)
+    if not options.serving:
+        return loaded
+    if (report := accelerate_for_serving(engine)) is not None:
         loaded.fast_path = str(report)
+    loaded.serving = choice = choose_serving(options.compile, engine.device, zero_gpu=options.zero_gpu)
+    if choice.compiled:
+        engine.backend = serving_backend(engine, compile=True, eager_fallback=True, background=choice.background)
     return loaded
 
 

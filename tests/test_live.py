@@ -120,3 +120,40 @@ def test_decoded_pictures_render_through_the_same_replies_and_reach_the_pop_out(
     assert isinstance(page.rerender()[0], RenderReply)
     with pytest.raises(ValueError, match="session"):
         live.connect("../etc")
+
+
+def test_a_snapshot_is_decoded_only_when_the_model_takes_it_and_a_corrupt_one_fails_alone(monkeypatch):
+    """Decode on take: snapshots wait encoded; the ones a newer snapshot replaced are never decoded, and
+    a picture that cannot be decoded fails only its own frame of the batch."""
+    from ui import inputs
+
+    decoded = []
+    decode = inputs.decode_image_bytes
+    monkeypatch.setattr(inputs, "decode_image_bytes", lambda data, size=None: (decoded.append(data), decode(data, size))[1])
+    base = StreamConfig(width=SIZE, height=SIZE, mode="latency", similarity_skip=None)
+    service = CanvasService(EchoEngine(0), SessionRegistry(Recorder), base)
+    try:
+        live = Live(service, load_presets())
+        fast, careless, calm = live.connect("fast"), live.connect("careless"), live.connect("calm")
+        release = threading.Event()
+        holding = service.renderer.call(release.wait)  # the model is busy: every snapshot waits
+        red, green, blue, grey = (snapshot(seq, colour) for seq, colour in
+                                  ((1, (200, 30, 30)), (2, (30, 200, 30)), (3, (30, 30, 200)), (1, (90, 90, 90))))
+        waiting = [fast.snapshot(message) for message in (red, green, blue)]
+        broken = careless.snapshot(wire.SnapshotMessage(1, 0.0, True, False, b"not a picture"))
+        fine = calm.snapshot(grey)
+        assert decoded == []  # nothing is decoded on arrival
+        release.set()
+        holding.result(TIMEOUT)
+        assert [fast.answer(pending) for pending in waiting[:2]] == [[Dropped(1)], [Dropped(2)]]
+        (newest,) = fast.answer(waiting[2])
+        assert isinstance(newest, RenderReply) and newest.rendered.image[..., 2].mean() > 150  # blue
+        assert newest.timings.decode > 0
+        (failed,) = careless.answer(broken)
+        assert failed == Failed(1, failed.message, unreadable=True) and "not a readable image" in failed.message
+        (render,) = calm.answer(fine)
+        assert isinstance(render, RenderReply) and abs(render.rendered.image.mean() - 90) < 8
+        assert sorted(decoded) == sorted([blue.image, b"not a picture", grey.image])  # red and green never
+        assert service.stats().batches == {3: 1}  # the corrupt one was in the batch and failed alone
+    finally:
+        service.close()

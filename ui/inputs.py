@@ -2,10 +2,11 @@
 
 Canvas snapshots arrive as JPEG bytes on the fast channel (ui.channel) or as
 data URLs inside a small JSON payload on the Gradio path
-(`snapshot_from_payload` turns that into the same bytes); either way
-`decode_snapshot` is the one step that decodes a snapshot's pictures (the
-session layer, ui.live, calls it).  API calls and uploads arrive as image
-files.  All are capped in bytes and in pixels *before* the pixels are
+(`snapshot_from_payload` turns that into the same bytes).  The session layer
+(ui.live) queues them still encoded, as an `EncodedFrame`, and the renderer
+decodes one only when the model takes its frame (`EncodedFrame.decode`), so
+a snapshot that a newer one replaces before its turn is never decoded.  API
+calls and uploads arrive as image files.  All are capped in bytes and in pixels *before* the pixels are
 decoded, then handed to `sv2v_core.images.to_rgb_array` (RGBA, grayscale,
 16-bit … become RGB).  Every problem raises `ImageError` (a `ValueError`)
 with a readable message.
@@ -125,6 +126,21 @@ def snapshot_from_payload(payload: str) -> SnapshotMessage:
         raise ImageError("the canvas sent a control image that is not a data URL")
     return SnapshotMessage(seq, float(stamp), bool(message.get("end")), bool(message.get("cut")),
                            data_url_bytes(message["image"]), None if control is None else data_url_bytes(control))
+
+
+@dataclass(frozen=True)
+class EncodedFrame:
+    """A canvas frame as it came: the picture's file bytes and, with a ControlNet, its ink layer's;
+    decoded only when the model takes the frame (`decode`)."""
+
+    image: bytes
+    control: bytes | None = None
+
+    def decode(self, size: tuple[int, int], *, control: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """The picture and its ink layer (None: none sent, or `control` False) decoded at `size`
+        ((width, height)); `ImageError` for either one that cannot be read."""
+        ink = decode_image_bytes(self.control, size) if control and self.control is not None else None
+        return decode_image_bytes(self.image, size), ink
 
 
 def decode_snapshot(message: SnapshotMessage, size: tuple[int, int] | None = None) -> Snapshot:

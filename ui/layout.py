@@ -46,7 +46,7 @@ from .popout import PAGE_PATH as VIEW_PATH
 from .presets import Preset
 from .recording import EXPORT_FORMATS, EXPORT_PACES
 from .service import Rendered
-from .settings import Settings, make_config, preset_strength
+from .settings import PAGE_STEPS, Settings, make_config, preset_strength
 from .wire import SETTINGS_FIELDS, SNAPSHOT_QUALITY
 
 # Render events wait on the scheduler, which runs one frame at a time; more
@@ -254,7 +254,7 @@ def build_app(live: Live, *, notice: str | None = None, title: str = "StreamV2V 
                 preset = gr.Dropdown(preset_names, value=preset_names[0], label="Style preset", scale=2)
             with gr.Row():
                 strength = gr.Slider(0.05, 1.0, value=strength_of(default), step=0.05, label="Strength")
-                steps = gr.Slider(1, 4, value=default.steps, step=1, label="Steps")
+                steps = gr.Slider(PAGE_STEPS[0], PAGE_STEPS[-1], value=default.steps, step=1, label="Steps")
                 control_scale = gr.Slider(0.0, MAX_CONTROL_SCALE, value=service.base.control_scale or 0.0, step=0.05,
                                           label="Conditioning (ControlNet on the ink lines)", visible=controlled,
                                           info="0 is off: plain img2img" if controlled else None)

@@ -9,8 +9,10 @@ transport is one more adapter file.  Everything else happens here, once:
 - sequence: on one connection a page's snapshot numbers must increase;
 - caps: at most MAX_UNANSWERED snapshots of a connection unanswered
   (`Overrun`: the client does not read its renders);
-- decode: a snapshot's pictures, decoded and resized to the render size
-  by `ui.inputs.decode_snapshot`, in `LivePage.snapshot` alone;
+- decode on take: a snapshot is queued still encoded (`ui.inputs.EncodedFrame`)
+  and decoded at the render size only when the model takes it, so one that
+  a newer snapshot replaces first is never decoded; one that cannot be
+  decoded fails alone (`Failed`, unreadable);
 - errors: every outcome is one typed reply: `RenderReply`, `Dropped` (a
   newer snapshot replaced it), `Failed` (bad input, bad settings, a
   failing device), `BusyReply` (every place taken), plus a `Notice` when
@@ -26,7 +28,7 @@ An adapter's calls:
     page = live.connect(session_id)                  # one per connection (ValueError: a bad id)
     page.render_size(), page.view_token()            # what the page needs to know: its snapshot size, pop-out link
     page.settings(Settings(...))                     # -> [] or [Failed]
-    outcome = page.snapshot(message)                 # a wire.SnapshotMessage; blocks while decoding
+    outcome = page.snapshot(message)                 # a wire.SnapshotMessage; may block (admission)
     # outcome: a list of replies (answered at once), or a Pending whose
     # future finishes later; then:
     page.answer(pending)                             # -> [Notice?, RenderReply] or [Dropped] ...
@@ -34,9 +36,9 @@ An adapter's calls:
     page.close()                                     # the connection ended: its waiting frame goes
     live.watch(token)                                # the pop-out's feed, or None
 
-An async transport calls `snapshot` on a worker thread (it decodes) and
-`answer` once the pending future is done (`Pending.future`), so its event
-loop never waits for the model.
+An async transport calls `snapshot` on a worker thread (admission takes
+locks) and `answer` once the pending future is done (`Pending.future`), so
+its event loop never waits for the model.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from sv2v_core.config import StreamConfig
 from sv2v_core.images import ImageError
 
 from .feeds import ViewFeed
-from .inputs import decode_snapshot
+from .inputs import EncodedFrame
 from .presets import Preset
 from .renderer import RendererBusy, Superseded
 from .service import CanvasService, Rendered, Ticket
@@ -90,7 +92,7 @@ class RenderReply:
 
 @dataclass(frozen=True)
 class Dropped:
-    """A newer snapshot of the page replaced snapshot `seq` before the model got to it."""
+    """A newer snapshot of the page replaced snapshot `seq` before the model got to it (it was never decoded)."""
 
     seq: int
 
@@ -130,7 +132,6 @@ class Pending:
     seq: int
     ticket: Ticket
     received: float
-    decode_ms: float
 
     @property
     def future(self) -> Future:
@@ -188,11 +189,12 @@ class LivePage:
         return []
 
     def snapshot(self, message: SnapshotMessage, received: float | None = None) -> list[Reply] | Pending:
-        """Check, decode and queue one snapshot (newest wins); replies now, or a Pending.
+        """Check and queue one snapshot, still encoded (newest wins; decoded when the model takes it);
+        replies now, or a Pending.
 
-        Blocks while decoding.  received: when the transport got it
-        (time.monotonic; default now).  Raises `Overrun` when too many are
-        unanswered: the transport should drop the connection.
+        received: when the transport got it (time.monotonic; default now).
+        Raises `Overrun` when too many are unanswered: the transport should
+        drop the connection.
         """
         received = time.monotonic() if received is None else received
         seq = message.seq
@@ -203,20 +205,15 @@ class LivePage:
                 return [Failed(seq, f"snapshot {seq} arrived after snapshot {self._last_seq}; "
                                     "sequence numbers must increase")]
             self._last_seq = seq
+        frame = EncodedFrame(message.image, message.control)
         try:
-            snapshot = decode_snapshot(message, self.render_size())
-        except ImageError as error:
-            return [Failed(seq, str(error), unreadable=True)]
-        decode_ms = (time.monotonic() - received) * 1000
-        try:
-            ticket = self.service.submit(self.session_id, snapshot.image, self.service.config_of(self.session_id),
-                                         stamp=snapshot.stamp, seq=seq, end=snapshot.end, cut=snapshot.cut,
-                                         jpeg=message.image, control=snapshot.control)
+            ticket = self.service.submit(self.session_id, frame, self.service.config_of(self.session_id),
+                                         stamp=message.stamp, seq=seq, end=message.end, cut=message.cut)
         except RENDER_ERRORS as error:
             return self._refusal(seq, error)
         with self._lock:
             self._unanswered += 1
-        return Pending(seq, ticket, received, decode_ms)
+        return Pending(seq, ticket, received)
 
     def answer(self, pending: Pending) -> list[Reply]:
         """The replies to a queued snapshot (waits for its render if it is not done)."""
@@ -224,7 +221,7 @@ class LivePage:
             self._unanswered -= 1
 
         def timings(rendered: Rendered) -> ServerTimings:
-            return ServerTimings(decode=pending.decode_ms, wait=pending.ticket.wait_seconds * 1000,
+            return ServerTimings(decode=rendered.decode_seconds * 1000, wait=pending.ticket.wait_seconds * 1000,
                                  model=rendered.model_seconds * 1000, encode=rendered.encode_seconds * 1000,
                                  total=(time.monotonic() - pending.received) * 1000)
 
@@ -258,6 +255,8 @@ class LivePage:
         """The reply to snapshot `seq` for an error a render ended with: the one mapping of errors to replies."""
         if isinstance(error, Superseded):
             return [Dropped(seq)]
+        if isinstance(error, ImageError):  # its picture could not be read: this snapshot alone
+            return [Failed(seq, str(error), unreadable=True)]
         if isinstance(error, Busy):  # every place is taken (ui.sessions): the page shows it and asks again
             return [BusyReply(seq, error.ahead, str(error))]
         if isinstance(error, RendererBusy):  # every render worker is full (Ray): the same busy state

@@ -6,6 +6,12 @@ thread (ui.scheduler), which hands it each tick's newest frames of up to
 `max_batch` sessions as one batch.  `local_renderer` makes one: both the
 app (`python app.py`) and every Ray replica (ui.ray_renderer) use it.
 
+Decode on take: a snapshot waits in the mailbox still encoded (an
+`EncodedFrame`, ui.inputs); the tick decodes the frames it takes, at their
+render size, several at once on decoding threads, before the model runs.
+So a snapshot that a newer one replaces before its turn costs no decode,
+and one that cannot be decoded fails alone with its `ImageError`.
+
 A batch is rendered in one `on_gpu` call (one `spaces.GPU` call on
 ZeroGPU): each stream is configured (created, reconfigured, its bank
 emptied at a cut) and its frame checked (`engine.prepare`) on its own, so
@@ -24,22 +30,26 @@ anyway.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import os
 import threading
 import time
 import uuid
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
 
 from sv2v_core.config import StreamConfig
+from sv2v_core.images import ImageError
 from sv2v_core.video import read_video
 
 from .gpu import ZERO_GPU, on_gpu
+from .inputs import EncodedFrame
 from .renderer import RendererBusy, RenderStats, SessionLost, StepReply, StepRequest
 from .scheduler import RenderScheduler
 
@@ -89,9 +99,10 @@ class InProcessRenderer:
     """The engine and one render scheduler in this process.
 
     All model work runs on the scheduler's thread (ui.scheduler), each
-    tick's frames (up to `max_batch`) in one batch: each stream is
-    configured and its frame checked on its own, so a bad frame fails only
-    itself; the rest render in one `engine.render` call, each again on its
+    tick's frames (up to `max_batch`) in one batch: the frames that came
+    encoded are decoded then (decode on take: a frame replaced before its
+    turn never is), each stream is configured and its frame checked on its
+    own, so a bad frame fails only itself; the rest render in one `engine.render` call, each again on its
     own should that call raise (say, out of memory for the batch).  Room:
     at most `max_sessions` sessions hold a stream (None: no limit); when
     full, a session unused for longer than `idle_timeout` seconds is
@@ -117,6 +128,9 @@ class InProcessRenderer:
         self._epoch_prefix = uuid.uuid4().hex[:8]  # epochs stay unique across workers and restarts
         self._on_device = on_gpu(self._step_on_device)
         self._translate_on_device = on_gpu(self._translation, duration=VIDEO_GPU_SECONDS)
+        # Snapshots are decoded when the scheduler takes them, several at once on these threads.
+        self._decoder = ThreadPoolExecutor(max_workers=max(1, min(max_batch, os.cpu_count() or 1)),
+                                           thread_name_prefix="sv2v-decode")
         self.scheduler = RenderScheduler(self._run_batch, max_batch=max_batch)
 
     # -- room -----------------------------------------------------------------------
@@ -202,10 +216,22 @@ class InProcessRenderer:
         with self._lock:
             self._drop(session_id)
 
-    def warm_up(self, config: StreamConfig) -> None:
-        """Render one blank frame on a throwaway stream, so the first visitor does not wait."""
-        blank = np.full((config.height, config.width, 3), 255, np.uint8)
-        (_, output), = self.scheduler.call(lambda: self._on_device([Step(None, config, blank, end=True)])).result()
+    def warm_up(self, configs: Sequence[StreamConfig]) -> None:
+        """Prepare the engine for streams of these settings (`engine.warm_up`: serving graphs for every
+        bucket of their call shapes, then frozen, so no frame waits for a compile), then render one blank
+        frame of the first on a throwaway stream, so the first visitor does not wait.  On the render
+        thread, where the frames will run (CUDA graphs are the recording thread's)."""
+        configs = list(configs)
+        blank = np.full((configs[0].height, configs[0].width, 3), 255, np.uint8)
+
+        def warm():
+            started = time.monotonic()
+            self.engine.warm_up(configs, freeze=True)
+            outcome = self._on_device([Step(None, configs[0], blank, end=True)])
+            log.info("warm-up done in %.1f s", time.monotonic() - started)
+            return outcome
+
+        (_, output), = self.scheduler.call(warm).result()
         if isinstance(output, Exception):
             raise output
 
@@ -234,6 +260,7 @@ class InProcessRenderer:
 
     def shutdown(self) -> None:
         self.scheduler.close()
+        self._decoder.shutdown(wait=True)
         with self._lock:
             for session_id in list(self._streams):
                 self._drop(session_id)
@@ -256,20 +283,22 @@ class InProcessRenderer:
     def _run_batch(self, steps: list[_Step]) -> list[StepReply | Exception]:
         """Render one tick's frames (the scheduler's `run_batch`): a StepReply or an exception each."""
         results: list[StepReply | Exception | None] = [None] * len(steps)
-        ready: list[tuple[int, _Stream, Step]] = []
-        for index, step in enumerate(steps):
+        ready: list[tuple[int, _Stream, Step, float]] = []
+        for index, (step, (request, decode_seconds)) in enumerate(zip(steps, self._decoded(steps))):
+            if isinstance(request, ImageError):  # its picture cannot be read: this frame alone fails
+                results[index] = request
+                continue
             try:
                 stream, cut = self._stream_for(step)
             except (SessionLost, RendererBusy) as error:
                 results[index] = error
                 continue
-            request = step.request
             ready.append((index, stream, Step(stream.state, request.config, request.frame, request.end, cut,
-                                              request.control)))
+                                              request.control), decode_seconds))
         started = time.monotonic()
-        outcomes = self._on_device([device for _, _, device in ready]) if ready else []
+        outcomes = self._on_device([device for _, _, device, _ in ready]) if ready else []
         seconds = time.monotonic() - started
-        for (index, stream, device), (state, output) in zip(ready, outcomes):
+        for (index, stream, device, decode_seconds), (state, output) in zip(ready, outcomes):
             if state is not None:
                 stream.state = state
             if isinstance(output, Exception):
@@ -278,8 +307,28 @@ class InProcessRenderer:
                 results[index] = output
             else:
                 results[index] = StepReply(output.image, output.source_index, state.frames_in - 1, output.skipped,
-                                           seconds, stream.epoch, self.worker)
+                                           seconds, stream.epoch, self.worker, decode_seconds)
         return results
+
+    def _decoded(self, steps: list[_Step]) -> list[tuple[StepRequest | ImageError, float]]:
+        """Each step's request with its `EncodedFrame` decoded at its render size (the ink layer only with
+        a ControlNet), or the `ImageError` of that picture; and the seconds decoding took.  Several are
+        decoded at once on the decoding threads (PIL lets go of the interpreter lock)."""
+        encoded = sum(isinstance(step.request.frame, EncodedFrame) for step in steps)
+        if encoded > 1:
+            return list(self._decoder.map(self._decode, [step.request for step in steps]))
+        return [self._decode(step.request) for step in steps]
+
+    def _decode(self, request: StepRequest) -> tuple[StepRequest | ImageError, float]:
+        frame = request.frame
+        if not isinstance(frame, EncodedFrame):
+            return request, 0.0
+        started = time.monotonic()
+        try:
+            image, control = frame.decode((request.config.width, request.config.height), control=self.controlled)
+        except ImageError as error:
+            return error, time.monotonic() - started
+        return dataclasses.replace(request, frame=image, control=control), time.monotonic() - started
 
     # -- the model work (one call per batch; on the GPU under ZeroGPU) -------------------
     def _step_on_device(self, steps: list[Step]) -> list[tuple[object, object]]:

@@ -51,7 +51,7 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import ray
@@ -67,6 +67,7 @@ from sv2v_core.video import read_video
 from .local_renderer import MAX_BATCH, local_renderer
 from .mailbox import Mailbox, supersede
 from .renderer import RendererBusy, RendererClosed, RenderStats, SessionLost, StepReply, StepRequest
+from .settings import served_variants
 
 APP_NAME = "sv2v-canvas"
 # Ray's multiplexer evicts least-recently-used sessions past this; the
@@ -102,6 +103,7 @@ class WorkerOptions:
         memory holds fewer streams).
     max_batch: frames the replica renders together in one model call.
     torch_threads: CPU threads for torch in the replica (None: Ray's default).
+    compile: the serving choice, as the app's --compile (sv2v_core.loader.choose_serving).
     """
 
     model: str = "tiny"
@@ -113,6 +115,7 @@ class WorkerOptions:
     max_batch: int = MAX_BATCH
     idle_timeout: float = 1800.0
     torch_threads: int | None = None
+    compile: str = "auto"
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_sessions <= MAX_SLOTS:
@@ -120,11 +123,14 @@ class WorkerOptions:
 
 
 def load_worker_engine(options: WorkerOptions):
-    """The replica's engine: the model on its GPU (or on a CPU), with the serving fast path."""
+    """The replica's engine: the model on its GPU (or on a CPU), made for serving as the app's own
+    (the fast path and the serving choice)."""
     loaded = load_engine(EngineOptions(model=options.model, vae=options.vae, lora=options.lora,
-                                       controlnet=options.controlnet, fallback=True, serving=True))
+                                       controlnet=options.controlnet, fallback=True, serving=True,
+                                       compile=options.compile))
     if loaded.fell_back:
         log.warning("%s", loaded.fell_back)
+    log.info("serving: %s", loaded.serving.why)
     return loaded.engine
 
 
@@ -156,7 +162,7 @@ class CanvasWorker:
         self.renderer = local_renderer(self.engine, max_sessions=options.max_sessions,
                                        idle_timeout=options.idle_timeout, worker=self.replica, base=options.base,
                                        max_batch=options.max_batch)
-        self.renderer.warm_up(options.base)
+        self.renderer.warm_up(served_variants(options.base, controlled=self.renderer.controlled))
         self.served = 0
 
     @serve.multiplexed(max_num_models_per_replica=MAX_SLOTS)
@@ -451,8 +457,8 @@ class RayRenderer:
             except WORKER_DIED:
                 pass  # its replica is gone, and the stream with it
 
-    def warm_up(self, config: StreamConfig) -> None:
-        """Nothing: each replica warms itself up when it starts."""
+    def warm_up(self, configs: Sequence[StreamConfig]) -> None:
+        """Nothing: each replica warms itself up when it starts, for the page's settings (`WorkerOptions`)."""
 
     def translate(self, source: str, config: StreamConfig, max_frames: int) -> Iterator[np.ndarray]:
         """A video's frames as the steps of a session of its own, in latency mode (a step returns one

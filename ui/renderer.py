@@ -43,11 +43,13 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
 from sv2v_core.config import StreamConfig
+
+from .inputs import EncodedFrame
 
 
 class Superseded(Exception):
@@ -72,7 +74,10 @@ class SessionLost(RuntimeError):
 class StepRequest:
     """One frame of a session, with what is needed to restart its stream.
 
-    frame: RGB uint8 (height, width, 3) at the config's size.
+    frame: RGB uint8 (height, width, 3) at the config's size, or an
+        `EncodedFrame` (picture and ink layer still encoded), which the
+        renderer decodes at the config's size when the model takes it; one
+        that cannot be decoded fails with `ImageError`.
     config: the stream's settings (prompt, size, strength, steps, seed, bank...).
     end: the last frame of a stroke: render it to convergence (a flush in
         stream mode).
@@ -85,7 +90,7 @@ class StepRequest:
         ink layer; None: the frame itself); used only with a ControlNet.
     """
 
-    frame: np.ndarray
+    frame: np.ndarray | EncodedFrame
     config: StreamConfig
     end: bool = True
     cut: bool = False
@@ -106,6 +111,7 @@ class StepReply:
     model_seconds: time the model spent on this step.
     epoch: the stream state that rendered it.
     worker: which worker rendered it ("local", or a replica's id).
+    decode_seconds: time decoding its `EncodedFrame` took (0: it came decoded).
     """
 
     image: np.ndarray
@@ -115,6 +121,7 @@ class StepReply:
     model_seconds: float
     epoch: str
     worker: str
+    decode_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -165,8 +172,9 @@ class Renderer(Protocol):
     def sessions(self) -> int:
         """Sessions holding room now."""
 
-    def warm_up(self, config: StreamConfig) -> None:
-        """Get ready to render streams of `config` (so the first visitor does not wait); ValueError if it cannot."""
+    def warm_up(self, configs: Sequence[StreamConfig]) -> None:
+        """Get ready to render streams of these settings (so the first visitor does not wait, and nobody
+        waits for a compile later); ValueError if it cannot."""
 
     def translate(self, source: str, config: StreamConfig, max_frames: int) -> Iterator[np.ndarray]:
         """Renders of the first `max_frames` frames of the video file `source`, one per frame, none dropped,

@@ -23,6 +23,12 @@ the Gradio event path.
 Either way the server also serves the pop-out view (ui.popout: GET /view
 and its WebSocket /sv2v/view), which only reads renders the live path has
 made, so it needs no GPU and works on ZeroGPU too.
+
+The model's CPU threads (`model_threads`): an app that renders on a CPU and
+listens on a loopback address serves a browser on the same machine, which
+needs a core of its own to draw and show the renders; so by default the
+model gets all cores but one there (at least one), and torch's own count
+everywhere else (docs/live-path.md has the measurements).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from typing import Callable
 
 import fastapi
 import gradio as gr
+import torch
 import uvicorn
 
 from sv2v_core.config import StreamConfig
@@ -62,12 +69,30 @@ WS_MAX_SIZE = 2 * MAX_SNAPSHOT_BYTES
 MAX_UPLOAD = "20mb"
 QUEUE_CONCURRENCY = 4
 DEFAULT_HOST = "127.0.0.1"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DEFAULT_PORT = 7860
 PORTS_TO_TRY = 100
 SHUTDOWN_SECONDS = 3
 RELEASE_AFTER = 30.0  # seconds idle before a session's stream state leaves the GPU (and its place frees)
 
 log = logging.getLogger("sv2v.server")
+
+
+def listen_host(host: str | None) -> str:
+    """Where the server listens: `host`, else $GRADIO_SERVER_NAME, else 127.0.0.1 (Gradio's rules)."""
+    return host or os.environ.get("GRADIO_SERVER_NAME") or DEFAULT_HOST
+
+
+def model_threads(host: str | None, device: str, asked: int | None = None) -> int | None:
+    """The model's CPU threads for an app listening on `host` with its model on `device` ("cpu", "cuda"):
+    `asked` (--torch-threads; 0: torch's own), else, on a CPU listening on a loopback address (the
+    browser draws on this machine), torch's own count less a core for the browser, at least one
+    (never more than the CPUs less one), else None: torch's own."""
+    if asked is not None:
+        return asked or None
+    if device != "cpu" or listen_host(host) not in LOOPBACK:
+        return None
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - 1))
 
 
 def create_base_config(size: int, render_mode: str = "latency", *, controlled: bool = False,
@@ -153,7 +178,7 @@ def serve(service: CanvasService, presets: dict[str, Preset], *, notice: str | N
     app = fastapi.FastAPI(routes=[channel_route(live), *view_routes(live)], docs_url=None, redoc_url=None,
                           openapi_url=None)
     gr.mount_gradio_app(app, demo, path="/", max_file_size=MAX_UPLOAD, css=PAGE_CSS, show_error=True)
-    host = host or os.environ.get("GRADIO_SERVER_NAME") or DEFAULT_HOST
+    host = listen_host(host)
     port = port or _free_port(host, int(os.environ.get("GRADIO_SERVER_PORT") or DEFAULT_PORT))
     server = uvicorn.Server(uvicorn.Config(
         app, host=host, port=port, log_level="warning", ws_per_message_deflate=False, ws_max_size=WS_MAX_SIZE,

@@ -55,10 +55,12 @@ from sv2v_core.images import fit_size, resize
 from sv2v_core.video import VideoWriter, probe_video
 
 from .feeds import ViewLinks
+from .inputs import EncodedFrame
 from .local_renderer import MAX_BATCH, local_renderer
 from .recording import EXPORT_FORMATS, EXPORT_PACES, export_video
 from .renderer import Renderer, RendererClosed, RenderStats, StepReply, StepRequest
 from .sessions import Session, SessionRegistry
+from .settings import served_variants
 from .wire import encode_render
 
 MAX_VIDEO_SECONDS = 20.0
@@ -75,7 +77,8 @@ class Rendered:
     of the snapshot it shows (an older one than the one just sent, in stream
     mode); skipped: the previous render re-emitted; model_seconds: time on
     the model's thread; encode_seconds: time making the JPEG; restarted: the
-    session's stream was started afresh for this render (its bank empty).
+    session's stream was started afresh for this render (its bank empty);
+    decode_seconds: time decoding the snapshot, when the model took it.
     """
 
     image: np.ndarray
@@ -86,26 +89,18 @@ class Rendered:
     jpeg: bytes = b""
     encode_seconds: float = 0.0
     restarted: bool = False
+    decode_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
 class FrameRequest:
-    """One frame for the scheduler: already decoded and at the render size.
-
-    sketch: what to record as the sketch beside the render: the frame itself,
-    or the JPEG it was decoded from (no encoding needed then).
-    control: the ControlNet's control source for this frame (the canvas's
-    ink layer, at the render size), or None: derived from the frame.
-    """
+    """What finishing a frame's render needs: whose it is, which snapshot it was, and what to record as
+    the sketch beside the render (the frame itself, or the file bytes it came as: no encoding then)."""
 
     session: Session
-    image: np.ndarray
-    config: StreamConfig
     stamp: float
     seq: int
-    end: bool
     sketch: np.ndarray | bytes
-    control: np.ndarray | None = None
 
 
 @dataclass
@@ -123,7 +118,8 @@ class Ticket:
         """Time from submitting to the model starting on it (its turn, and the trip to a worker)."""
         if self.answered is None or self.reply.exception() is not None:
             return 0.0
-        return max(0.0, self.answered - self.submitted - self.reply.result().model_seconds)
+        reply = self.reply.result()
+        return max(0.0, self.answered - self.submitted - reply.model_seconds - reply.decode_seconds)
 
 
 class CanvasService:
@@ -131,10 +127,11 @@ class CanvasService:
 
     renderer: None for the in-process one around `engine` (all model work on
     its scheduler's one thread, in batches of up to `max_batch` frames), or
-    another back end (ui.ray_renderer; `engine` is None then).  Frames are decoded and resized by the calling
-    thread before they are queued; each render is encoded to JPEG once and
-    recorded for export on a separate "finishing" thread.  So neither holds
-    up the model.
+    another back end (ui.ray_renderer; `engine` is None then).  Snapshots are
+    queued still encoded and decoded by the renderer when the model takes
+    them (only the newest of a session's waiting ones ever is); pictures that
+    come decoded are resized by the calling thread.  Each render is encoded
+    to JPEG once and recorded for export on a separate "finishing" thread.
     """
 
     def __init__(self, engine, registry: SessionRegistry, base: StreamConfig, *, max_batch: int = MAX_BATCH,
@@ -190,7 +187,8 @@ class CanvasService:
         session.remember_source(reply.input_index, request.stamp, request.seq)
         # Stream mode's warm-start renders (source −1) show the stream's first frame.
         stamp, seq = session.sources.get(max(reply.source_index, 0), (request.stamp, request.seq))
-        return Rendered(reply.image, stamp, seq, reply.skipped, reply.model_seconds, restarted=restarted)
+        return Rendered(reply.image, stamp, seq, reply.skipped, reply.model_seconds, restarted=restarted,
+                        decode_seconds=reply.decode_seconds)
 
     def _finish(self, ticket: Ticket, request: FrameRequest) -> None:
         """Encode a finished render and record it (on the finishing thread)."""
@@ -212,33 +210,36 @@ class CanvasService:
             ticket.future.set_result(encoded)
 
     def warm_up(self) -> None:
-        """Get the renderer ready for the canvas's streams, so the first visitor does not wait."""
-        self.renderer.warm_up(self.base)
+        """Get the renderer ready for the canvas's streams (every setting of the page that changes the
+        model's call shapes: ui.settings.served_variants), so nobody waits for it later."""
+        self.renderer.warm_up(served_variants(self.base, controlled=self.controlled))
 
     def stats(self) -> RenderStats:
         """The renderer's counters (frames rendered and dropped, batch sizes...), for the benchmarks."""
         return self.renderer.stats()
 
     # -- per-visitor operations ---------------------------------------------
-    def submit(self, session_id: str, image: np.ndarray, config: StreamConfig, *, stamp: float = 0.0,
-               seq: int = 0, end: bool = True, cut: bool = False, jpeg: bytes | None = None,
-               control: np.ndarray | None = None) -> Ticket:
+    def submit(self, session_id: str, image: np.ndarray | EncodedFrame, config: StreamConfig, *, stamp: float = 0.0,
+               seq: int = 0, end: bool = True, cut: bool = False, control: np.ndarray | None = None) -> Ticket:
         """Queue one canvas frame of a visitor (newest wins); the ticket's future gives a `Rendered`.
 
-        The frame is resized here, on the caller's thread, while the model may
-        still be busy with the previous one.  jpeg: the JPEG `image` was decoded
-        from, if it came as one (recorded as the sketch as it is).  control:
-        the ControlNet's control source (the canvas's ink layer); ignored
-        when the engine has no ControlNet.  Raises `Busy` when every place is
-        taken (ui.sessions).
+        image: a picture (resized here, on the caller's thread, while the
+        model may still be busy with the previous one), or an `EncodedFrame`
+        (a snapshot as it came, with its ink layer: the renderer decodes it
+        when the model takes it, and its bytes are recorded as the sketch as
+        they are).  control: the ControlNet's control source of a picture (the
+        canvas's ink layer); ignored when the engine has no ControlNet.
+        Raises `Busy` when every place is taken (ui.sessions).
         """
         self.sweep()
         session = self.registry.admit(session_id)
-        frame = resize(image, config.width, config.height)
-        control = resize(control, config.width, config.height) if control is not None and self.controlled else None
+        if isinstance(image, EncodedFrame):
+            frame, control, sketch = image, None, image.image
+        else:
+            frame = sketch = resize(image, config.width, config.height)
+            control = resize(control, config.width, config.height) if control is not None and self.controlled else None
         session.last_frame, session.last_seq, session.last_control = frame, seq, control
-        sketch = frame if jpeg is None else jpeg
-        request = FrameRequest(session, frame, config, stamp, seq, end, sketch, control)
+        request = FrameRequest(session, stamp, seq, sketch)
         step = StepRequest(frame, config, end=end, cut=cut, control=control)
         ticket = Ticket(self.renderer.step(session_id, step), Future())
 
@@ -249,7 +250,7 @@ class CanvasService:
         ticket.reply.add_done_callback(answered)
         return ticket
 
-    def render(self, session_id: str, image: np.ndarray, config: StreamConfig, *,
+    def render(self, session_id: str, image: np.ndarray | EncodedFrame, config: StreamConfig, *,
                stamp: float = 0.0, seq: int = 0, end: bool = True, cut: bool = False,
                control: np.ndarray | None = None) -> Rendered:
         """Render one canvas frame for a visitor and record it.

@@ -7,6 +7,8 @@ settings message, ui.wire).  `Settings.config` turns them into the
 session's `StreamConfig`: the preset's template around the subject, the
 values checked.  `make_config` does the checking for the API, which takes a
 prompt as it is.  Every problem is a ValueError with a readable message.
+`served_variants` lists the settings the page can give a stream that may
+change the shapes of its model calls, for the serving warm-up.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from .presets import Preset
 PLAIN_STRENGTH = StreamConfig.strength
 CONTROL_STRENGTH_BOOST = CONTROLLED_STRENGTH - PLAIN_STRENGTH
 MAX_PRESET_STRENGTH = 0.8  # above it the drawing's colours are mostly gone, even with conditioning
+PAGE_STEPS = (1, 2, 3, 4)  # the steps the page's slider offers
+PAGE_BANKS = ("dyme", "queue", "none")  # the bank modes the page offers
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,16 @@ def preset_strength(preset: Preset, controlled: bool) -> float:
     if not controlled:
         return preset.strength
     return round(min(MAX_PRESET_STRENGTH, max(preset.strength, preset.strength + CONTROL_STRENGTH_BOOST)), 2)
+
+
+def served_variants(base: StreamConfig, *, controlled: bool) -> list[StreamConfig]:
+    """`base` with each choice of the page that may change the shapes of a stream's model calls: steps,
+    bank mode and, with a ControlNet, its scale at 0 (which leaves the ControlNet out).  What the
+    serving warm-up prepares (sv2v_core.serving; settings of equal call shapes share one function, so
+    most of these coincide: in latency mode the steps change nothing)."""
+    scales = (base.control_scale, 0.0) if controlled else (base.control_scale,)
+    return [base.replace(steps=steps, bank_mode=bank, control_scale=scale)
+            for steps in PAGE_STEPS for bank in PAGE_BANKS for scale in scales]
 
 
 def make_config(base: StreamConfig, *, prompt, strength, steps, seed, bank, ea, ff,
