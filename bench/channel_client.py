@@ -6,7 +6,8 @@ figures) and paces them as the page's flow control does: `depth` snapshots
 unanswered at most (two: one renders while the next waits), the next one
 sent as soon as an answer comes, but no sooner than `interval` after the
 last (the page sends only when the drawing changed, so at most once per
-display frame: 1/60 s; 0: no such limit).  It records each render's latency (snapshot
+display frame: 1/60 s; 0: no such limit).  With `settings` it sends the page's
+settings message first, as the page does on connecting.  It records each render's latency (snapshot
 sent -> the render showing it received) and the server's timings, and
 counts the other answers.  The benchmarks (bench.live, bench.loadtest) and the
 tests use it.
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ui import wire
+from ui.settings import Settings
 
 RECEIVE_TIMEOUT = 30.0
 
@@ -48,7 +50,7 @@ class ChannelClient:
     """One simulated page on the fast channel (use as a context manager)."""
 
     def __init__(self, url: str, session: str, pictures: list[bytes], *, depth: int = 2, interval: float = 0.0,
-                 on_render: Callable[[Received], None] | None = None) -> None:
+                 on_render: Callable[[Received], None] | None = None, settings: Settings | None = None) -> None:
         if not pictures:
             raise ValueError("a client needs at least one picture to send")
         self.url = url.replace("http://", "ws://").rstrip("/") + f"/sv2v/ws?session={session}"
@@ -57,6 +59,7 @@ class ChannelClient:
         self.depth = depth
         self.interval = interval
         self.on_render = on_render
+        self.settings = settings
         self.log = ClientLog()
         self.seq = 0
         self.sent: dict[int, float] = {}
@@ -70,6 +73,8 @@ class ChannelClient:
         ready = json.loads(self._ws.recv(RECEIVE_TIMEOUT))
         if ready.get("type") != "ready":
             raise RuntimeError(f"the server did not say ready: {ready}")
+        if self.settings is not None:
+            self._ws.send(wire.settings_message(self.settings))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -14,6 +14,8 @@ continuous stroke with synthetic pointer events at the display's frame rate
 warm-up:
 
 - latency: snapshot taken -> its render drawn on the page (p50, p95);
+- frame time: the model's time for each render (p50, p95, max: a spike
+  every few frames, such as the bank update's, shows in p95 and max);
 - renders/s: renders drawn per second of the window;
 - model busy: the fraction of wall time the (simulated) model worked;
 - overhead breakdown, medians in ms: page encode, transfer (both ways),
@@ -29,10 +31,15 @@ with what the engine can do at all: it is also run alone in the same mode on
 similar frames right before and right after its row, on the thread that
 renders for the app (the mean is the reference), and once more while the
 browser draws the same stroke on a bare canvas (no app), to tell the path's
-cost from the browser's.  The app and the engine alone both use
---torch-threads (default 1): on a 2-core machine the browser, which stands in
-for a visitor's own computer, needs the other core.  Rows never share a
-server or a browser, so a row does not depend on which others run with it.
+cost from the browser's.  The app is measured as it ships: its engine is
+loaded as `python app.py` loads it (sv2v_core.loader, with --compile as the
+app's; a compiled engine is warmed up, the background compile included,
+before a row is measured, and the warm-up's time is reported), and the
+app's model threads are the app's default (ui.server.model_threads: all
+cores but one on a CPU, the browser drawing here needs one) unless
+--torch-threads says otherwise; the engine alone uses the same.  Rows
+never share a server or a browser, so a row does not depend on which
+others run with it.
 
 Results go to OUT/live.json and OUT/live.md (default bench_results/).
 CPU timings on a shared machine are noisy: run with --repeat 3 and read the
@@ -54,8 +61,9 @@ from pathlib import Path
 import numpy as np
 
 from .echo import EchoEngine
+from .timing import frame_times, percentile
 from ui.presets import load_presets
-from ui.server import create_service, free_port, serve
+from ui.server import create_service, free_port, model_threads, serve
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -120,6 +128,7 @@ class Row:
     renders_per_s: float = 0.0
     latency_p50: float = float("nan")
     latency_p95: float = float("nan")
+    frame_ms: dict = field(default_factory=dict)  # the model's time per render: p50, p95, max
     overhead_p50: float = float("nan")
     model_busy: float = float("nan")
     dropped: int = 0
@@ -131,7 +140,7 @@ class Row:
     engine_beside_drawing_fps: float | None = None
     server_cpu: float = float("nan")
     browser_cpu: float = float("nan")
-
+    warm_up_s: float = 0.0  # the service's warm-up (and a background compile) before the row
 
 
 def _browser_cpu_seconds() -> float:
@@ -149,13 +158,6 @@ def _browser_cpu_seconds() -> float:
         except psutil.Error:
             continue
     return total
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _drawing_frames(size: int, count: int) -> list[np.ndarray]:
@@ -185,28 +187,47 @@ def engine_alone_fps(engine, size: int, mode: str, frames: int = 12, warmup: int
     return frames / (time.perf_counter() - started)
 
 
-def make_engine(case: str, models: dict):
+def make_engine(case: str, models: dict, compile: str = "auto"):
     """(engine, render size) of a case: echo:MS, or MODEL:SIZE for a built-in model (tiny, sd15-random).
 
     A built-in model loads as the app loads it: on CUDA when there is a GPU
-    (sd15-random in float16; tiny in float32 everywhere), else on the CPU.
+    (sd15-random in float16; tiny in float32 everywhere), else on the CPU,
+    with the serving choice `compile` (the app's --compile).
     """
     kind, _, value = case.partition(":")
     if kind == "echo":
         return EchoEngine(float(value or 0)), 512
     if kind in MODEL_CASES:
         if kind not in models:
-            models[kind] = builtin_engine(kind)
+            models[kind] = builtin_engine(kind, compile)
         return models[kind], int(value or MODEL_CASES[kind])
     raise SystemExit(f"error: unknown case {case!r} (use echo:MS, tiny:SIZE or sd15-random:SIZE)")
 
 
-def builtin_engine(name: str):
+def builtin_engine(name: str, compile: str = "auto"):
     """A built-in model's engine, loaded as the app loads it (sv2v_core.loader): on CUDA where there is
-    a GPU (sd15-random in float16, tiny in float32), with the serving fast path; else on the CPU."""
+    a GPU (sd15-random in float16, tiny in float32), else on the CPU, made for serving with `compile`."""
     from sv2v_core.loader import EngineOptions, load_engine
 
-    return load_engine(EngineOptions(model=name, serving=True)).engine
+    return load_engine(EngineOptions(model=name, serving=True, compile=compile)).engine
+
+
+def app_device() -> str:
+    """Where the app renders on this machine ("cuda" or "cpu"), as `python app.py` decides."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def warmed_up(service) -> float:
+    """Warm the service up as the app does before serving, and wait for a background compile too (so a
+    row measures the engine as it serves once warm); the seconds it took."""
+    started = time.monotonic()
+    service.warm_up()
+    backend = getattr(service.renderer.engine, "backend", None)
+    if hasattr(backend, "wait"):
+        backend.wait()
+    return time.monotonic() - started
 
 
 def _gpu_name(models: dict) -> str:
@@ -222,7 +243,7 @@ def is_model(case: str) -> bool:
     return case.partition(":")[0] in MODEL_CASES
 
 
-def run_python_row(case: str, mode: str, seconds: float, models: dict) -> Row:
+def run_python_row(case: str, mode: str, seconds: float, models: dict, compile: str = "auto") -> Row:
     """A row without a browser: a Python client on the fast channel keeps one snapshot rendering
     and one waiting, from frames encoded in advance (so it measures the server path alone)."""
     import io
@@ -232,12 +253,12 @@ def run_python_row(case: str, mode: str, seconds: float, models: dict) -> Row:
     from ui import wire
     from .channel_client import ChannelClient
 
-    engine, size = make_engine(case, models)
+    engine, size = make_engine(case, models, compile)
     row = Row(case, mode, "python", seconds)
     alone = is_model(case)
     time.sleep(SETTLE_SECONDS)
     service = create_service(engine, size=size, render_mode=mode)
-    service.warm_up()
+    row.warm_up_s = warmed_up(service)
     measure_alone = lambda: service.renderer.call(lambda: engine_alone_fps(engine, size, mode)).result()  # noqa: E731
     if alone:
         row.engine_alone_runs.append(measure_alone())
@@ -270,21 +291,23 @@ def run_python_row(case: str, mode: str, seconds: float, models: dict) -> Row:
     wall = end_wall - start_wall
     row.renders, row.renders_per_s = len(latencies), len(latencies) / wall
     row.model_busy = (end_busy - start_busy) / wall
-    row.latency_p50, row.latency_p95 = _percentile(latencies, 0.5), _percentile(latencies, 0.95)
-    row.overhead_p50 = _percentile([lat - model for lat, model in zip(latencies, models)], 0.5)
+    row.latency_p50, row.latency_p95 = percentile(latencies, 0.5), percentile(latencies, 0.95)
+    row.frame_ms = frame_times(models)
+    row.overhead_p50 = percentile([lat - model for lat, model in zip(latencies, models)], 0.5)
     row.breakdown["model"] = statistics.median(models) if models else None
     return row
 
 
-def run_row(playwright, case: str, mode: str, channel: str, seconds: float, models: dict) -> Row:
+def run_row(playwright, case: str, mode: str, channel: str, seconds: float, models: dict,
+            compile: str = "auto") -> Row:
     from playwright.sync_api import TimeoutError as PageTimeout
 
-    engine, size = make_engine(case, models)
+    engine, size = make_engine(case, models, compile)
     row = Row(case, mode, channel, seconds)
     alone = is_model(case)
     time.sleep(SETTLE_SECONDS)  # the previous row's browser may still be exiting
     service = create_service(engine, size=size, render_mode=mode)
-    service.warm_up()
+    row.warm_up_s = warmed_up(service)
     # Alone, but on the thread that renders for the app (torch's thread pool is per calling thread).
     measure_alone = lambda: service.renderer.call(lambda: engine_alone_fps(engine, size, mode)).result()  # noqa: E731
     if alone:
@@ -336,9 +359,10 @@ def run_row(playwright, case: str, mode: str, channel: str, seconds: float, mode
     row.renders_per_s = len(samples) / wall
     row.model_busy = (end_busy - start_busy) / wall
     latencies = [s["latency"] for s in samples]
-    row.latency_p50, row.latency_p95 = _percentile(latencies, 0.5), _percentile(latencies, 0.95)
+    row.latency_p50, row.latency_p95 = percentile(latencies, 0.5), percentile(latencies, 0.95)
+    row.frame_ms = frame_times([s["model"] for s in samples if isinstance(s.get("model"), (int, float))])
     overheads = [s["latency"] - s["model"] for s in samples if s.get("model") is not None]
-    row.overhead_p50 = _percentile(overheads, 0.5)
+    row.overhead_p50 = percentile(overheads, 0.5)
     for name in BREAKDOWN:
         values = [s[name] for s in samples if isinstance(s.get(name), (int, float))]
         row.breakdown[name] = statistics.median(values) if values else None
@@ -425,15 +449,16 @@ def markdown(rows: list[Row]) -> str:
     for row in rows:
         groups.setdefault((row.case, row.mode, row.channel), []).append(row)
     lines = [
-        "| case | mode | channel | renders/s | latency p50 | p95 | overhead p50 | model busy | final | "
-        "encode | transfer | decode | wait | model | server encode | display | engine alone fps | "
-        "engine beside the drawing browser fps |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | :---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-        "| ---: | ---: |",
+        "| case | mode | channel | renders/s | latency p50 | p95 | frame ms p50 | p95 | max | overhead p50 | "
+        "model busy | final | encode | transfer | decode | wait | model | server encode | display | "
+        "engine alone fps | engine beside the drawing browser fps |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: | ---: | ---: | ---: "
+        "| ---: | ---: | ---: | ---: | ---: |",
     ]
     for (case, mode, channel), group in groups.items():
         parts = [case, mode, channel, _spread([r.renders_per_s for r in group], 1),
                  _spread([r.latency_p50 for r in group]), _spread([r.latency_p95 for r in group]),
+                 *(_spread([r.frame_ms.get(name) for r in group]) for name in ("p50", "p95", "max")),
                  _spread([r.overhead_p50 for r in group]), _spread([r.model_busy for r in group], 0, 100) + " %",
                  "yes" if all(r.final_shown for r in group) else "NO"]
         parts += [_spread([r.breakdown.get(name) for r in group], 1) for name in BREAKDOWN]
@@ -499,9 +524,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=1, help="runs of every row (the table shows median and spread)")
     parser.add_argument("--out", type=Path, default=Path("bench_results"))
     parser.add_argument("--codecs", action="store_true", help="measure snapshot formats instead")
-    parser.add_argument("--torch-threads", type=int, default=1,
-                        help="torch intra-op threads for the built-in model, in the app and alone alike (default 1: "
-                             "on a small machine the drawing browser needs a core of its own; 0: torch's choice)")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch threads for the model, in the app and alone alike (default: the app's own, "
+                             "ui.server.model_threads; 0: torch's choice)")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="the app's --compile for the built-in models' engine (default auto, as the app)")
     return parser.parse_args(argv)
 
 
@@ -512,10 +539,11 @@ def main(argv=None) -> int:
         print(f"error: {CHROMIUM} is not installed (apt-get install chromium)", file=sys.stderr)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.torch_threads:
+    threads = model_threads(None, app_device(), args.torch_threads)  # the app's own, on loopback as here
+    if threads:
         import torch
 
-        torch.set_num_threads(args.torch_threads)
+        torch.set_num_threads(threads)
     with contextlib.ExitStack() as stack:
         playwright = None
         if browser:
@@ -537,18 +565,24 @@ def main(argv=None) -> int:
                 for mode in args.modes:
                     for channel in args.channels:
                         if channel == "python":
-                            row = run_python_row(case, mode, args.seconds, models)
+                            row = run_python_row(case, mode, args.seconds, models, args.compile)
                         else:
-                            row = run_row(playwright, case, mode, channel, args.seconds, models)
+                            row = run_row(playwright, case, mode, channel, args.seconds, models, args.compile)
                         rows.append(row)
+                        frame = row.frame_ms
                         print(f"{case} {mode} {channel}: {row.renders_per_s:.1f} renders/s, p50 {row.latency_p50:.0f} ms,"
-                              f" p95 {row.latency_p95:.0f} ms, busy {row.model_busy:.0%}, final {row.final_shown},"
+                              f" p95 {row.latency_p95:.0f} ms, frame p50/p95/max {frame.get('p50', 0):.0f}/"
+                              f"{frame.get('p95', 0):.0f}/{frame.get('max', 0):.0f} ms, warm-up {row.warm_up_s:.1f} s,"
+                              f" busy {row.model_busy:.0%}, final {row.final_shown},"
                               f" CPU cores: app {row.server_cpu:.2f}, browser {row.browser_cpu:.2f}"
                               + (f", engine alone {row.engine_alone_fps:.2f} fps" if row.engine_alone_fps else "")
                               + (f", beside the drawing browser {row.engine_beside_drawing_fps:.2f} fps"
                                  if row.engine_beside_drawing_fps else ""), flush=True)
+    import torch
+
     conditions = (f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs{_gpu_name(models)}, load average (1 min) "
-                  f"{load_before[0]:.1f} before and {os.getloadavg()[0]:.1f} after; "
+                  f"{load_before[0]:.1f} before and {os.getloadavg()[0]:.1f} after; {torch.get_num_threads()} model "
+                  f"thread(s), --compile {args.compile}; "
                   f"{args.seconds:g} s measured per row, {args.repeat} run(s) each (median, and min–max)")
     table = markdown(rows)
     verdicts = check_targets(rows)

@@ -6,7 +6,10 @@
 
 Each row starts a fresh app server in a child process (ui.server's
 `create_service` and `serve`, what `python app.py` runs; its engine chosen
-here) and N simulated artists in this process: Python clients of the fast
+here and loaded as the app loads it, with the app's --compile and its
+default model threads unless --torch-threads says otherwise; a compiled
+engine finishes its warm-up, a background compile included, before the
+server says it is ready) and N simulated artists in this process: Python clients of the fast
 channel (bench.channel_client), each sending its own drawing, a stroke in its
 own colour, from JPEGs encoded in advance, as fast as the page's flow
 control lets it (two snapshots unanswered; with `--page-rate HZ`, also at
@@ -17,6 +20,8 @@ over `--seconds`:
 - renders/s per artist (min, median) and in total; fairness = slowest
   artist's renders/s / fastest's;
 - latency, snapshot sent -> its render received (p50, p95, all artists);
+- frame time: the model's time for each render, its tick's (p50, p95, max,
+  all artists: a spike every few frames shows in p95 and max);
 - batch sizes the scheduler used (ticks by frames per tick);
 - the server process's memory (RSS, MiB: median and max);
 - errors, and isolation: every echo render is checked to show its own
@@ -69,14 +74,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .live import MODEL_CASES, builtin_engine
+from .live import MODEL_CASES, app_device, builtin_engine, warmed_up
 from .channel_client import ChannelClient, Received
+from .timing import frame_times, percentile
 
 ECHO = "echo:8+3"
 ECHO_SIZE = 512
 WARMUP_SECONDS = 2.0
 PICTURES = 24
-START_TIMEOUT = 120.0
+START_TIMEOUT = 900.0  # a compiled engine warms up (compiles) before the server says it is ready
 LEAK_DISTANCE = 40  # a render's ink this far from its artist's colour (or nearer another's) is a leak;
 # measured: own renders are within 2, neighbouring colours of 16 artists 81 apart
 RSS_EVERY = 0.5
@@ -85,8 +91,8 @@ OBJECTS_EVERY = 60.0  # soak: seconds between counts of the server's live Python
 
 
 # -- the server (a child process) ------------------------------------------------------
-def make_engine(case: str, tiny_size: int):
-    """(engine, render size) for `case`: echo:A+B, tiny[:SIZE] or sd15-random[:SIZE]."""
+def make_engine(case: str, tiny_size: int, compile: str = "auto"):
+    """(engine, render size) for `case`: echo:A+B, tiny[:SIZE] or sd15-random[:SIZE] (`compile`: the app's)."""
     kind, _, value = case.partition(":")
     if kind == "echo":
         call, _, per_frame = (value or "8+3").partition("+")
@@ -94,7 +100,7 @@ def make_engine(case: str, tiny_size: int):
 
         return EchoEngine(float(per_frame or 0), call_ms=float(call or 0)), ECHO_SIZE
     if kind in MODEL_CASES:
-        return builtin_engine(kind), engine_size(case, tiny_size)
+        return builtin_engine(kind, compile), engine_size(case, tiny_size)
     raise SystemExit(f"error: unknown engine {case!r} (use echo:A+B, tiny or sd15-random[:SIZE])")
 
 
@@ -112,17 +118,19 @@ def serve_forever(args: argparse.Namespace) -> None:
 
     from ui.memory import limit_malloc_arenas
     from ui.presets import load_presets
-    from ui.server import create_service, serve
+    from ui.server import create_service, model_threads, serve
 
     limit_malloc_arenas()  # as app.py does
-    torch.set_num_threads(args.torch_threads)
-    engine, size = make_engine(args.serve, args.tiny_size)
+    threads = model_threads(None, app_device(), args.torch_threads)  # as app.py does
+    if threads:
+        torch.set_num_threads(threads)
+    engine, size = make_engine(args.serve, args.tiny_size, args.compile)
     service = create_service(engine, size=size, render_mode=args.mode, max_sessions=args.max_sessions,
                              max_batch=args.max_batch, idle_timeout=args.idle_timeout,
                              release_after=args.release_after)
-    service.warm_up()
+    warm_up_s = warmed_up(service)
     app = serve(service, load_presets(), port=args.port, block=False)
-    print(f"ready {app.url}", flush=True)
+    print(f"ready {app.url} {warm_up_s:.1f} {torch.get_num_threads()}", flush=True)
     try:
         for line in sys.stdin:
             if line.strip() in ("stats", "objects"):
@@ -145,26 +153,28 @@ class Server:
 
     def __init__(self, engine: str, *, max_batch: int, mode: str = "latency", tiny_size: int = 128,
                  max_sessions: int | None = None, idle_timeout: float = 1800.0, release_after: float = 30.0,
-                 torch_threads: int = 2) -> None:
+                 torch_threads: int | None = None, compile: str = "auto") -> None:
         from ui.server import free_port  # gradio loads only where a server runs
 
         port = free_port()
         command = [sys.executable, "-m", "bench.loadtest", "--serve", engine, "--port", str(port),
                    "--max-batch", str(max_batch), "--mode", mode, "--tiny-size", str(tiny_size),
-                   "--idle-timeout", str(idle_timeout), "--release-after", str(release_after),
-                   "--torch-threads", str(torch_threads)]
+                   "--idle-timeout", str(idle_timeout), "--release-after", str(release_after), "--compile", compile]
+        if torch_threads is not None:
+            command += ["--torch-threads", str(torch_threads)]
         if max_sessions:
             command += ["--max-sessions", str(max_sessions)]
         env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
         self.process = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent, env=env, text=True,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.url = self._ready()
+        self.url, self.warm_up_s, self.threads = self._ready()
         self.rss: list[tuple[float, float]] = []  # (time.monotonic, MiB)
         self._stop = threading.Event()
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
 
-    def _ready(self) -> str:
+    def _ready(self) -> tuple[str, float, int]:
+        """The server's address, its warm-up's seconds and its model threads, once it says it is ready."""
         import select
 
         readable, _, _ = select.select([self.process.stdout], [], [], START_TIMEOUT)
@@ -173,7 +183,8 @@ class Server:
             self.process.kill()
             self.process.wait()
             raise RuntimeError(f"the app server did not start within {START_TIMEOUT:.0f} s (it said {line!r})")
-        return line.split()[1]
+        _, url, warm_up_s, threads = line.split()
+        return url, float(warm_up_s), int(threads)
 
     def _sample(self) -> None:
         while not self._stop.wait(RSS_EVERY):
@@ -308,6 +319,7 @@ class Row:
     fairness: float = 0.0
     latency_p50: float = float("nan")
     latency_p95: float = float("nan")
+    frame_ms: dict = field(default_factory=dict)  # the model's time per render (its tick's): p50, p95, max
     batches: dict = field(default_factory=dict)
     rss_median: float = float("nan")
     rss_max: float = float("nan")
@@ -316,13 +328,8 @@ class Row:
     leaks: int = 0
     dropped: int = 0
     load: str = ""
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    warm_up_s: float = 0.0  # the server's warm-up (and a background compile) before it said it was ready
+    threads: int = 0  # the server's model threads
 
 
 def _batches_since(before: dict, after: dict) -> dict:
@@ -331,11 +338,13 @@ def _batches_since(before: dict, after: dict) -> dict:
 
 
 def run_row(engine: str, users: int, max_batch: int, seconds: float, *, tiny_size: int = 128,
-            mode: str = "latency", torch_threads: int = 2, page_rate: float = 0.0) -> Row:
+            mode: str = "latency", torch_threads: int | None = None, page_rate: float = 0.0,
+            compile: str = "auto") -> Row:
     """N artists drawing for WARMUP_SECONDS + `seconds` against a fresh server."""
-    server = Server(engine, max_batch=max_batch, mode=mode, tiny_size=tiny_size, torch_threads=torch_threads)
+    server = Server(engine, max_batch=max_batch, mode=mode, tiny_size=tiny_size, torch_threads=torch_threads,
+                    compile=compile)
     size = engine_size(engine, tiny_size)
-    row = Row(engine, users, max_batch, seconds, load=_load())
+    row = Row(engine, users, max_batch, seconds, load=_load(), warm_up_s=server.warm_up_s, threads=server.threads)
     artists = [Artist(server.url, user, users, size, check_colour=engine.startswith("echo"), page_rate=page_rate)
                for user in range(users)]
     try:
@@ -355,18 +364,20 @@ def run_row(engine: str, users: int, max_batch: int, seconds: float, *, tiny_siz
             artist.thread.join(60)
         server.close()
     window = end - start
-    latencies = []
+    latencies, frames = [], []
     for artist in artists:
         renders = artist.renders_between(start, end)
         row.per_user.append(len(renders) / window)
         latencies += [render.latency_ms for render in renders]
+        frames += [render.model_ms for render in renders]
         row.errors += len(artist.client.log.errors) + (artist.failure is not None)
         row.leaks += artist.leaks
         row.dropped += artist.client.log.dropped
     row.renders_min, row.renders_median = min(row.per_user), statistics.median(row.per_user)
     row.total = sum(row.per_user)
     row.fairness = min(row.per_user) / max(row.per_user) if max(row.per_user) > 0 else 0.0
-    row.latency_p50, row.latency_p95 = _percentile(latencies, 0.5), _percentile(latencies, 0.95)
+    row.latency_p50, row.latency_p95 = percentile(latencies, 0.5), percentile(latencies, 0.95)
+    row.frame_ms = frame_times(frames)
     row.batches = _batches_since(before["batches"], after["batches"])
     if rss:
         row.rss_median, row.rss_max = statistics.median(rss), max(rss)
@@ -387,14 +398,18 @@ def default_rows(args) -> list[tuple[str, int, int]]:
 
 def markdown(rows: list[Row]) -> str:
     lines = ["| engine | artists | max batch | renders/s per artist: min | median | total renders/s | fairness "
-             "| latency p50 ms | p95 ms | batch sizes (ticks) | server RSS MiB (max) | server CPU cores | errors | leaks |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+             "| latency p50 ms | p95 ms | frame ms p50 | p95 | max | batch sizes (ticks) | server RSS MiB (max) "
+             "| server CPU cores | errors | leaks |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: "
+             "| ---: | ---: |"]
     for row in rows:
         batches = " ".join(f"{size}×{count}" for size, count in row.batches.items())
+        frame = row.frame_ms
         lines.append(f"| {row.engine} | {row.users} | {row.max_batch} | {row.renders_min:.1f} | "
                      f"{row.renders_median:.1f} | {row.total:.1f} | {row.fairness:.2f} | {row.latency_p50:.0f} | "
-                     f"{row.latency_p95:.0f} | {batches} | {row.rss_median:.0f} ({row.rss_max:.0f}) | {row.server_cpu:.2f} | "
-                     f"{row.errors} | {row.leaks} |")
+                     f"{row.latency_p95:.0f} | {frame.get('p50', float('nan')):.0f} | "
+                     f"{frame.get('p95', float('nan')):.0f} | {frame.get('max', float('nan')):.0f} | {batches} | "
+                     f"{row.rss_median:.0f} ({row.rss_max:.0f}) | {row.server_cpu:.2f} | {row.errors} | {row.leaks} |")
     return "\n".join(lines) + "\n"
 
 
@@ -532,6 +547,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=2, help="built-in model rows: batched/one-at-a-time pairs")
     parser.add_argument("--tiny-size", type=int, default=128, help="render size of the built-in model")
     parser.add_argument("--mode", choices=("latency", "stream"), default="latency")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="the app's --compile for a built-in model's engine (default auto, as the app)")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="the server's model threads (default: the app's own, ui.server.model_threads; "
+                             "0: torch's choice)")
     parser.add_argument("--page-rate", type=float, default=0.0, metavar="HZ",
                         help="at most HZ snapshots a second per artist, as a page drawing on an HZ display "
                              "(default 0: as fast as the flow control lets it)")
@@ -545,7 +565,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-sessions", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--idle-timeout", type=float, default=1800.0, help=argparse.SUPPRESS)
     parser.add_argument("--release-after", type=float, default=30.0, help=argparse.SUPPRESS)
-    parser.add_argument("--torch-threads", type=int, default=2, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -574,12 +593,14 @@ def main(argv=None) -> int:
     for engine, users, max_batch in plan:
         seconds = args.seconds * (2 if engine.startswith("tiny") else 1)
         row = run_row(engine, users, max_batch, seconds, tiny_size=args.tiny_size, mode=args.mode,
-                      page_rate=args.page_rate)
+                      page_rate=args.page_rate, compile=args.compile, torch_threads=args.torch_threads)
         rows.append(row)
         print(markdown([row]).splitlines()[-1], flush=True)
     table = markdown(rows)
     notes = ratios(rows)
-    text = table + "".join(f"\n{note}" for note in notes) + f"\n\nConditions: {_load()}.\n"
+    servers = "; ".join(sorted({f"{row.threads} model thread(s), warm-up {row.warm_up_s:.0f} s" for row in rows}))
+    text = (table + "".join(f"\n{note}" for note in notes)
+            + f"\n\nConditions: {_load()}; server: {servers}; --compile {args.compile}.\n")
     (args.out / "loadtest.json").write_text(json.dumps({"rows": [asdict(row) for row in rows], "ratios": notes,
                                                         "conditions": _load()}, indent=2))
     (args.out / "loadtest.md").write_text(text)

@@ -1,4 +1,4 @@
-"""Timing the engine benchmark's rows: rotation, spread, ratios, memory."""
+"""Timing the engine benchmark's rows: rotation, spread, ratios, memory; percentiles for every benchmark."""
 
 from __future__ import annotations
 
@@ -8,6 +8,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The value at quantile `q` (0-1) of `values`, nearest rank (nan for none)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def frame_times(values_ms: list[float]) -> dict[str, float]:
+    """p50, p95 and max of frame times (ms): a spike every few frames shows in p95 and max."""
+    return {"p50": percentile(values_ms, 0.5), "p95": percentile(values_ms, 0.95),
+            "max": max(values_ms) if values_ms else float("nan")}
 
 
 def sync(device: torch.device) -> None:

@@ -26,9 +26,12 @@ def test_the_benchmark_measures_a_drawing_session_and_writes_json_and_markdown(t
     for row in (page, client):
         assert row["renders"] > 0 and row["final_shown"]
         assert row["latency_p50"] > 0 and 0 < row["model_busy"] <= 1
+        frame = row["frame_ms"]  # the echo engine sleeps 5 ms a frame
+        assert frame["max"] >= frame["p95"] >= frame["p50"] >= 5
     assert set(page["breakdown"]) == {"encode", "transfer", "decode", "wait", "model", "serverEncode", "display"}
     table = (tmp_path / "live.md").read_text()
     assert "| echo:5 | latency | ws |" in table and "| echo:5 | latency | python |" in table
+    assert "| frame ms p50 | p95 | max |" in table
     assert "load average" in result["conditions"] and result["conditions"] in table
 
 
@@ -39,4 +42,5 @@ def test_a_built_in_model_row_without_a_browser_compares_with_the_engine_alone(t
     assert (row["case"], row["channel"]) == ("tiny:64", "python")
     assert row["renders"] > 0 and row["model_busy"] > 0
     assert len(row["engine_alone_runs"]) == 2 and row["engine_alone_fps"] > 0
+    assert row["frame_ms"]["p50"] > 0
     assert "tiny:64 latency, Python client (no browser): renders/s / engine alone" in (tmp_path / "live.md").read_text()
