@@ -197,18 +197,26 @@ def test_compiled_with_cuda_graphs_matches_eager():
     assert gap < bank_gap / 4
 
 
-def test_the_apps_engine_on_cuda_gets_the_serving_fast_path():
+def test_the_apps_engine_on_cuda_gets_the_serving_fast_path_and_compiled_serving_graphs():
+    """The app's engine on CUDA: the fast path, and compiled serving graphs with an eager fallback.
+    Frozen with nothing warmed up (compiling every bucket of SD1.5 is the app stage's to time), its
+    frames run through the fallback, eagerly, between the graphs' step markers."""
     from app import load_engine
+    from sv2v_core.serving import ServingBackend
 
     engine, notice = load_engine("sd15-random", None)
     try:
         assert engine.device.type == "cuda" and engine.dtype == torch.float16 and notice is not None
         assert engine.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
         assert torch.backends.cudnn.benchmark
-        assert engine.backend is None  # no compiling in the app
+        backend = engine.backend
+        assert isinstance(backend, ServingBackend) and backend.clone_outputs and backend.fallback is not None
+        assert not backend.background  # on CUDA the graphs are made before serving, on the render thread
+        engine.warm_up([], freeze=True)
         state = engine.new_stream(config(DYME, "latency", 512))
         image = [engine(state, sketch(step * 4, size=512)).image for step in range(3)][-1]
         assert image.shape == (512, 512, 3) and image.std() > 1
+        assert backend._fallbacks and not backend.functions  # eagerly: nothing compiled mid-request
     finally:
         engine.close()
 
