@@ -516,20 +516,24 @@ class ServingBackend:
         try:
             with torch.inference_mode():
                 for number, (key, (shape, bucket)) in enumerate(plan.items(), start=1):
-                    if key in self.functions:
-                        continue
                     since = time.monotonic()
                     spec = self.spec_for(shape, bucket)
                     args = self._dummy_arguments(spec, shape)
-                    function = self.make(spec, args)
+                    function = self.functions.get(key)
+                    made = function is None
+                    if made:
+                        function = self.make(spec, args)
+                    # A function made before runs again too: CUDA graphs are recorded per thread, and this
+                    # may be another thread than the one that made it (a new render thread).
                     for _ in range(repeats):
                         if self.step_marker is not None:
                             self.step_marker()
                         function(*args)
                     self.functions[key] = function
                     self._planned.discard(key)
-                    log.info("serving warm-up %d/%d: %s ready in %.1f s", number, len(plan), describe(spec, args),
-                             time.monotonic() - since)
+                    if made:
+                        log.info("serving warm-up %d/%d: %s ready in %.1f s", number, len(plan),
+                                 describe(spec, args), time.monotonic() - since)
         except Exception as error:  # noqa: BLE001 - kept for `wait`, which re-raises it in the caller
             self.warm_error = error
             self._planned.clear()  # frozen, the shapes left run through the fallback (if any)
