@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # The CUDA check: render on a GPU and measure it, on a machine with no network.
 #
-#   bash bench/gpu_check.sh [STAGE ...]      # default: tests eager live many compiled
+#   bash bench/gpu_check.sh [STAGE ...]      # default: app tests eager compiled
 #
 # Stages, in the order given, each printing as it goes:
+#   app       the app at the speed it serves (bench.appcheck): its engine loaded as
+#             `python app.py` loads it (compiled serving graphs on CUDA), warmed up
+#             before each row, through the fast channel's Python client: one
+#             artist in latency mode (4 steps, 1 step) and stream mode (4 steps,
+#             1 step), 8 artists batched; renders/s, latency, frame time p50 /
+#             p95 / max, and the issue's targets for sd15-random at 512²
 #   tests     the CUDA tests (tests/test_cuda.py: float16 on CUDA against
 #             float32 on the CPU, sd15-random at 512² in both modes with the
 #             bank on and off, the fast path against eager, no NaN/Inf)
@@ -11,9 +17,11 @@
 #             steps, stream batch and latency, none / queue(1) / DyMe(1), the
 #             streamdiffusion peer in the same run, with a per-stage profile
 #   live      the live path with the real engine on the GPU (bench.live, the
-#             Python client of the fast channel instead of a browser)
+#             Python client of the fast channel instead of a browser; not run by
+#             default: the app stage measures the same, compiled)
 #   many      8 simulated artists on the GPU, batched and one at a time (bench.loadtest,
-#             each sending at most 60 snapshots a second, as a page on a 60 Hz display)
+#             each sending at most 60 snapshots a second, as a page on a 60 Hz display;
+#             not run by default: its server compiles again in a process of its own)
 #   compiled  the bank benchmark through torch.compile (CUDA graphs), 4 steps,
 #             stream batch, none and DyMe(1), with the peer compiled alike
 #
@@ -22,16 +30,22 @@
 # device tool's folder) or gpu_results/.  Wheels the machine lacks (diffusers,
 # streamdiffusion, av, gradio and its needs) are installed from .whl/ into
 # /tmp/site when that folder exists.  No stage starts after GPU_CHECK_SECONDS
-# (default 390) and each is cut to the time left, so the whole run ends
-# inside the device call's limit.
+# (default 450) and each is cut to the time left, so the whole run ends
+# inside the device call's limit.  The app stage warms up only the settings
+# of its rows (--warm rows: compiling every step count the page offers in
+# stream mode would take minutes more) and writes its results after every
+# row, so a cut run keeps the rows it finished; GPU_CHECK_APP_SECONDS (6)
+# is each of its rows' measured time.
 #
 # A dry run on a CPU, end to end at small sizes (the CUDA tests skip):
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_MODEL=tiny GPU_CHECK_SIZE=64 bash bench/gpu_check.sh
+#   GPU_CHECK_DEVICE=cpu GPU_CHECK_MODEL=tiny GPU_CHECK_SIZE=64 bash bench/gpu_check.sh app
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-gpu_results}
-BUDGET=${GPU_CHECK_SECONDS:-390}
+BUDGET=${GPU_CHECK_SECONDS:-450}
+APP_SECONDS=${GPU_CHECK_APP_SECONDS:-6}
 PYTHON=${PYTHON:-python3}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 MODEL=${GPU_CHECK_MODEL:-sd15-random}
@@ -40,7 +54,7 @@ DTYPE=$([ "$DEVICE" = cuda ] && echo float16 || echo float32)
 WORK=$(mktemp -d /tmp/gpu_check.XXXX)
 START=$(date +%s)
 STAGES=("$@")
-[ ${#STAGES[@]} -gt 0 ] || STAGES=(tests eager live many compiled)
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(app tests eager compiled)
 export PYTHONUNBUFFERED=1 GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -82,6 +96,8 @@ run_stage() {  # run_stage NAME MIN_SECONDS COMMAND...: run COMMAND if MIN_SECON
 BENCH=(-m bench.engine --device "$DEVICE" --dtype "$DTYPE" --model "$MODEL" --size "$SIZE" --peer --rounds 6 --block 8)
 for stage in "${STAGES[@]}"; do
     case $stage in
+        app) run_stage app 120 "$PYTHON" -m bench.appcheck --device "$DEVICE" --model "$MODEL" --size "$SIZE" \
+                 --warm rows --seconds "$APP_SECONDS" --out "$WORK/app" ;;
         tests) run_stage tests 60 "$PYTHON" -m pytest -q -s -m cuda tests/test_cuda.py ;;
         eager) run_stage eager 90 "$PYTHON" "${BENCH[@]}" --steps 4 1 --modes stream latency \
                    --rows none queue1 dyme1 --profile --output "$WORK/eager" ;;
@@ -91,7 +107,7 @@ for stage in "${STAGES[@]}"; do
                   --seconds 8 --page-rate 60 --out "$WORK/many" ;;
         compiled) run_stage compiled 150 "$PYTHON" "${BENCH[@]}" --compile --steps 4 --modes stream \
                       --rows none dyme1 --output "$WORK/compiled" ;;
-        *) say "unknown stage $stage (tests eager live many compiled)"; exit 2 ;;
+        *) say "unknown stage $stage (app tests eager live many compiled)"; exit 2 ;;
     esac
 done
 say "done"

@@ -204,12 +204,13 @@ def make_engine(case: str, models: dict, compile: str = "auto"):
     raise SystemExit(f"error: unknown case {case!r} (use echo:MS, tiny:SIZE or sd15-random:SIZE)")
 
 
-def builtin_engine(name: str, compile: str = "auto"):
+def builtin_engine(name: str, compile: str = "auto", device: str = "auto"):
     """A built-in model's engine, loaded as the app loads it (sv2v_core.loader): on CUDA where there is
-    a GPU (sd15-random in float16, tiny in float32), else on the CPU, made for serving with `compile`."""
+    a GPU (sd15-random in float16, tiny in float32), else on the CPU (or on `device`), made for serving
+    with `compile`."""
     from sv2v_core.loader import EngineOptions, load_engine
 
-    return load_engine(EngineOptions(model=name, serving=True, compile=compile)).engine
+    return load_engine(EngineOptions(model=name, serving=True, compile=compile, device=device)).engine
 
 
 def app_device() -> str:

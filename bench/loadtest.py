@@ -74,6 +74,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ui.settings import Settings
+
 from .live import MODEL_CASES, app_device, builtin_engine, warmed_up
 from .channel_client import ChannelClient, Received
 from .timing import frame_times, percentile
@@ -266,17 +268,22 @@ def ink_colour(jpeg: bytes) -> np.ndarray | None:
 
 
 class Artist:
-    """One simulated artist: a fast-channel client on its own thread, checking its renders' colour."""
+    """One simulated artist: a fast-channel client on its own thread, checking its renders' colour.
+
+    settings: the page's settings it sends on connecting (None: the app's defaults); depth: its
+    snapshots in flight at most (two, as the page when the model is the slow stage; one: each
+    render's latency has no wait behind another snapshot of its own)."""
 
     def __init__(self, url: str, user: int, users: int, size: int, *, check_colour: bool, session: str | None = None,
-                 page_rate: float = 0.0):
+                 page_rate: float = 0.0, settings: Settings | None = None, depth: int = 2):
         self.user = user
         self.session = session or f"artist-{user}-{os.getpid()}-{time.monotonic_ns()}"
         self.palette = np.array([colour_of(u, users) for u in range(users)], np.float32)
         self.check_colour = check_colour
         self.leaks = 0
-        self.client = ChannelClient(url, self.session, drawing(user, users, size),
-                                    interval=1 / page_rate if page_rate else 0.0, on_render=self._check)
+        self.client = ChannelClient(url, self.session, drawing(user, users, size), depth=depth,
+                                    interval=1 / page_rate if page_rate else 0.0, on_render=self._check,
+                                    settings=settings)
         self.stop = threading.Event()
         self.failure: str | None = None
         self.thread = threading.Thread(target=self._run, name=f"artist-{user}", daemon=True)

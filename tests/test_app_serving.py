@@ -5,14 +5,11 @@ at warm-up while 1 to 8 artists join and leave: no call leaves the buckets."""
 
 from __future__ import annotations
 
-import io
-import threading
 import time
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from sv2v_core import StreamConfig, StreamV2V, load_components
 from sv2v_core.loader import EngineOptions, choose_serving, load_engine
@@ -103,19 +100,6 @@ def test_a_frozen_backend_with_a_fallback_serves_a_shape_nobody_warmed_eagerly_a
 
 
 # -- through the real app --------------------------------------------------------------------------
-def drawing(artist: int, count: int = 6) -> list[bytes]:
-    """JPEG snapshots of a stroke growing on the artist's own colour of paper."""
-    rng = np.random.default_rng(artist)
-    canvas = np.full((SIZE, SIZE, 3), rng.integers(120, 255, 3), np.uint8)
-    pictures = []
-    for index in range(count):
-        canvas[8 + 6 * index: 12 + 6 * index, 8:56] = rng.integers(0, 120, 3)
-        buffer = io.BytesIO()
-        Image.fromarray(canvas).save(buffer, format="JPEG", quality=90)
-        pictures.append(buffer.getvalue())
-    return pictures
-
-
 class Watched(ServingBackend):
     """A serving backend that notes every call it refused (the renderer retries a batch that failed
     frame by frame, where bucket 1 would serve them: the refusal itself must count)."""
@@ -132,34 +116,21 @@ class Watched(ServingBackend):
             raise
 
 
-class Artist:
-    """A fast-channel client drawing on its own thread with its own page settings, until stopped."""
+def artist(url: str, number: int, presets: list[str]):
+    """A simulated artist (bench.loadtest) with page settings of its own, drawing until told to stop."""
+    from bench.loadtest import Artist
 
-    def __init__(self, url: str, number: int, presets: list[str]) -> None:
-        from bench.channel_client import ChannelClient
+    settings = Settings(f"artist {number}", presets[number % len(presets)], 0.4 + 0.05 * (number % 3),
+                        PAGE_STEPS[number % len(PAGE_STEPS)], number, PAGE_BANKS[number % len(PAGE_BANKS)],
+                        number % 2 == 0, number % 3 != 0)
+    drawing = Artist(url, number, 8, SIZE, check_colour=False, session=f"artist-{number}", settings=settings)
+    drawing.thread.start()
+    return drawing
 
-        settings = Settings(f"artist {number}", presets[number % len(presets)], 0.4 + 0.05 * (number % 3),
-                            PAGE_STEPS[number % len(PAGE_STEPS)], number, PAGE_BANKS[number % len(PAGE_BANKS)],
-                            number % 2 == 0, number % 3 != 0)
-        self.client = ChannelClient(url, f"artist-{number}", drawing(number), settings=settings)
-        self.stop = threading.Event()
-        self.failure: Exception | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
 
-    def _run(self) -> None:
-        try:
-            with self.client:
-                self.client.start()
-                while not self.stop.is_set():
-                    self.client.step()
-                self.client.drain()
-        except Exception as error:  # noqa: BLE001 - the test reports any failure of a client
-            self.failure = error
-
-    def leave(self) -> None:
-        self.stop.set()
-        self.thread.join(TIMEOUT)
+def leave(drawing) -> None:
+    drawing.stop.set()
+    drawing.thread.join(TIMEOUT)
 
 
 def test_no_call_of_the_app_leaves_the_warmed_buckets_as_1_to_8_artists_join_and_leave():
@@ -173,29 +144,28 @@ def test_no_call_of_the_app_leaves_the_warmed_buckets_as_1_to_8_artists_join_and
         warmed = len(make.made)
         assert warmed == 4  # latency mode: buckets 1, 2, 4, 8 of one row each, for every page setting
         app = serve(service, presets, port=free_port(), block=False)
-        artists: list[Artist] = []
+        artists = []
         joined, left, most = 0, [], 0
         try:
             for count in (1, 3, 8, 5, 2, 8, 4, 1):
                 while len(artists) > count:  # someone in the middle leaves
                     leaving = artists.pop(len(artists) // 2)
-                    leaving.leave()
+                    leave(leaving)
                     left.append(leaving)
                 while len(artists) < count:
-                    artists.append(Artist(app.url, joined, list(presets)))
+                    artists.append(artist(app.url, joined, list(presets)))
                     joined += 1
                 most = max(most, len(artists))
                 time.sleep(1.5)
         finally:
-            for artist in artists:
-                artist.leave()
+            for drawing in artists:
+                leave(drawing)
             app.close()
-        everyone = artists + left
         assert most == 8 and joined >= 8
-        for artist in everyone:
-            assert artist.failure is None, artist.failure
-            assert not artist.client.log.errors, artist.client.log.errors
-            assert artist.client.log.renders, f"{artist.client.session} got no render"
+        for drawing in artists + left:
+            assert drawing.failure is None, drawing.failure
+            assert not drawing.client.log.errors, drawing.client.log.errors
+            assert drawing.client.log.renders, f"{drawing.session} got no render"
         assert len(make.made) == warmed and not engine.backend.refused  # no call left the warmed buckets
         rows = {spec.rows for spec, *_ in engine.backend.calls}
         assert len(rows) > 1 and max(service.stats().batches) > 1  # several buckets, shared ticks
