@@ -3,6 +3,7 @@
     python -m bench.engine     the feature bank's speed and memory (paper Table 2), with the peer
     python -m bench.live       the app's live path: a real app, a real browser drawing
     python -m bench.loadtest   many simulated artists on one app
+    python -m bench.appcheck   the app at the speed it serves, against the GPU targets
     python -m bench.raybench   the Ray Serve back end
 
 The engine benchmark's parts: frames (synthetic input), rows (what is

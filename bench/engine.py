@@ -40,8 +40,9 @@ own size is given.
 components (its own copy of the UNet, with diffusers' attention processors;
 the same autoencoder and prompt), size, timesteps and dtype, where it
 imports; otherwise the reason is printed.  --profile times each stage of a
-frame (UNet call, feature fusion, bank match and merge, autoencoder encode
-and decode, host work) for the no-bank and DyMe rows and the peer.
+frame through the engine's timing seam (autoencoder encode, UNet calls,
+bank update, autoencoder decode, and the host work left) for the no-bank
+and DyMe rows and the peer.
 
 Results go to --output (default bench_results/) as bench.json and bench.md.
 Absolute times mean something only on a GPU; on a CPU compare ratios.

@@ -7,10 +7,10 @@ Message format: ui.wire (binary snapshots in, binary renders out, JSON text
 for settings and everything else).
 
 This module only translates.  A receiving loop reads each message: a
-snapshot goes to `LivePage.snapshot` on a worker thread (which decodes it
-and queues it, newest wins), then the loop goes straight back to
-receiving, so the next snapshot is decoded while the model renders this
-one; a settings message goes to `LivePage.settings`.  A sending loop sends
+snapshot goes to `LivePage.snapshot` on a worker thread (which queues it,
+still encoded, newest wins: it is decoded when the model takes it), then
+the loop goes straight back to receiving; a settings message goes to
+`LivePage.settings`.  A sending loop sends
 the replies in the order they are ready (a queued snapshot's once its
 render is done, `LivePage.answer`).  Every reply the page gets answers one
 snapshot (a render, "dropped", "busy" or "error"), which is what the

@@ -3,7 +3,8 @@
 The live path's rule for frames, kept in one place: a session's frame that
 waits for the model is replaced by the session's next one, and the replaced
 frame's future fails with `Superseded`, so a slow model gets fewer, fresher
-frames instead of a backlog.  The in-process scheduler (ui.scheduler) and
+frames instead of a backlog.  Snapshots wait here still encoded: newest wins
+before the decode (ui.local_renderer decodes the frames a tick takes).  The in-process scheduler (ui.scheduler) and
 the Ray lanes (ui.ray_renderer) both keep their waiting frames in a
 `Mailbox`.
 

@@ -16,10 +16,12 @@ implement it:
 Per session: `open` (admission: `RendererBusy` when there is no room),
 `step` (render the next frame; newest wins: at most one frame waits per
 session and a newer one replaces it, failing the older one's future with
-`Superseded`, ui.mailbox), `reset` (empty the bank), `release` (an idle
+`Superseded`, ui.mailbox; a frame that comes encoded is decoded only when
+the model takes it, so a replaced one never is), `reset` (empty the bank), `release` (an idle
 session's stream leaves the GPU; its next frame brings it back), `cancel`
 (drop the waiting frame), `close` (free the stream).  For the app as a
-whole: `warm_up`, `translate` (a video's frames, none dropped), `stats`
+whole: `warm_up` (every setting the page offers, before serving: the
+model's serving graphs are made then, never mid-stroke), `translate` (a video's frames, none dropped), `stats`
 (figures for the benchmarks) and `shutdown`; after it every call raises
 `RendererClosed`.
 
