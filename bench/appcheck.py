@@ -92,7 +92,7 @@ def run_row(engine, size: int, artists: int, mode: str, steps: int, seconds: flo
     from ui.server import create_service, free_port, serve
     from ui.settings import Settings
 
-    from .loadtest import Artist
+    from .loadtest import Artist, measured, stop_all
 
     row = Row(artists, mode, steps, seconds)
     time.sleep(SETTLE_SECONDS)
@@ -112,19 +112,12 @@ def run_row(engine, size: int, artists: int, mode: str, steps: int, seconds: flo
             time.sleep(seconds)
             end, after = time.perf_counter(), service.stats().batches
         finally:
-            for artist in drawing:
-                artist.stop.set()
-            for artist in drawing:
-                artist.thread.join(60)
+            stop_all(drawing)
             app.close()
     finally:
         service.close()
-    rates, latencies, frames = [], [], []
+    rates, latencies, frames = measured(drawing, start, end)
     for artist in drawing:
-        renders = artist.renders_between(start, end)
-        rates.append(len(renders) / (end - start))
-        latencies += [render.latency_ms for render in renders]
-        frames += [render.model_ms for render in renders]
         row.errors += artist.client.log.errors + ([artist.failure] if artist.failure else [])
     row.renders = len(latencies)
     row.renders_min, row.renders_total = min(rates), sum(rates)

@@ -312,6 +312,26 @@ class Artist:
         return [render for render in list(self.client.log.renders) if start <= render.at < end]
 
 
+def stop_all(artists: list[Artist], timeout: float = 60.0) -> None:
+    """Tell every artist to stop, then wait for each to finish (its last answers drained)."""
+    for artist in artists:
+        artist.stop.set()
+    for artist in artists:
+        artist.thread.join(timeout)
+
+
+def measured(artists: list[Artist], start: float, end: float) -> tuple[list[float], list[float], list[float]]:
+    """Each artist's renders/s between `start` and `end`, and the latencies and frame times (ms) of all
+    those renders."""
+    rates, latencies, frames = [], [], []
+    for artist in artists:
+        renders = artist.renders_between(start, end)
+        rates.append(len(renders) / (end - start))
+        latencies += [render.latency_ms for render in renders]
+        frames += [render.model_ms for render in renders]
+    return rates, latencies, frames
+
+
 # -- rows -------------------------------------------------------------------------------
 @dataclass
 class Row:
@@ -365,18 +385,10 @@ def run_row(engine: str, users: int, max_batch: int, seconds: float, *, tiny_siz
         row.server_cpu = (cpu_seconds(server.process.pid) - cpu) / (end - start)
         rss = [mib for at, mib in server.rss if at >= rss_from]
     finally:
-        for artist in artists:
-            artist.stop.set()
-        for artist in artists:
-            artist.thread.join(60)
+        stop_all(artists)
         server.close()
-    window = end - start
-    latencies, frames = [], []
+    row.per_user, latencies, frames = measured(artists, start, end)
     for artist in artists:
-        renders = artist.renders_between(start, end)
-        row.per_user.append(len(renders) / window)
-        latencies += [render.latency_ms for render in renders]
-        frames += [render.model_ms for render in renders]
         row.errors += len(artist.client.log.errors) + (artist.failure is not None)
         row.leaks += artist.leaks
         row.dropped += artist.client.log.dropped

@@ -14,6 +14,7 @@ import torch
 from sv2v_core import StreamConfig, StreamV2V, load_components
 from sv2v_core.loader import EngineOptions, choose_serving, load_engine
 from sv2v_core.serving import ServingBackend, UnwarmedShape, eager_function
+from bench.loadtest import Artist, stop_all
 from tests.test_serving import RefusingMake
 from ui.presets import load_presets
 from ui.server import create_service, free_port, model_threads, serve
@@ -118,7 +119,6 @@ class Watched(ServingBackend):
 
 def artist(url: str, number: int, presets: list[str]):
     """A simulated artist (bench.loadtest) with page settings of its own, drawing until told to stop."""
-    from bench.loadtest import Artist
 
     settings = Settings(f"artist {number}", presets[number % len(presets)], 0.4 + 0.05 * (number % 3),
                         PAGE_STEPS[number % len(PAGE_STEPS)], number, PAGE_BANKS[number % len(PAGE_BANKS)],
@@ -126,11 +126,6 @@ def artist(url: str, number: int, presets: list[str]):
     drawing = Artist(url, number, 8, SIZE, check_colour=False, session=f"artist-{number}", settings=settings)
     drawing.thread.start()
     return drawing
-
-
-def leave(drawing) -> None:
-    drawing.stop.set()
-    drawing.thread.join(TIMEOUT)
 
 
 def test_no_call_of_the_app_leaves_the_warmed_buckets_as_1_to_8_artists_join_and_leave():
@@ -150,7 +145,7 @@ def test_no_call_of_the_app_leaves_the_warmed_buckets_as_1_to_8_artists_join_and
             for count in (1, 3, 8, 5, 2, 8, 4, 1):
                 while len(artists) > count:  # someone in the middle leaves
                     leaving = artists.pop(len(artists) // 2)
-                    leave(leaving)
+                    stop_all([leaving], TIMEOUT)
                     left.append(leaving)
                 while len(artists) < count:
                     artists.append(artist(app.url, joined, list(presets)))
@@ -158,8 +153,7 @@ def test_no_call_of_the_app_leaves_the_warmed_buckets_as_1_to_8_artists_join_and
                 most = max(most, len(artists))
                 time.sleep(1.5)
         finally:
-            for drawing in artists:
-                leave(drawing)
+            stop_all(artists, TIMEOUT)
             app.close()
         assert most == 8 and joined >= 8
         for drawing in artists + left:
