@@ -448,7 +448,10 @@ class ServingBackend:
             `UnwarmedShape` when there is no fallback.
         background: do it in a thread and return at once; until a shape is
             ready its calls run the fallback's function (eager).  None: the
-            backend's default (`background`)."""
+            backend's default (`background`).
+        A failure (a compile that fails) is logged and kept for `wait`; the
+        shapes not made then run the fallback, and only a backend without
+        one raises it from here."""
         background = self.background if background is None else background
         buckets = self.buckets if buckets is None else tuple(buckets)
         repeats = repeats or (3 if self.clone_outputs else 1)
@@ -466,7 +469,8 @@ class ServingBackend:
             self.warming.start()
         else:
             self._warm_all(plan, repeats)
-            self.wait()
+            if self.fallback is None:
+                self.wait()  # re-raises a failure: nothing else would serve the shapes not made
         return list(plan)
 
     def wait(self, timeout: float | None = None) -> bool:

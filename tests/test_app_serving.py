@@ -100,6 +100,30 @@ def test_a_frozen_backend_with_a_fallback_serves_a_shape_nobody_warmed_eagerly_a
         engine.backend = None
 
 
+def test_a_warm_up_that_fails_leaves_its_shapes_to_the_eager_fallback(engine):
+    """A compile that fails (here: bucket 2's) does not stop the app: that shape is served eagerly."""
+    eager = eager_function(engine)
+
+    def failing(spec, args):
+        if spec.rows == 2:
+            raise RuntimeError("the compiler broke on bucket 2")
+        return eager(spec, args)
+
+    config = StreamConfig(width=SIZE, height=SIZE, mode="latency", similarity_skip=None)
+    engine.backend = ServingBackend(engine, failing, fallback=eager)
+    try:
+        engine.warm_up([config], buckets=(1, 2), freeze=True)  # does not raise: there is a fallback
+        assert engine.backend.warm_error is not None and len(engine.backend.functions) == 1
+        states = [engine.new_stream(config.replace(seed=seed)) for seed in range(2)]
+        outputs = engine.render([(state, np.full((SIZE, SIZE, 3), 200, np.uint8)) for state in states])
+        assert len(outputs) == 2 and len(engine.backend._fallbacks) == 1
+        engine.backend = ServingBackend(engine, failing)  # without a fallback the failure is raised
+        with pytest.raises(RuntimeError, match="warm-up failed"):
+            engine.warm_up([config], buckets=(1, 2), freeze=True)
+    finally:
+        engine.backend = None
+
+
 # -- through the real app --------------------------------------------------------------------------
 class Watched(ServingBackend):
     """A serving backend that notes every call it refused (the renderer retries a batch that failed
