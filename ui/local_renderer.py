@@ -16,6 +16,11 @@ batch), each of its frames is rendered again on its own, so the culprit
 gets its error and the others their renders.  Stream mode's end-of-stroke
 flush runs per stream afterwards.
 
+A request's replay (ui.renderer) runs on its stream alone, after emptying
+the bank and before its frame.  A request with comparison settings adds a
+second step to the batch: the same frame on the session's comparison
+stream (made on its first use, freed by the first request without one).
+
 A video is translated as a series of tasks, one frame each between ticks:
 its frames must never be dropped (newest-wins would), and a video's stream
 (stream mode, the video's aspect) never shares a batch with the canvases'
@@ -24,6 +29,7 @@ anyway.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -58,7 +64,8 @@ VIDEO_GPU_SECONDS = 120  # on ZeroGPU: the GPU time a video's translation may ta
 @dataclass
 class Step:
     """One stream's part of a batch on the device: its state (None: not created yet), the
-    settings, the frame (at the render size), a stroke's end (flush) and a cut (empty the bank)."""
+    settings, the frame (at the render size), a stroke's end (flush), a cut (empty the bank)
+    and a replay (empty the bank, then render these (frame, control) pairs first, unshown)."""
 
     state: object
     config: StreamConfig
@@ -66,14 +73,17 @@ class Step:
     end: bool = False
     cut: bool = False
     control: np.ndarray | None = None
+    replay: tuple = ()
 
 
 @dataclass
 class _Stream:
-    """A session's room in an InProcessRenderer: its state is made by its first frame."""
+    """A session's room in an InProcessRenderer: its state is made by its first frame; its
+    comparison stream's state by the first frame asking for a comparison."""
 
     epoch: str
     state: Any = None
+    compare_state: Any = None
     last_used: float = 0.0
     cut_pending: bool = False
 
@@ -144,7 +154,7 @@ class InProcessRenderer:
     def _drop(self, session_id: str) -> None:
         stream = self._streams.pop(session_id, None)
         if stream is not None:
-            stream.state = None  # the tensors go with the last reference
+            stream.state = stream.compare_state = None  # the tensors go with the last reference
 
     def sessions(self) -> int:
         with self._lock:
@@ -165,6 +175,12 @@ class InProcessRenderer:
             stream = self._streams.get(session_id)
             return None if stream is None else stream.state
 
+    def compare_state(self, session_id: str):
+        """The engine state of the session's comparison stream (None: not comparing); for tests."""
+        with self._lock:
+            stream = self._streams.get(session_id)
+            return None if stream is None else stream.compare_state
+
     # -- per session ------------------------------------------------------------------
     def step(self, session_id: str, request: StepRequest) -> Future:
         if request.cut:  # even if this frame is replaced by a newer one, the next frame that runs cuts
@@ -180,7 +196,9 @@ class InProcessRenderer:
                 stream = self._streams.get(session_id)
             if stream is None or stream.state is None:
                 return False
-            stream.state.reset_bank()
+            for state in (stream.state, stream.compare_state):
+                if state is not None:
+                    state.reset_bank()
             return True
 
         return self.scheduler.call(reset)
@@ -192,8 +210,9 @@ class InProcessRenderer:
         def release() -> None:
             with self._lock:
                 stream = self._streams.get(session_id)
-            if stream is not None and stream.state is not None:
-                stream.state.to("cpu")  # the engine moves it back with its next frame
+            for state in (stream.state, stream.compare_state) if stream is not None else ():
+                if state is not None:
+                    state.to("cpu")  # the engine moves it back with its next frame
 
         self.scheduler.call(release)
 
@@ -256,7 +275,8 @@ class InProcessRenderer:
     def _run_batch(self, steps: list[_Step]) -> list[StepReply | Exception]:
         """Render one tick's frames (the scheduler's `run_batch`): a StepReply or an exception each."""
         results: list[StepReply | Exception | None] = [None] * len(steps)
-        ready: list[tuple[int, _Stream, Step]] = []
+        # (index of the step, its stream, the device step, whether it is the comparison stream's)
+        ready: list[tuple[int, _Stream, Step, bool]] = []
         for index, step in enumerate(steps):
             try:
                 stream, cut = self._stream_for(step)
@@ -265,11 +285,22 @@ class InProcessRenderer:
                 continue
             request = step.request
             ready.append((index, stream, Step(stream.state, request.config, request.frame, request.end, cut,
-                                              request.control)))
+                                              request.control, request.replay), False))
+            if request.compare is None:
+                stream.compare_state = None
+            else:
+                ready.append((index, stream, Step(stream.compare_state, request.compare, request.frame, request.end,
+                                                  cut, request.control, request.replay), True))
         started = time.monotonic()
-        outcomes = self._on_device([device for _, _, device in ready]) if ready else []
+        outcomes = self._on_device([device for _, _, device, _ in ready]) if ready else []
         seconds = time.monotonic() - started
-        for (index, stream, device), (state, output) in zip(ready, outcomes):
+        compared: dict[int, np.ndarray | Exception] = {}
+        for (index, stream, device, comparison), (state, output) in zip(ready, outcomes):
+            if comparison:
+                if state is not None:
+                    stream.compare_state = state
+                compared[index] = output if isinstance(output, Exception) else output.image
+                continue
             if state is not None:
                 stream.state = state
             if isinstance(output, Exception):
@@ -279,6 +310,10 @@ class InProcessRenderer:
             else:
                 results[index] = StepReply(output.image, output.source_index, state.frames_in - 1, output.skipped,
                                            seconds, stream.epoch, self.worker)
+        for index, image in compared.items():  # a failed comparison fails its step: the page asked for both
+            if isinstance(results[index], StepReply):
+                results[index] = image if isinstance(image, Exception) else \
+                    dataclasses.replace(results[index], compare_image=image)
         return results
 
     # -- the model work (one call per batch; on the GPU under ZeroGPU) -------------------
@@ -293,11 +328,13 @@ class InProcessRenderer:
         for index, step in enumerate(steps):
             try:
                 step.state = self._configured(step.state, step.config)
-                if step.cut:
+                if step.cut or step.replay:
                     step.state.reset_bank()
+                for frame, control in step.replay:
+                    self.engine.render([(step.state, frame, control)])
                 self.engine.prepare(step.state, step.frame)
-            except ValueError as error:  # bad settings or picture (ImageError is one): this frame only
-                results[index] = error
+            except (ValueError, RuntimeError) as error:  # bad settings or picture (ImageError is one), a failed
+                results[index] = error                   # replay: this frame only
             else:
                 ready.append(index)
         if ready:
