@@ -4,9 +4,9 @@ With the built-in model (`python app.py --model tiny`): draws a stroke and
 checks that the render changes *before* the mouse button is released (live
 rendering, not only at stroke end), undoes it, exports and downloads a video
 that PyAV decodes, and saves a screenshot of the page in the middle of a
-stroke (with SV2V_UPDATE_SCREENSHOT=1 into docs/screenshot.png, the README's
-picture; otherwise into the test's temporary folder). The Webcam tab is
-driven by Chromium's synthetic camera (--use-fake-device-for-media-stream).
+stroke into the test's temporary folder (the README's pictures come from
+tests/test_workspace.py). The Webcam tab is driven by Chromium's synthetic
+camera (--use-fake-device-for-media-stream).
 
 With the echo engine (bench.echo: the render is the snapshot itself), served in
 this process: both channels (the fast WebSocket channel, and the Gradio
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import socket
 import statistics
 import sys
@@ -39,7 +38,6 @@ from test_app_api import start_app, stop_app  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
-README_SCREENSHOT = ROOT / "docs" / "screenshot.png"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
 
@@ -125,8 +123,7 @@ def test_draw_live_undo_and_export(page, tmp_path):
         time.sleep(0.1)
     assert shown() != shown_before, "the render did not change while the stroke was still being drawn"
     assert renders(page) > count_before
-    update_readme = os.environ.get("SV2V_UPDATE_SCREENSHOT") == "1"
-    page.screenshot(path=str(README_SCREENSHOT if update_readme else tmp_path / "screenshot.png"))
+    page.screenshot(path=str(tmp_path / "screenshot.png"))
     page.mouse.up()
     after_stroke = canvas_pixels(page)
     assert after_stroke != before_stroke
