@@ -254,11 +254,13 @@ def test_arrow_keys_and_a_seed_typed_with_enter_each_render_once(browser, echo):
 def test_enter_in_the_conditioning_box_renders_once_with_the_built_in_controlnet(browser, tmp_path):
     process, url = start_app(tmp_path, 64, "--controlnet", "tiny")
     try:
-        page = open_page(browser, url, "ws")
+        page = open_page(browser, url, "ws", viewport=(1280, 720))
+        box = page.get_by_role("spinbutton", name="number input for Conditioning")
+        for name, shown in {**in_view(page), "conditioning": box.bounding_box()}.items():  # one more in the row
+            assert shown["y"] + shown["height"] <= 720 and shown["x"] + shown["width"] <= 1280, f"{name}: {shown}"
         stroke(page, [(60, 256), (250, 256), (450, 260)], "#1d3f8c")
         assert wait_for(lambda: mark(page) == ("current", "up to date"), 60), mark(page)
         before, count = shown_render(page), renders(page)
-        box = page.get_by_role("spinbutton", name="number input for Conditioning")
         box.click()
         page.keyboard.press("Control+a")
         page.keyboard.type("0")

@@ -305,8 +305,8 @@ def build_app(live: Live, *, notice: str | None = None, title: str = "StreamV2V 
                 strength = gr.Slider(0.05, 1.0, value=strength_of(default), step=0.05, label="Strength", scale=2,
                                      min_width=160)
                 control_scale = gr.Slider(0.0, MAX_CONTROL_SCALE, value=service.base.control_scale or 0.0, step=0.05,
-                                          label="Conditioning", visible=controlled, scale=2, min_width=160,
-                                          info="ControlNet on the ink lines; 0 is off" if controlled else None)
+                                          label="Conditioning", visible=controlled, scale=2,
+                                          min_width=160)
                 seed = gr.Number(value=service.base.seed, precision=0, minimum=0, label="Seed", scale=1,
                                  min_width=100)
                 dice = gr.Button("Random seed", elem_id="sv2v-dice", scale=0, min_width=110, size="md")
