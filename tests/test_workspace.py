@@ -224,7 +224,7 @@ def test_the_brush_outline_and_the_figures_in_words(browser, echo):
     assert wait_for(lambda: figures.text_content() == "idle", 15), "the figures keep old numbers when idle"
 
 
-def test_arrow_keys_and_a_seed_typed_with_enter_each_render_once(browser, echo):
+def test_arrow_keys_a_seed_typed_with_enter_and_a_preset_each_render_once(browser, echo):
     url, service = echo
     page = open_page(browser, url, "ws")
     session = page.evaluate("() => window.__gradio_session_hash__")
@@ -249,6 +249,13 @@ def test_arrow_keys_and_a_seed_typed_with_enter_each_render_once(browser, echo):
     assert service.renderer.stream_state(session).config.seed == 4321
     time.sleep(1.0)
     assert renders(page) == count + 2, "typing a seed rendered more than once"
+
+    page.get_by_label("Style preset").click()  # a preset sets the strength and the steps too: still once
+    page.get_by_role("option", name="Watercolor").click()
+    assert wait_for(lambda: renders(page) == count + 3, 30), "the preset did not re-render"
+    assert "watercolor" in service.renderer.stream_state(session).config.prompt
+    time.sleep(1.0)
+    assert renders(page) == count + 3, "a preset rendered more than once"
 
 
 def test_enter_in_the_conditioning_box_renders_once_with_the_built_in_controlnet(browser, tmp_path):
