@@ -67,9 +67,14 @@ def stop_app(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("app")
-    process, url = start_app(tmp, SIZE)
+def app_dir(tmp_path_factory) -> Path:
+    """The module's app's folder (its log is app.log)."""
+    return tmp_path_factory.mktemp("app")
+
+
+@pytest.fixture(scope="module")
+def app_url(app_dir):
+    process, url = start_app(app_dir, SIZE)
     yield url
     stop_app(process)
 
@@ -216,10 +221,29 @@ def test_export_returns_a_video_with_one_frame_per_render(app_url, images):
         assert sum(1 for _ in container.decode(video=0)) >= 3
 
 
-def test_export_before_any_render_is_a_clear_error(app_url):
+def test_export_before_any_render_is_a_clear_error_and_one_line_in_the_log(app_url, app_dir):
     client = Client(app_url, verbose=False)
+    logged = (app_dir / "app.log").stat().st_size
     with pytest.raises(Exception, match="nothing has been rendered"):
         client.predict("mp4", "timelapse", False, api_name="/export")
+    time.sleep(0.5)  # the log is written by the app's process
+    with open(app_dir / "app.log", "rb") as log:
+        log.seek(logged)
+        lines = log.read().decode(errors="replace").splitlines()
+    assert len(lines) == 1 and "export" in lines[0] and "nothing has been rendered" in lines[0], lines
+
+
+def test_export_keeps_its_old_calls_and_takes_keep_pauses(app_url, images):
+    client = Client(app_url, verbose=False)
+    render(client, images["one"])
+    time.sleep(2.5)  # a pause between two renders: shortened to MAX_PAUSE_SECONDS unless kept
+    render(client, images["two"])
+    lengths = {}
+    for keep in (False, True):
+        video = client.predict("mp4", "real", False, keep, api_name="/export")
+        with av.open(video) as container:
+            lengths[keep] = sum(1 for _ in container.decode(video=0))
+    assert lengths[False] <= 1 + 25 * 1.0 + 1 < lengths[True], lengths  # 25 fps: REAL_PACE_FPS
 
 
 @pytest.mark.parametrize(
@@ -281,6 +305,14 @@ def test_recorder_spills_to_disk_and_exports_every_frame(tmp_path):
     real = export_video(recorder, tmp_path / "real.mp4", pace="real", fps=20)
     with av.open(str(real)) as container:
         assert sum(1 for _ in container.decode(video=0)) == 13  # 0.6 s at 20 fps, both ends included
+    recorder.add(np.zeros((64, 64, 3), np.uint8), t=600.0)  # ten minutes later: a long pause, then one more
+    recorder.add(np.zeros((64, 64, 3), np.uint8), t=600.1)
+    real = export_video(recorder, tmp_path / "pause.mp4", pace="real", fps=20)
+    with av.open(str(real)) as container:  # the pause is one second (MAX_PAUSE_SECONDS): 0.6 + 1 + 0.1 s
+        assert sum(1 for _ in container.decode(video=0)) == 35
+    kept = export_video(recorder, tmp_path / "kept.mp4", pace="real", fps=2, keep_pauses=True)
+    with av.open(str(kept)) as container:  # ten minutes at 2 fps
+        assert sum(1 for _ in container.decode(video=0)) == 1202
     folder = recorder.folder
     recorder.close()
     assert not folder.exists()

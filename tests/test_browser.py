@@ -4,9 +4,9 @@ With the built-in model (`python app.py --model tiny`): draws a stroke and
 checks that the render changes *before* the mouse button is released (live
 rendering, not only at stroke end), undoes it, exports and downloads a video
 that PyAV decodes, and saves a screenshot of the page in the middle of a
-stroke (with SV2V_UPDATE_SCREENSHOT=1 into docs/screenshot.png, the README's
-picture; otherwise into the test's temporary folder). The Webcam tab is
-driven by Chromium's synthetic camera (--use-fake-device-for-media-stream).
+stroke into the test's temporary folder (the README's pictures come from
+tests/test_workspace.py). The Webcam tab is driven by Chromium's synthetic
+camera (--use-fake-device-for-media-stream).
 
 With the echo engine (bench.echo: the render is the snapshot itself), served in
 this process: both channels (the fast WebSocket channel, and the Gradio
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import socket
 import statistics
 import sys
@@ -39,7 +38,6 @@ from test_app_api import start_app, stop_app  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
-README_SCREENSHOT = ROOT / "docs" / "screenshot.png"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
 
@@ -89,6 +87,19 @@ def canvas_pixels(page) -> str:
     return page.evaluate("() => document.querySelector('canvas.sv2v-canvas').toDataURL()")
 
 
+def open_advanced(page) -> None:
+    """Open the "Advanced" section (the bank's controls, steps, the detailed figures) if it is closed."""
+    if not page.locator("#sv2v-figures").count():
+        page.locator("#sv2v-advanced").get_by_text("Advanced", exact=False).first.click()
+        page.locator("#sv2v-figures .sv2v-figures").wait_for(timeout=10_000)
+
+
+def detailed_figures(page) -> str:
+    """The detailed figures line (under Advanced)."""
+    open_advanced(page)
+    return page.locator("#sv2v-figures .sv2v-figures").text_content()
+
+
 def test_draw_live_undo_and_export(page, tmp_path):
     assert wait_for(lambda: page.evaluate("() => window.sv2vStats.channel") == "ws", 30), \
         "the page did not connect to the fast channel"
@@ -112,8 +123,7 @@ def test_draw_live_undo_and_export(page, tmp_path):
         time.sleep(0.1)
     assert shown() != shown_before, "the render did not change while the stroke was still being drawn"
     assert renders(page) > count_before
-    update_readme = os.environ.get("SV2V_UPDATE_SCREENSHOT") == "1"
-    page.screenshot(path=str(README_SCREENSHOT if update_readme else tmp_path / "screenshot.png"))
+    page.screenshot(path=str(tmp_path / "screenshot.png"))
     page.mouse.up()
     after_stroke = canvas_pixels(page)
     assert after_stroke != before_stroke
@@ -234,9 +244,9 @@ SETTLED = {  # what the render view's stats say once the page has picked its cha
 }
 
 
-def open_page(browser, url: str, channel: str):
+def open_page(browser, url: str, channel: str, viewport: tuple[int, int] = (1280, 1100)):
     """A page on `channel`: "ws", "gradio" (forced by the URL) or "refused" (its WebSocket is refused)."""
-    page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
     if channel == "refused":  # as a proxy that does not pass WebSockets: every connection closes at once
         page.route_web_socket("**/sv2v/ws*", lambda ws: ws.close(code=1006))
     page.goto(url + ("?channel=gradio" if channel == "gradio" else ""))
@@ -288,7 +298,7 @@ def test_both_channels_render_mid_stroke_and_end_on_the_final_canvas(browser, ec
     page = open_page(browser, echo_url[0], channel)
     stroke_until_rendered(page)
     final_render_matches_canvas(page)
-    label = page.locator("#sv2v-render .sv2v-stats").text_content()
+    label = detailed_figures(page)
     assert ("channel: WebSocket" in label) == (channel == "ws") and ("Gradio" in label) == (channel != "ws"), label
     print(f"{channel}: {renders(page)} renders, latencies (ms) "
           f"{[round(v) for v in page.evaluate('() => window.sv2vStats.latencies')]}")
@@ -396,7 +406,7 @@ def test_the_page_sends_its_settings_on_the_fast_channel_itself(browser, echo_ur
     assert wait_for(lambda: seen(lambda m: m.get("subject") == "a lighthouse at dusk"), 15), sent[-3:]
     message = next(m for m in sent if m.get("subject") == "a lighthouse at dusk")
     assert set(message) == {"type", "subject", "preset", "strength", "steps", "seed", "bank", "ea", "ff",
-                            "control_scale"}
+                            "control_scale", "compare"}
 
 
 def test_a_render_older_than_the_one_shown_is_never_drawn(browser, echo_url):
@@ -503,7 +513,7 @@ def test_history_click_keep_download_use_as_canvas_and_undo(browser, echo_url, t
     assert kept.count() == 1, "the kept render is gone"
     flicker = page.evaluate("() => window.sv2vStats.flicker")
     assert flicker and max(flicker) < 4, f"the echo engine's renders flicker where nothing was drawn: {flicker}"
-    assert "flicker" in page.locator("#sv2v-render .sv2v-stats").text_content()
+    assert "flicker" in detailed_figures(page)
 
 
 def test_on_pen_up_a_stroke_renders_once_and_on_pause_while_the_pen_rests(browser, echo_url):
@@ -523,6 +533,7 @@ def test_on_pen_up_a_stroke_renders_once_and_on_pause_while_the_pen_rests(browse
     time.sleep(0.5)
     assert (sent(page), renders(page)) == (first_sent + 1, first_renders + 1), "not exactly one render per stroke"
     final_render_matches_canvas(page)
+    open_advanced(page)
     page.get_by_label("EA (extended attention)").uncheck()              # a settings change: rendered once
     assert wait_for(lambda: renders(page) == first_renders + 2, 30), "the settings change was not rendered"
     time.sleep(0.5)
@@ -656,4 +667,4 @@ def test_flicker_counts_only_where_the_drawing_did_not_change(browser, echo_url)
     assert redrawn is None, "a pair where the whole drawing changed has no steady part to measure"
     stroke_until_rendered(page, moves=3)
     final_render_matches_canvas(page)
-    assert wait_for(lambda: "flicker " in page.locator("#sv2v-render .sv2v-stats").text_content(), 10)
+    assert wait_for(lambda: "flicker " in detailed_figures(page), 10)

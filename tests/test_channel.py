@@ -115,6 +115,27 @@ def test_settings_travel_on_the_fast_channel_itself(app):
     assert (config.bank.mode, config.bank.extended_attention, config.bank.feature_fusion) == ("queue", True, False)
 
 
+def test_with_compare_on_a_render_message_carries_the_render_without_the_bank(app):
+    from ui.settings import Settings
+
+    service, url = app
+    preset = next(iter(load_presets()))
+    with open_channel(url, "ws-compare") as ws:
+        ws.send(wire.settings_message(Settings("", preset, 0.4, 4, 0, "dyme", True, True, None, True)))
+        ws.send(wire.pack_snapshot(1, 1001.0, jpeg((200, 30, 30)), end=True))
+        message = ws.recv(TIMEOUT)
+        reply, shows, *_, picture = wire.unpack_render(message)
+        compared = wire.unpack_compare(message)
+        assert reply == shows == 1 and compared is not None
+        for part in (picture, compared):  # echo: both sides show the snapshot
+            with Image.open(io.BytesIO(part)) as image:
+                assert near(np.asarray(image.convert("RGB")), (200, 30, 30))
+        ws.send(wire.settings_message(Settings("", preset, 0.4, 4, 0, "dyme", True, True)))  # compare left out: off
+        ws.send(wire.pack_snapshot(2, 1002.0, jpeg((30, 200, 30)), end=True))
+        assert wire.unpack_compare(ws.recv(TIMEOUT)) is None
+    assert service.renderer.compare_state("ws-compare") is None
+
+
 @pytest.mark.parametrize("text", ['{"type": "settings", "subject": "x"}', '{"type": "hello"}', "[1, 2]"])
 def test_text_that_is_not_a_whole_settings_message_closes_the_connection(app, text):
     _, url = app

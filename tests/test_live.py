@@ -157,3 +157,36 @@ def test_a_snapshot_is_decoded_only_when_the_model_takes_it_and_a_corrupt_one_fa
         assert service.stats().batches == {3: 1}  # the corrupt one was in the batch and failed alone
     finally:
         service.close()
+
+
+def test_a_bank_change_or_turning_compare_on_replays_the_recent_snapshots_before_the_re_render(live):
+    """A fresh bank is empty: the re-render after a bank change runs the page's last snapshots through it
+    first (from an empty bank), so the render shown has the bank the new setting builds while drawing."""
+    page = live.connect("replay")
+    preset = next(iter(live.presets))
+    engine_state = lambda: live.service.renderer.stream_state("replay")  # noqa: E731 - the echo engine's
+    for seq in range(1, 4):
+        answered(page, snapshot(seq, (40 * seq, 30, 30)))
+    frames, resets = engine_state().frames_in, engine_state().bank_resets
+    assert page.settings(Settings("", preset, 0.45, 4, 0, "dyme", True, True)) == []    # not the bank: once
+    assert isinstance(page.rerender()[0], RenderReply)
+    assert (engine_state().frames_in, engine_state().bank_resets) == (frames + 1, resets)
+    assert page.settings(Settings("", preset, 0.45, 4, 0, "dyme", False, True)) == []   # EA off: replayed
+    assert isinstance(page.rerender()[0], RenderReply)
+    assert (engine_state().frames_in, engine_state().bank_resets) == (frames + 1 + 3, resets + 1)
+    assert isinstance(page.rerender()[0], RenderReply)                                   # nothing new: once
+    assert engine_state().frames_in == frames + 5
+
+    assert page.settings(Settings("", preset, 0.45, 4, 0, "dyme", False, True, None, True)) == []  # compare on
+    (reply,) = page.rerender()
+    compared = live.service.renderer.compare_state("replay")
+    assert compared.config.bank.mode == "none" and compared.frames_in == 3, "the comparison replays too"
+    assert engine_state().config.bank.mode == "dyme" and engine_state().frames_in == frames + 5 + 3
+    assert reply.rendered.compare_jpeg.startswith(b"\xff\xd8") and reply.rendered.compare_image is not None
+    np.testing.assert_array_equal(reply.rendered.compare_image, reply.rendered.image)  # echo: the same snapshot
+
+    (render,) = answered(page, snapshot(4))  # while comparing, every snapshot renders on both streams
+    assert render.rendered.compare_jpeg and compared.frames_in == 4
+    assert page.settings(Settings("", preset, 0.45, 4, 0, "dyme", False, True, None, False)) == []  # compare off
+    (render,) = answered(page, snapshot(5))
+    assert render.rendered.compare_jpeg == b"" and live.service.renderer.compare_state("replay") is None

@@ -284,3 +284,49 @@ def test_the_idle_timeout_frees_a_session_s_stream_with_its_recording():
         assert service.renderer.sessions() == 1
     finally:
         service.close()
+
+
+NO_BANK = LATENCY.replace(bank_mode="none")
+
+
+def test_a_comparison_renders_the_same_frames_on_a_second_stream_without_the_bank(renderer, session_ids, engine):
+    """The page's compare view: each frame also renders on the session's comparison stream, bank off."""
+    session_id = session_ids()
+    inputs = frames(5, 8)
+    replies = run(renderer, session_id, LATENCY, inputs[:2])  # not comparing yet
+    replies += run(renderer, session_id, LATENCY, inputs[2:], compare=NO_BANK)
+    assert [reply.compare_image is None for reply in replies] == [True, True, False, False, False]
+    for reply, image in zip(replies, reference(engine, LATENCY, inputs)):  # the banked stream as if alone
+        np.testing.assert_array_equal(reply.image, image)
+    for reply, image in zip(replies[2:], reference(engine, NO_BANK, inputs[2:])):
+        np.testing.assert_array_equal(reply.compare_image, image)
+    assert not all(np.array_equal(reply.image, reply.compare_image) for reply in replies[2:]), \
+        "the two sides are the same: the comparison stream is not without the bank, or the bank does nothing"
+
+
+def test_a_replay_renders_the_frame_as_a_fresh_bank_would_after_those_frames(renderer, session_ids, engine):
+    """After a bank change the app replays recent frames from an empty bank: the render is what a stream
+    with the new setting gives for those frames and this one."""
+    replayed, plain = session_ids(), session_ids()
+    inputs = frames(6, 10)
+    queue = LATENCY.replace(bank_mode="queue", bank_size=2)
+    for session_id in (replayed, plain):
+        run(renderer, session_id, LATENCY, inputs[:5])  # a DyMe bank that has seen five frames
+    (reply,) = run(renderer, replayed, queue, inputs[5:], replay=tuple((frame, None) for frame in inputs[2:5]))
+    np.testing.assert_array_equal(reply.image, reference(engine, queue, inputs[2:])[-1])
+    (unreplayed,) = run(renderer, plain, queue, inputs[5:])  # the new mode's bank starts empty: no bank at all
+    assert not np.array_equal(unreplayed.image, reply.image), "the replay left nothing in the bank"
+
+
+def test_the_comparison_stream_has_the_bank_off_and_goes_with_the_comparison(engine):
+    renderer = local_renderer(engine)
+    try:
+        run(renderer, "artist", LATENCY, frames(3, 11), compare=NO_BANK)
+        banked, plain = renderer.stream_state("artist"), renderer.compare_state("artist")
+        assert banked.config.bank.mode == "dyme" and banked.bank.stored == 1
+        assert plain.config.bank.mode == "none" and plain.bank.stored == 0 and plain.frames_in == 3
+        assert renderer.reset("artist").result(TIMEOUT) and banked.bank.stored == 0
+        run(renderer, "artist", LATENCY, frames(1, 12))
+        assert renderer.compare_state("artist") is None, "a frame without a comparison keeps its stream"
+    finally:
+        renderer.shutdown()

@@ -72,6 +72,7 @@ def main(argv=None) -> None:
             page.get_by_role("button", name="Demo picture").click()  # a detailed picture the strokes cross
             time.sleep(3)
             settle(page)
+            page.get_by_text("Advanced", exact=False).first.click()  # the bank's controls are under Advanced
             for round_ in range(args.rounds):
                 for name, mode in BANKS.items():
                     page.get_by_label(mode, exact=True).check()

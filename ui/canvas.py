@@ -16,12 +16,18 @@ channels and paces them by flow control (see live.js):
 
 The render view's value (Gradio path only) is JSON too: {"image": JPEG data
 URL, "t": the page clock of the snapshot shown, "seq": that snapshot's
-number, "reply": the snapshot this answers (0: none, a settings change)}, or
+number, "reply": the snapshot this answers (0: none, a settings change),
+and with the compare view on "compare": the render without the bank}, or
 {"reply", "error": message} / {"reply", "dropped": true} / {"reply", "busy":
-people ahead, "error": message} (every place taken) when there is no render for it, so the page's flow control always gets its answer.  static/render.js draws renders
-from both channels in order (never an older one after a newer one) and
-shows renders per second, snapshot-to-render latency, flicker and the
-channel, and keeps the history strip under the render (see render.js).
+people ahead, "error": message} (every place taken) when there is no render
+for it, so the page's flow control always gets its answer.  The answer to a
+re-render the page asked for (its "rerender" event) carries the request's
+number as "rerender", with a render or without one.  static/render.js
+draws renders from both channels in order (never an older one after a
+newer one), marks the render's state on it, shows the figures at a glance
+(frames per second, delay, steadiness) and keeps the history strip beside
+the render (see render.js); the detailed figures have their own component
+(`figures_component`, under Advanced).
 """
 
 from __future__ import annotations
@@ -34,22 +40,23 @@ import gradio as gr
 
 STATIC = Path(__file__).resolve().parent / "static"
 DEMO_IMAGE = Path(__file__).resolve().parent.parent / "assets" / "start.png"
-RENDER_TEMPLATE = (
-    '<div class="sv2v-stats" aria-live="polite"></div>'
-    '<div class="sv2v-render-box"><canvas class="sv2v-render-canvas" width="512" height="512" role="img"'
-    ' aria-label="live render"></canvas>'
-    '<div class="sv2v-render-empty">Draw on the canvas: the render appears here.</div>'
-    '<img class="sv2v-render-past" alt="a render from the history" hidden></div>'
-    '<div class="sv2v-message" role="status"></div>'
-    '<div class="sv2v-past-bar" hidden><span class="sv2v-past-label"></span>'
-    '<button type="button" data-past="keep">Keep</button>'
-    '<button type="button" data-past="download">Download PNG</button>'
-    '<button type="button" data-past="canvas" title="Put this render on the canvas as its background; your '
-    'strokes stay editable (undo brings the old canvas back)">Use as canvas</button>'
-    '<button type="button" data-past="live">Back to live</button></div>'
-    '<div class="sv2v-history" role="list" aria-label="Render history (the render at the end of each stroke or '
-    'settings change; kept ones stay until you leave)"></div>'
+# The detailed figures (under Advanced, which Gradio renders only when opened): render.js keeps the
+# newest line in window.sv2vFigures and sends each new one as "sv2v:figures".
+FIGURES_TEMPLATE = (
+    '<div class="sv2v-figures" aria-live="off"></div>'
+    '<div class="sv2v-figures-help">latency: from a snapshot to its render on the screen. flicker: how much the '
+    'render changes where the drawing did not (mean absolute change, 0-255, over the steady parts of the last 20 '
+    'pairs of renders); the compare view shows it with the bank and without.</div>'
 )
+FIGURES_JS = """
+const line = element.querySelector(".sv2v-figures");
+line.textContent = window.sv2vFigures || "no renders yet";
+const show = (event) => {
+  if (line.isConnected) line.textContent = event.detail;
+  else document.removeEventListener("sv2v:figures", show);  // the section was closed: a new line comes with it
+};
+document.addEventListener("sv2v:figures", show);
+"""
 
 
 def _static(name: str) -> str:
@@ -82,36 +89,55 @@ def canvas_component(channel_path: str, size: int, quality: float, *, control: b
     )
 
 
-def settings_js(fields: tuple[str, ...]) -> str:
+def settings_js(fields: tuple[str, ...], *, rerender: bool = True) -> str:
     """A browser-only event handler (`js=` of a Gradio event with no Python function) that hands the
     page's settings controls, in the order `fields`, to static/live.js, which sends them on the fast
-    channel (as ui.wire's settings message) now and on every (re)connect."""
+    channel (as ui.wire's settings message) now and on every (re)connect; with `rerender`, it also asks
+    live.js to re-render the drawing with them once the controls settle."""
     names = ", ".join(fields)
+    ask = " document.dispatchEvent(new CustomEvent('sv2v:rerender'));" if rerender else ""
     return (f"({names}) => {{ const settings = {{{names}}}; window.sv2vSettings = settings; "
-            "document.dispatchEvent(new CustomEvent('sv2v:settings', { detail: settings })); }")
+            f"document.dispatchEvent(new CustomEvent('sv2v:settings', {{ detail: settings }}));{ask} }}")
 
 
 def render_component() -> gr.HTML:
-    """The live render (a <canvas>) with its renders-per-second / latency / channel readout."""
+    """The live render (a <canvas>; two while comparing) with its state mark, history and figures."""
     return gr.HTML(
         value="",
-        html_template=RENDER_TEMPLATE,
+        html_template=_static("render.html"),
         css_template=_static("render.css"),
         js_on_load=_static("render.js"),
         elem_id="sv2v-render",
     )
 
 
-def render_value(jpeg: bytes, stamp: float, seq: int, reply: int) -> str:
-    """The render view's value for one frame rendered on the Gradio path."""
-    return json.dumps({"image": "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii"),
-                       "t": float(stamp), "seq": int(seq), "reply": int(reply)})
+def figures_component() -> gr.HTML:
+    """The detailed figures line (renders per second, latency, flicker, the channel), fed by render.js."""
+    return gr.HTML(value="", html_template=FIGURES_TEMPLATE, js_on_load=FIGURES_JS, elem_id="sv2v-figures")
 
 
-def no_render_value(reply: int, error: str | None = None) -> str:
-    """The render view's value when snapshot `reply` got no render: an error, or dropped for a newer one."""
-    return json.dumps({"reply": int(reply), "error": error} if error else {"reply": int(reply), "dropped": True})
+def _jpeg_url(jpeg: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
 
+
+def render_value(jpeg: bytes, stamp: float, seq: int, reply: int, *, compare: bytes = b"", rerender: int = 0) -> str:
+    """The render view's value for one frame rendered on the Gradio path (compare: the same frame
+    without the bank; rerender: the number of the re-render this answers)."""
+    value = {"image": _jpeg_url(jpeg), "t": float(stamp), "seq": int(seq), "reply": int(reply)}
+    if compare:
+        value["compare"] = _jpeg_url(compare)
+    if rerender:
+        value["rerender"] = int(rerender)
+    return json.dumps(value)
+
+
+def no_render_value(reply: int, error: str | None = None, *, rerender: int = 0) -> str:
+    """The render view's value when snapshot `reply` (or re-render `rerender`) got no render: an error,
+    or dropped for a newer one."""
+    value = {"reply": int(reply), "error": error} if error else {"reply": int(reply), "dropped": True}
+    if rerender:
+        value["rerender"] = int(rerender)
+    return json.dumps(value)
 
 
 def busy_value(reply: int, ahead: int, message: str) -> str:

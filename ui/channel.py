@@ -175,7 +175,8 @@ class Connection:
         if isinstance(reply, RenderReply):
             rendered = reply.rendered
             await self.websocket.send_bytes(pack_render(reply.seq, rendered.seq, rendered.stamp, rendered.jpeg,
-                                                        reply.timings, skipped=rendered.skipped))
+                                                        reply.timings, skipped=rendered.skipped,
+                                                        compare=rendered.compare_jpeg or None))
         elif isinstance(reply, Dropped):
             await self.websocket.send_text(dropped_message(reply.seq))
         elif isinstance(reply, BusyReply):

@@ -181,9 +181,10 @@ class LivePage:
         return self.service.view_token(self.session_id)
 
     def settings(self, settings: Settings) -> list[Reply]:
-        """Render with these settings from now on: [] or [Failed] (the settings stay as they were)."""
+        """Render with these settings (and compare view) from now on: [] or [Failed] (the settings stay
+        as they were)."""
         try:
-            self.service.set_config(self.session_id, self.live.config(settings))
+            self.service.set_config(self.session_id, self.live.config(settings), compare=bool(settings.compare))
         except ValueError as error:
             return [Failed(None, str(error))]
         return []

@@ -22,6 +22,11 @@ batch), each of its frames is rendered again on its own, so the culprit
 gets its error and the others their renders.  Stream mode's end-of-stroke
 flush runs per stream afterwards.
 
+A request's replay (ui.renderer) runs on its stream alone, after emptying
+the bank and before its frame.  A request with comparison settings adds a
+second step to the batch: the same frame on the session's comparison
+stream (made on its first use, freed by the first request without one).
+
 A video is translated as a series of tasks, one frame each between ticks:
 its frames must never be dropped (newest-wins would), and a video's stream
 (stream mode, the video's aspect) never shares a batch with the canvases'
@@ -68,7 +73,8 @@ VIDEO_GPU_SECONDS = 120  # on ZeroGPU: the GPU time a video's translation may ta
 @dataclass
 class Step:
     """One stream's part of a batch on the device: its state (None: not created yet), the
-    settings, the frame (at the render size), a stroke's end (flush) and a cut (empty the bank)."""
+    settings, the frame (at the render size), a stroke's end (flush), a cut (empty the bank)
+    and a replay (empty the bank, then render these (frame, control) pairs first, unshown)."""
 
     state: object
     config: StreamConfig
@@ -76,14 +82,17 @@ class Step:
     end: bool = False
     cut: bool = False
     control: np.ndarray | None = None
+    replay: tuple = ()
 
 
 @dataclass
 class _Stream:
-    """A session's room in an InProcessRenderer: its state is made by its first frame."""
+    """A session's room in an InProcessRenderer: its state is made by its first frame; its
+    comparison stream's state by the first frame asking for a comparison."""
 
     epoch: str
     state: Any = None
+    compare_state: Any = None
     last_used: float = 0.0
     cut_pending: bool = False
 
@@ -158,7 +167,7 @@ class InProcessRenderer:
     def _drop(self, session_id: str) -> None:
         stream = self._streams.pop(session_id, None)
         if stream is not None:
-            stream.state = None  # the tensors go with the last reference
+            stream.state = stream.compare_state = None  # the tensors go with the last reference
 
     def sessions(self) -> int:
         with self._lock:
@@ -179,6 +188,12 @@ class InProcessRenderer:
             stream = self._streams.get(session_id)
             return None if stream is None else stream.state
 
+    def compare_state(self, session_id: str):
+        """The engine state of the session's comparison stream (None: not comparing); for tests."""
+        with self._lock:
+            stream = self._streams.get(session_id)
+            return None if stream is None else stream.compare_state
+
     # -- per session ------------------------------------------------------------------
     def step(self, session_id: str, request: StepRequest) -> Future:
         if request.cut:  # even if this frame is replaced by a newer one, the next frame that runs cuts
@@ -194,7 +209,9 @@ class InProcessRenderer:
                 stream = self._streams.get(session_id)
             if stream is None or stream.state is None:
                 return False
-            stream.state.reset_bank()
+            for state in (stream.state, stream.compare_state):
+                if state is not None:
+                    state.reset_bank()
             return True
 
         return self.scheduler.call(reset)
@@ -206,8 +223,9 @@ class InProcessRenderer:
         def release() -> None:
             with self._lock:
                 stream = self._streams.get(session_id)
-            if stream is not None and stream.state is not None:
-                stream.state.to("cpu")  # the engine moves it back with its next frame
+            for state in (stream.state, stream.compare_state) if stream is not None else ():
+                if state is not None:
+                    state.to("cpu")  # the engine moves it back with its next frame
 
         self.scheduler.call(release)
 
@@ -283,7 +301,8 @@ class InProcessRenderer:
     def _run_batch(self, steps: list[_Step]) -> list[StepReply | Exception]:
         """Render one tick's frames (the scheduler's `run_batch`): a StepReply or an exception each."""
         results: list[StepReply | Exception | None] = [None] * len(steps)
-        ready: list[tuple[int, _Stream, Step, float]] = []
+        # (index of the step, its stream, the device step, whether it is the comparison stream's, decode seconds)
+        ready: list[tuple[int, _Stream, Step, bool, float]] = []
         for index, (step, (request, decode_seconds)) in enumerate(zip(steps, self._decoded(steps))):
             if isinstance(request, ImageError):  # its picture cannot be read: this frame alone fails
                 results[index] = request
@@ -294,11 +313,22 @@ class InProcessRenderer:
                 results[index] = error
                 continue
             ready.append((index, stream, Step(stream.state, request.config, request.frame, request.end, cut,
-                                              request.control), decode_seconds))
+                                              request.control, request.replay), False, decode_seconds))
+            if request.compare is None:
+                stream.compare_state = None
+            else:
+                ready.append((index, stream, Step(stream.compare_state, request.compare, request.frame, request.end,
+                                                  cut, request.control, request.replay), True, 0.0))
         started = time.monotonic()
-        outcomes = self._on_device([device for _, _, device, _ in ready]) if ready else []
+        outcomes = self._on_device([entry[2] for entry in ready]) if ready else []
         seconds = time.monotonic() - started
-        for (index, stream, device, decode_seconds), (state, output) in zip(ready, outcomes):
+        compared: dict[int, np.ndarray | Exception] = {}
+        for (index, stream, device, comparison, decode_seconds), (state, output) in zip(ready, outcomes):
+            if comparison:
+                if state is not None:
+                    stream.compare_state = state
+                compared[index] = output if isinstance(output, Exception) else output.image
+                continue
             if state is not None:
                 stream.state = state
             if isinstance(output, Exception):
@@ -308,6 +338,10 @@ class InProcessRenderer:
             else:
                 results[index] = StepReply(output.image, output.source_index, state.frames_in - 1, output.skipped,
                                            seconds, stream.epoch, self.worker, decode_seconds)
+        for index, image in compared.items():  # a failed comparison fails its step: the page asked for both
+            if isinstance(results[index], StepReply):
+                results[index] = image if isinstance(image, Exception) else \
+                    dataclasses.replace(results[index], compare_image=image)
         return results
 
     def _decoded(self, steps: list[_Step]) -> list[tuple[StepRequest | ImageError, float]]:
@@ -320,15 +354,26 @@ class InProcessRenderer:
         return [self._decode(step.request) for step in steps]
 
     def _decode(self, request: StepRequest) -> tuple[StepRequest | ImageError, float]:
-        frame = request.frame
-        if not isinstance(frame, EncodedFrame):
+        """The request with its frame and its replay's frames decoded (a replay follows a bank change)."""
+        encoded = [frame for frame, _ in request.replay if isinstance(frame, EncodedFrame)]
+        if not isinstance(request.frame, EncodedFrame) and not encoded:
             return request, 0.0
         started = time.monotonic()
+        size = (request.config.width, request.config.height)
+        replay = []
+        for frame, control in request.replay:
+            if isinstance(frame, EncodedFrame):
+                try:
+                    frame, control = frame.decode(size, control=self.controlled)
+                except ImageError:  # a snapshot that failed alone when it came is left out of the replay
+                    continue
+            replay.append((frame, control))
         try:
-            image, control = frame.decode((request.config.width, request.config.height), control=self.controlled)
+            image, control = (request.frame.decode(size, control=self.controlled)
+                              if isinstance(request.frame, EncodedFrame) else (request.frame, request.control))
         except ImageError as error:
             return error, time.monotonic() - started
-        return dataclasses.replace(request, frame=image, control=control), time.monotonic() - started
+        return dataclasses.replace(request, frame=image, control=control, replay=tuple(replay)), time.monotonic() - started
 
     # -- the model work (one call per batch; on the GPU under ZeroGPU) -------------------
     def _step_on_device(self, steps: list[Step]) -> list[tuple[object, object]]:
@@ -342,11 +387,13 @@ class InProcessRenderer:
         for index, step in enumerate(steps):
             try:
                 step.state = self._configured(step.state, step.config)
-                if step.cut:
+                if step.cut or step.replay:
                     step.state.reset_bank()
+                for frame, control in step.replay:
+                    self.engine.render([(step.state, frame, control)])
                 self.engine.prepare(step.state, step.frame)
-            except ValueError as error:  # bad settings or picture (ImageError is one): this frame only
-                results[index] = error
+            except (ValueError, RuntimeError) as error:  # bad settings or picture (ImageError is one), a failed
+                results[index] = error                   # replay: this frame only
             else:
                 ready.append(index)
         if ready:

@@ -13,7 +13,10 @@ export never loses frames.  `close()` deletes the folder.
 `export_video` writes a recording as MP4 or GIF, at the real pace (a fixed
 frame rate showing, at each tick, the newest frame made by then) or as a
 time-lapse (every recorded frame once), optionally side by side with the
-sketch.
+sketch.  At the real pace a pause longer than MAX_PAUSE_SECONDS between two
+renders is shortened to it, unless the pauses are kept: a video of a
+session plays its drawing, not its coffee breaks, and idling never brings
+it near the frame cap.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ EXPORT_PACES = ("real", "timelapse")
 REAL_PACE_FPS = 25
 TIMELAPSE_FPS = 12
 MAX_EXPORT_FRAMES = 15_000  # 10 minutes at the real-pace frame rate
+MAX_PAUSE_SECONDS = 1.0  # a real-pace export shortens longer pauses to this, unless it keeps them
 GIF_MAX_WIDTH = 512
 SPILL_QUALITY = 95
 
@@ -156,14 +160,18 @@ def _side_by_side(frame: RecordedFrame) -> np.ndarray:
     return np.concatenate([sketch, render], axis=1)
 
 
-def _real_pace(frames: Iterable[RecordedFrame], fps: int) -> Iterator[RecordedFrame]:
-    """At every tick of a `fps` clock, the newest frame made by then."""
+def _real_pace(frames: Iterable[RecordedFrame], fps: int, max_pause: float | None) -> Iterator[RecordedFrame]:
+    """At every tick of a `fps` clock, the newest frame made by then; pauses between frames longer than
+    `max_pause` seconds are shortened to it (None: kept)."""
     iterator = iter(frames)
     current = next(iterator, None)
     if current is None:
         return
     start, tick = current.t, 0
     for upcoming in iterator:
+        pause = upcoming.t - current.t
+        if max_pause is not None and pause > max_pause:
+            start += pause - max_pause  # the clock skips the rest of the pause
         # Ticks strictly before `upcoming` was made show `current` (1e-6: float slack).
         while tick < math.ceil((upcoming.t - start) * fps - 1e-6):
             yield current
@@ -173,8 +181,11 @@ def _real_pace(frames: Iterable[RecordedFrame], fps: int) -> Iterator[RecordedFr
 
 
 def export_video(recorder: Recorder, path: str | Path, *, pace: str = "timelapse",
-                 side_by_side: bool = False, fps: int | None = None) -> Path:
+                 side_by_side: bool = False, fps: int | None = None, keep_pauses: bool = False) -> Path:
     """Write the recording to `path` (.mp4 or .gif); returns the path.
+
+    keep_pauses: at the real pace, keep pauses longer than MAX_PAUSE_SECONDS
+    between renders as they were (by default they are shortened to it).
 
     Raises ValueError when there is nothing to export or the choice is unknown,
     VideoError when writing fails.
@@ -190,12 +201,13 @@ def export_video(recorder: Recorder, path: str | Path, *, pace: str = "timelapse
     fps = fps or (REAL_PACE_FPS if pace == "real" else TIMELAPSE_FPS)
     frames: Iterable[RecordedFrame] = recorder.frames()
     if pace == "real":
-        frames = _real_pace(frames, fps)
+        frames = _real_pace(frames, fps, None if keep_pauses else MAX_PAUSE_SECONDS)
     with VideoWriter(path, fps=fps) as writer:
         for count, frame in enumerate(frames):
             if count >= MAX_EXPORT_FRAMES:
                 raise ValueError(
                     f"the video would be longer than {MAX_EXPORT_FRAMES} frames; export a time-lapse instead"
+                    + ("" if pace != "real" or not keep_pauses else ", or shorten the pauses")
                 )
             picture = _side_by_side(frame) if side_by_side else frame.render
             if fmt == "gif" and picture.shape[1] > GIF_MAX_WIDTH:

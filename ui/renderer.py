@@ -26,7 +26,12 @@ model's serving graphs are made then, never mid-stroke), `translate` (a video's 
 `RendererClosed`.
 
 A `StepRequest` carries everything needed to (re)start the stream from
-nothing: the frame and the settings, the seed among them.  A `StepReply`
+nothing: the frame and the settings, the seed among them.  It may also
+carry a *replay* (recent frames to run through the stream, from an empty
+bank, before its frame: so that a bank setting shows at once what it does
+while drawing) and the settings of a *comparison* stream: the same frames
+(replay included) also render on a second stream of the session, the
+page's compare view (the bank off); a request without them frees it.  A `StepReply`
 carries the *epoch* of the stream state that rendered it: a new epoch means
 the stream was started afresh (a warm start on another worker after a
 failure, or after its state was reclaimed), so the bank is empty and the
@@ -90,6 +95,12 @@ class StepRequest:
     restart: when the named stream is not here, start a fresh one.
     control: the ControlNet's control source for this frame (the canvas's
         ink layer; None: the frame itself); used only with a ControlNet.
+    replay: (frame, control) pairs to render first, their renders unshown,
+        after emptying the bank: the bank then holds what these frames give
+        under `config`, as it would while drawing them.
+    compare: the settings of the session's comparison stream, which renders
+        the same frames (replay included); None: no comparison (a stream
+        kept for one is freed).
     """
 
     frame: np.ndarray | EncodedFrame
@@ -99,6 +110,8 @@ class StepRequest:
     control: np.ndarray | None = None
     epoch: str | None = None
     restart: bool = False
+    replay: tuple[tuple[np.ndarray, np.ndarray | None], ...] = ()
+    compare: StreamConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +127,8 @@ class StepReply:
     epoch: the stream state that rendered it.
     worker: which worker rendered it ("local", or a replica's id).
     decode_seconds: time decoding its `EncodedFrame` took (0: it came decoded).
+    compare_image: the comparison stream's render of the same frame (None:
+        the request asked for no comparison).
     """
 
     image: np.ndarray
@@ -124,6 +139,7 @@ class StepReply:
     epoch: str
     worker: str
     decode_seconds: float = 0.0
+    compare_image: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -160,7 +176,7 @@ class Renderer(Protocol):
         """Render the session's next frame; a Future of a StepReply (Superseded, RendererBusy, ValueError...)."""
 
     def reset(self, session_id: str) -> Future:
-        """Empty the session's feature bank; a Future of whether it had a stream."""
+        """Empty the session's feature banks; a Future of whether it had a stream."""
 
     def cancel(self, session_id: str) -> None:
         """Drop the session's waiting frame (its page went away); the stream stays."""

@@ -23,6 +23,17 @@ of a stroke and the renderer flushes it, so stream mode also converges to
 the last stroke.  Whole videos, where throughput is what counts, are
 translated in stream mode.
 
+A settings change re-renders the session's newest frame (`rerender`).
+When the bank's settings changed (mode, EA, FF) or the compare view was
+turned on, the re-render replays the session's recent frames first, from
+an empty bank (ui.renderer's replay): a fresh bank is empty, so the change
+would otherwise show only frames later; with the replay the render shown
+is the drawing as that bank renders it while drawing.  While the compare
+view is on, every frame also renders on a second stream of the session
+with the bank off (same frames, same replay); its picture travels beside
+the render (`Rendered.compare_image`), for the page alone: the recording
+and the pop-out view keep the render with the page's settings.
+
 Many artists on one GPU: the renderer batches the sessions' frames
 (ui.local_renderer).  Webcam frames are canvas frames (same mailbox, same
 batches).  Each finished render is encoded to JPEG once, on a "finishing"
@@ -59,7 +70,7 @@ from .inputs import EncodedFrame
 from .local_renderer import MAX_BATCH, local_renderer
 from .recording import EXPORT_FORMATS, EXPORT_PACES, export_video
 from .renderer import Renderer, RendererClosed, RenderStats, StepReply, StepRequest
-from .sessions import Session, SessionRegistry
+from .sessions import Drawn, Session, SessionRegistry
 from .settings import served_variants
 from .wire import encode_render
 
@@ -79,6 +90,8 @@ class Rendered:
     the model's thread; encode_seconds: time making the JPEG; restarted: the
     session's stream was started afresh for this render (its bank empty);
     decode_seconds: time decoding the snapshot, when the model took it.
+    compare_image, compare_jpeg: the same frame rendered without the bank
+    (the compare view; None and b"" when it is off).
     """
 
     image: np.ndarray
@@ -90,6 +103,13 @@ class Rendered:
     encode_seconds: float = 0.0
     restarted: bool = False
     decode_seconds: float = 0.0
+    compare_image: np.ndarray | None = None
+    compare_jpeg: bytes = b""
+
+
+def without_bank(config: StreamConfig) -> StreamConfig:
+    """The compare view's other side: the same settings with the bank off (plain StreamDiffusion)."""
+    return config.replace(bank_mode="none")
 
 
 @dataclass(frozen=True)
@@ -188,7 +208,7 @@ class CanvasService:
         # Stream mode's warm-start renders (source −1) show the stream's first frame.
         stamp, seq = session.sources.get(max(reply.source_index, 0), (request.stamp, request.seq))
         return Rendered(reply.image, stamp, seq, reply.skipped, reply.model_seconds, restarted=restarted,
-                        decode_seconds=reply.decode_seconds)
+                        decode_seconds=reply.decode_seconds, compare_image=reply.compare_image)
 
     def _finish(self, ticket: Ticket, request: FrameRequest) -> None:
         """Encode a finished render and record it (on the finishing thread)."""
@@ -200,7 +220,9 @@ class CanvasService:
         started = time.monotonic()
         try:
             jpeg = encode_render(rendered.image)
-            encoded = dataclasses.replace(rendered, jpeg=jpeg, encode_seconds=time.monotonic() - started)
+            compare_jpeg = b"" if rendered.compare_image is None else encode_render(rendered.compare_image)
+            encoded = dataclasses.replace(rendered, jpeg=jpeg, compare_jpeg=compare_jpeg,
+                                          encode_seconds=time.monotonic() - started)
             request.session.recorder.add(jpeg, request.sketch, ticket.answered)
             if request.session.feed is not None:  # the pop-out view shows the same JPEG: no second render
                 request.session.feed.publish(jpeg)
@@ -220,7 +242,8 @@ class CanvasService:
 
     # -- per-visitor operations ---------------------------------------------
     def submit(self, session_id: str, image: np.ndarray | EncodedFrame, config: StreamConfig, *, stamp: float = 0.0,
-               seq: int = 0, end: bool = True, cut: bool = False, control: np.ndarray | None = None) -> Ticket:
+               seq: int = 0, end: bool = True, cut: bool = False, control: np.ndarray | None = None,
+               replay: tuple[Drawn, ...] = (), again: bool = False) -> Ticket:
         """Queue one canvas frame of a visitor (newest wins); the ticket's future gives a `Rendered`.
 
         image: a picture (resized here, on the caller's thread, while the
@@ -229,7 +252,11 @@ class CanvasService:
         when the model takes it, and its bytes are recorded as the sketch as
         they are).  control: the ControlNet's control source of a picture (the
         canvas's ink layer); ignored when the engine has no ControlNet.
-        Raises `Busy` when every place is taken (ui.sessions).
+        replay: frames to run through the stream first, from an empty bank;
+        again: the frame is the session's newest one again (both:
+        `rerender`).  With the compare view on, the frame also renders
+        without the bank.  Raises `Busy` when every place is taken
+        (ui.sessions).
         """
         self.sweep()
         session = self.registry.admit(session_id)
@@ -238,9 +265,13 @@ class CanvasService:
         else:
             frame = sketch = resize(image, config.width, config.height)
             control = resize(control, config.width, config.height) if control is not None and self.controlled else None
-        session.last_frame, session.last_seq, session.last_control = frame, seq, control
+        if not again:
+            session.recent.append(Drawn(frame, control, seq))
+        session.rendered_with = (config.bank, session.compare)
         request = FrameRequest(session, stamp, seq, sketch)
-        step = StepRequest(frame, config, end=end, cut=cut, control=control)
+        step = StepRequest(frame, config, end=end, cut=cut, control=control,
+                           replay=tuple((drawn.frame, drawn.control) for drawn in replay),
+                           compare=without_bank(config) if session.compare else None)
         ticket = Ticket(self.renderer.step(session_id, step), Future())
 
         def answered(_) -> None:
@@ -252,25 +283,36 @@ class CanvasService:
 
     def render(self, session_id: str, image: np.ndarray | EncodedFrame, config: StreamConfig, *,
                stamp: float = 0.0, seq: int = 0, end: bool = True, cut: bool = False,
-               control: np.ndarray | None = None) -> Rendered:
+               control: np.ndarray | None = None, replay: tuple[Drawn, ...] = (), again: bool = False) -> Rendered:
         """Render one canvas frame for a visitor and record it.
 
         Raises `Superseded` when a newer frame of the same visitor replaced it first.
         """
         return self.submit(session_id, image, config, stamp=stamp, seq=seq, end=end, cut=cut,
-                           control=control).future.result()
+                           control=control, replay=replay, again=again).future.result()
 
     def rerender(self, session_id: str) -> Rendered | None:
-        """Render the visitor's newest frame again with their current settings (None: nothing drawn)."""
-        session = self.registry.get(session_id)
-        if session.last_frame is None:
-            return None
-        return self.render(session_id, session.last_frame, self.config_of(session_id), seq=session.last_seq,
-                           control=session.last_control)
+        """Render the visitor's newest frame again with their current settings (None: nothing drawn).
 
-    def set_config(self, session_id: str, config: StreamConfig) -> None:
-        """The settings the visitor's page shows now (used by the fast channel)."""
-        self.registry.get(session_id).config = config
+        After a change of the bank's settings, or with the compare view just
+        turned on, the visitor's recent frames are replayed first (see the
+        module docstring).
+        """
+        session = self.registry.get(session_id)
+        latest = session.latest
+        if latest is None:
+            return None
+        config = self.config_of(session_id)
+        bank, compared = session.rendered_with or (None, False)
+        replay = tuple(session.recent)[:-1] if config.bank != bank or (session.compare and not compared) else ()
+        return self.render(session_id, latest.frame, config, seq=latest.seq, control=latest.control,
+                           replay=replay, again=True)
+
+    def set_config(self, session_id: str, config: StreamConfig, *, compare: bool = False) -> None:
+        """The settings the visitor's page shows now (used by the fast channel), and whether its compare
+        view is on."""
+        session = self.registry.get(session_id)
+        session.config, session.compare = config, compare
 
     def config_of(self, session_id: str) -> StreamConfig:
         return self.registry.get(session_id).config or self.base
@@ -303,8 +345,9 @@ class CanvasService:
         recorder = self.registry.get(session_id).recorder
         self._finishing.submit(recorder.clear).result()
 
-    def export(self, session_id: str, fmt: str, pace: str, side_by_side: bool) -> Path:
-        """The visitor's recording as a video file in the session's folder."""
+    def export(self, session_id: str, fmt: str, pace: str, side_by_side: bool, keep_pauses: bool = False) -> Path:
+        """The visitor's recording as a video file in the session's folder (keep_pauses: at the real pace,
+        pauses stay as long as they were; by default they are shortened, ui.recording)."""
         if fmt not in EXPORT_FORMATS:
             raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
         if pace not in EXPORT_PACES:
@@ -315,7 +358,8 @@ class CanvasService:
             folder = recorder.folder / "exports"
             folder.mkdir(exist_ok=True)
             name = f"streamv2v-{pace}{'-side-by-side' if side_by_side else ''}-{count}.{fmt}"
-            return export_video(recorder, folder / name, pace=pace, side_by_side=bool(side_by_side))
+            return export_video(recorder, folder / name, pace=pace, side_by_side=bool(side_by_side),
+                                keep_pauses=bool(keep_pauses))
 
     def translate_video(self, source: str, config: StreamConfig, destination: Path,
                         progress: Callable[[int, int], None] = lambda done, total: None) -> Path:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -36,6 +36,9 @@ from typing import Any, Callable, Iterator
 from .recording import Recorder
 
 MAX_STAMPS = 64
+# Snapshots a session keeps for a replay (ui.service): enough for a DyMe bank to store its
+# first frame and merge once more (every 4 frames), so a bank setting shows what it does.
+RECENT_SNAPSHOTS = 5
 LINE_SECONDS = 10.0  # a waiting session that has not asked again for this long leaves the line
 
 
@@ -50,6 +53,16 @@ class Busy(RuntimeError):
         self.places = places
 
 
+@dataclass(frozen=True)
+class Drawn:
+    """A canvas frame as submitted: the picture and its control source, at the render size, and its
+    page sequence number."""
+
+    frame: Any
+    control: Any
+    seq: int
+
+
 @dataclass
 class Session:
     """What one visitor owns.
@@ -60,9 +73,13 @@ class Session:
         stream was started afresh.
     config: the settings the page last reported (None until it did); the
         fast channel renders with these.
-    last_frame, last_seq, last_control: the newest canvas frame submitted,
-        its page sequence number and its control source (the ink layer, with
-        a ControlNet), re-rendered when a setting changes.
+    compare: the page's compare view is on: every frame also renders on a
+        second stream with the bank off (ui.service).
+    recent: the newest canvas frames submitted (`Drawn`), newest last; the
+        newest is re-rendered when a setting changes, after the others when
+        the bank's settings changed (a replay, ui.service).
+    rendered_with: the bank settings and compare flag of the last frame
+        submitted (None: none yet).
     sources: (page stamp, page seq) of recent inputs, by the stream's input
         index, so a render can be matched to the snapshot it shows.
     feed: the pop-out view's feed of this session's renders (ui.popout;
@@ -73,9 +90,9 @@ class Session:
     recorder: Recorder
     epoch: str | None = None
     config: Any = None
-    last_frame: Any = None
-    last_seq: int = 0
-    last_control: Any = None
+    compare: bool = False
+    recent: deque = field(default_factory=lambda: deque(maxlen=RECENT_SNAPSHOTS))
+    rendered_with: Any = None
     last_used: float = field(default_factory=time.monotonic)
     holds: int = 0  # operations under way (an export) that keep the session from being freed
     sources: OrderedDict = field(default_factory=OrderedDict)
@@ -86,9 +103,13 @@ class Session:
         while len(self.sources) > MAX_STAMPS:
             self.sources.popitem(last=False)
 
+    @property
+    def latest(self) -> Drawn | None:
+        """The newest canvas frame submitted (None: nothing drawn yet)."""
+        return self.recent[-1] if self.recent else None
+
     def close(self) -> None:
-        self.last_frame = None
-        self.last_control = None
+        self.recent.clear()
         if self.feed is not None:
             self.feed.close()
         self.recorder.close()

@@ -1,7 +1,8 @@
 """The page's render settings, and what they mean for a stream.
 
 `Settings` is what the page's controls show (subject, style preset,
-strength, steps, seed, bank, EA, FF and, with a ControlNet, its scale), as
+strength, steps, seed, bank, EA, FF, with a ControlNet its scale, and the
+compare view: the same frames without the bank beside the render), as
 they arrive from any transport (Gradio's events, the fast channel's
 settings message, ui.wire).  `Settings.config` turns them into the
 session's `StreamConfig`: the preset's template around the subject, the
@@ -43,6 +44,7 @@ class Settings:
     ea: Any
     ff: Any
     control_scale: Any = None
+    compare: Any = False
 
     def config(self, base: StreamConfig, presets: dict[str, Preset], *, controlled: bool) -> StreamConfig:
         """`base` with these settings (the control scale only with a ControlNet); ValueError."""

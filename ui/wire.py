@@ -24,7 +24,8 @@ Server -> page, one binary message per render:
 
     0       2     magic b"SV"
     2       1     version (1)
-    3       1     flags: 1 = skipped (the previous render re-emitted)
+    3       1     flags: 1 = skipped (the previous render re-emitted),
+                  2 = a comparison render follows the render (see below)
     4       4     reply: the seq of the snapshot this message answers
     8       4     shows: the seq of the snapshot the picture shows (older than
                   `reply` in stream mode, which lags by steps - 1 frames)
@@ -32,6 +33,13 @@ Server -> page, one binary message per render:
     20      5x4   float32 server timings, ms: decode, wait (mailbox), model,
                   encode, total (message received -> render sent)
     40      ...   the render, JPEG
+
+With flag 2 (while the page's compare view is on) the render is followed by
+the same frame rendered without the feature bank:
+
+    40      4     n: uint32, the render's length in bytes
+    44      n     the render, JPEG
+    44+n    ...   the render without the bank, JPEG
 
 Server -> page text messages are JSON objects with a "type":
 ``{"type": "ready", "width": W, "height": H, "max_bytes": N}`` once the
@@ -50,9 +58,10 @@ for the Gradio path):
 
     {"type": "settings", "subject": "a house", "preset": "Watercolor",
      "strength": 0.4, "steps": 4, "seed": 0, "bank": "dyme", "ea": true,
-     "ff": true, "control_scale": 1.0}
+     "ff": true, "control_scale": 1.0, "compare": false}
 
-Every field but control_scale (only with a ControlNet) is required; their
+Every field but control_scale (only with a ControlNet) and compare (the
+compare view: every frame also rendered without the bank; default off) is required; their
 values are checked like the page's controls (ui.settings), and a bad value
 gets an error message (seq null) while the connection stays open.  Any
 other text closes the connection (1003).
@@ -73,7 +82,7 @@ from .settings import Settings
 MAGIC = b"SV"
 VERSION = 1
 END, CUT, CONTROL = 1, 2, 4
-SKIPPED = 1
+SKIPPED, COMPARED = 1, 2
 SNAPSHOT_HEADER = struct.Struct("<2sBBId")
 PICTURE_LENGTH = struct.Struct("<I")
 RENDER_HEADER = struct.Struct("<2sBBIId5f")
@@ -84,7 +93,9 @@ SNAPSHOT_QUALITY = 0.85
 RENDER_QUALITY = 85
 
 
-SETTINGS_FIELDS = ("subject", "preset", "strength", "steps", "seed", "bank", "ea", "ff", "control_scale")
+SETTINGS_FIELDS = ("subject", "preset", "strength", "steps", "seed", "bank", "ea", "ff", "control_scale", "compare")
+OPTIONAL_SETTINGS = ("control_scale", "compare")
+REQUIRED_SETTINGS = tuple(key for key in SETTINGS_FIELDS if key not in OPTIONAL_SETTINGS)
 NOT_SETTINGS = "this channel takes binary canvas snapshots, and settings as JSON text, only"
 
 
@@ -162,11 +173,11 @@ def unpack_settings(text: str) -> Settings:
     if not isinstance(message, dict) or message.get("type") != "settings":
         raise ProtocolError(NOT_SETTINGS)
     fields = {key: value for key, value in message.items() if key != "type"}
-    missing = [key for key in SETTINGS_FIELDS[:-1] if key not in fields]
+    missing = [key for key in REQUIRED_SETTINGS if key not in fields]
     unknown = sorted(set(fields) - set(SETTINGS_FIELDS))
     if missing or unknown:
-        raise ProtocolError(f"a settings message needs {', '.join(SETTINGS_FIELDS[:-1])} (and control_scale with "
-                            f"a ControlNet); missing {missing or 'none'}, unknown {unknown or 'none'}")
+        raise ProtocolError(f"a settings message needs {', '.join(REQUIRED_SETTINGS)} (and may have "
+                            f"{' and '.join(OPTIONAL_SETTINGS)}); missing {missing or 'none'}, unknown {unknown or 'none'}")
     return Settings(**fields)
 
 
@@ -176,20 +187,40 @@ def settings_message(settings: Settings) -> str:
 
 
 def pack_render(reply: int, shows: int, stamp: float, image: bytes, timings: ServerTimings,
-                *, skipped: bool = False) -> bytes:
-    header = RENDER_HEADER.pack(MAGIC, VERSION, SKIPPED if skipped else 0, reply, shows, stamp,
+                *, skipped: bool = False, compare: bytes | None = None) -> bytes:
+    """A render message; compare: the render without the bank (the compare view), if any."""
+    flags = (SKIPPED if skipped else 0) | (COMPARED if compare is not None else 0)
+    header = RENDER_HEADER.pack(MAGIC, VERSION, flags, reply, shows, stamp,
                                 timings.decode, timings.wait, timings.model, timings.encode, timings.total)
-    return header + image
+    if compare is None:
+        return header + image
+    return header + PICTURE_LENGTH.pack(len(image)) + image + compare
+
+
+def _render_parts(message: bytes) -> tuple[tuple, bytes, bytes | None]:
+    """The header's fields, the render and the comparison render (None) of a render message."""
+    if len(message) < RENDER_HEADER.size:
+        raise ProtocolError("a render message is shorter than its header")
+    fields = RENDER_HEADER.unpack_from(message)
+    magic, version, flags = fields[:3]
+    if magic != MAGIC or version != VERSION:
+        raise ProtocolError("not a render message of this version")
+    body = bytes(message[RENDER_HEADER.size:])
+    if not flags & COMPARED:
+        return fields, body, None
+    (length,) = PICTURE_LENGTH.unpack_from(body)
+    return fields, body[PICTURE_LENGTH.size:PICTURE_LENGTH.size + length], body[PICTURE_LENGTH.size + length:]
 
 
 def unpack_render(message: bytes) -> tuple[int, int, float, ServerTimings, bool, bytes]:
     """(reply, shows, stamp, timings, skipped, jpeg) of a render message (for clients and tests)."""
-    if len(message) < RENDER_HEADER.size:
-        raise ProtocolError("a render message is shorter than its header")
-    magic, version, flags, reply, shows, stamp, *times = RENDER_HEADER.unpack_from(message)
-    if magic != MAGIC or version != VERSION:
-        raise ProtocolError("not a render message of this version")
-    return reply, shows, stamp, ServerTimings(*times), bool(flags & SKIPPED), bytes(message[RENDER_HEADER.size:])
+    (_, _, flags, reply, shows, stamp, *times), jpeg, _ = _render_parts(message)
+    return reply, shows, stamp, ServerTimings(*times), bool(flags & SKIPPED), jpeg
+
+
+def unpack_compare(message: bytes) -> bytes | None:
+    """The render without the bank that a render message carries (the compare view), or None."""
+    return _render_parts(message)[2]
 
 
 def encode_render(image: np.ndarray) -> bytes:

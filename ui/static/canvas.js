@@ -15,6 +15,10 @@
 // background, the ink stays as it is and editable; undo brings the previous
 // background back.  The update policy selector (live / on pause / on pen-up)
 // is handed to live.js.
+//
+// The canvas's display box scales with the window (canvas.css); the drawing
+// stays SIZE×SIZE, and pointer positions are mapped onto it.  An outline of
+// the brush at its size, as it would paint there, follows the pointer.
 (() => {
   const SIZE = 512;
   const MAX_HISTORY = 30;
@@ -33,6 +37,7 @@
   const sizeInput = element.querySelector(".sv2v-size");
   const bgInput = element.querySelector(".sv2v-bg");
   const fileInput = element.querySelector(".sv2v-file");
+  const outline = element.querySelector(".sv2v-brush");
 
   let tool = "brush";
   let drawing = false;
@@ -148,10 +153,30 @@
   view.addEventListener("pointercancel", finish);
   view.addEventListener("contextmenu", (event) => event.preventDefault());
 
+  // -- the brush outline --------------------------------------------------------
+  let pointer = null;  // the pointer over the canvas, in display pixels of its box (null: elsewhere)
+  function showOutline() {
+    if (!pointer) { outline.hidden = true; return; }
+    const box = view.getBoundingClientRect();
+    const diameter = (Number(sizeInput.value) * box.width) / SIZE;
+    outline.hidden = false;
+    outline.classList.toggle("sv2v-erasing", tool === "eraser");
+    outline.style.width = outline.style.height = `${diameter}px`;
+    outline.style.transform = `translate(${pointer.x - diameter / 2}px, ${pointer.y - diameter / 2}px)`;
+  }
+  view.addEventListener("pointermove", (event) => {
+    const box = view.getBoundingClientRect();
+    pointer = { x: event.clientX - box.left, y: event.clientY - box.top };
+    showOutline();
+  });
+  view.addEventListener("pointerleave", () => { pointer = null; showOutline(); });
+  sizeInput.addEventListener("input", showOutline);
+
   // -- tools and actions ----------------------------------------------------
   function setTool(name) {
     tool = name;
     element.querySelectorAll("[data-tool]").forEach((b) => b.classList.toggle("sv2v-active", b.dataset.tool === name));
+    showOutline();
   }
   function clearAll() {
     remember();
@@ -223,8 +248,8 @@
     else if (key === "b") setTool("brush");
     else if (key === "e") setTool("eraser");
     else if (key === "f") fill();
-    else if (key === "[") sizeInput.value = String(Math.max(1, Number(sizeInput.value) - 2));
-    else if (key === "]") sizeInput.value = String(Math.min(96, Number(sizeInput.value) + 2));
+    else if (key === "[") { sizeInput.value = String(Math.max(1, Number(sizeInput.value) - 2)); showOutline(); }
+    else if (key === "]") { sizeInput.value = String(Math.min(96, Number(sizeInput.value) + 2)); showOutline(); }
     else if (key === "delete" && event.shiftKey) clearAll();
     else handled = false;
     if (handled) event.preventDefault();

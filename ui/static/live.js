@@ -6,10 +6,15 @@
 // changes.  The render view (render.js) draws what arrives; the two talk
 // through DOM events on `document`:
 //   "sv2v:render"  live -> view  a render to draw: {blob, seq, reply, stamp, channel, ...timings}
-//   "sv2v:answer"  view -> live  the Gradio path answered snapshot `reply` (`busy`: refused, every place taken)
+//                                (and `compare`: the render without the bank, while comparing)
+//   "sv2v:answer"  view -> live  the Gradio path answered snapshot `reply` (`busy`: refused, every place taken),
+//                                or the re-render `rerender`
+//   "sv2v:state"   live -> view  where the render stands: "rendering" (a newer one is on its way),
+//                                "current" (up to date), "pause" / "penup" (the update policy waits for
+//                                the drawing to rest / the pen to lift), "" (nothing drawn yet)
 //   "sv2v:shown"   view -> live  a render was drawn (or dropped as stale): time for the next snapshot
-//   "sv2v:channel" live -> view  which channel is in use, and why (again on "sv2v:hello",
-//                                which the view sends when it loads: either may load first)
+//   "sv2v:channel" live -> view  which channel is in use, and why (again, with the state, on
+//                                "sv2v:hello", which the view sends when it loads: either may load first)
 //   "sv2v:message" live -> view  an error about a snapshot, or the busy state, for the person drawing
 //   "sv2v:sketch"  live -> view  a snapshot was sent: {seq, end, pixels: a THUMB×THUMB RGBA thumbnail},
 //                                for the flicker readout and the history (render.js)
@@ -39,7 +44,13 @@
 // above; "pause" sends once the drawing has not changed for PAUSE_MS (the pen
 // rests, or was lifted); "penup" sends only the end of a stroke (or an edit:
 // undo, clear, a new background), so each stroke renders once.  Settings
-// changes re-render on the server (ui/layout.py), once, whatever the policy.
+// changes re-render the drawing once, whatever the policy: every settings
+// change, however made (the mouse, arrow keys, a number typed, a preset, the
+// dice), asks for a re-render ("sv2v:rerender", from ui/canvas.py
+// settings_js), which goes out as the canvas's "rerender" Gradio event once
+// the controls have been still for SETTLE_MS and no pointer button is held
+// (a slider's drag, or a preset setting several controls, re-renders once,
+// at the end).  Its answer comes back on the Gradio path with its number.
 //
 // Settings: the page's controls arrive as "sv2v:settings" (and window.sv2vSettings,
 // for a listener that starts late) from a browser-only Gradio event
@@ -57,6 +68,8 @@ function startLive(source, props, trigger, ink) {
   const EMA = 0.2;
   const BUSY_RETRY_MS = 1000;
   const PAUSE_MS = 400;
+  const SETTLE_MS = 350;           // a settings change re-renders once the controls are still this long
+  const RERENDER_TIMEOUT_MS = 60000;  // a re-render with no answer by then no longer counts as on its way
   const THUMB = 64;       // sketch thumbnails for the flicker readout (render.js)
   const POLICIES = ["live", "pause", "penup"];
   const params = new URLSearchParams(window.location.search);
@@ -91,6 +104,11 @@ function startLive(source, props, trigger, ink) {
   let policy = "live";
   let changedAt = -Infinity;
   let settings = window.sv2vSettings || null;
+  let settleTimer = null;                  // a re-render to ask for once the controls settle
+  let rerenderAsked = 0;                   // the number of the re-render waiting for its answer (0: none)
+  let rerenderIds = 0;
+  let pointerHeld = false;
+  let renderState = "";
 
   const emit = (name, detail) => document.dispatchEvent(new CustomEvent(name, { detail }));
   const average = (key, value) => {
@@ -122,6 +140,24 @@ function startLive(source, props, trigger, ink) {
   }
 
   function pump() {
+    schedule();
+    announceState();
+  }
+
+  // Where the render stands, for the mark on it (render.js); sent when it changes.
+  function announceState() {
+    let next = "current";
+    if (inflight.size > 0 || rerenderAsked || settleTimer !== null) next = "rendering";
+    else if (dirty && policy === "penup" && !pendingEnd) next = "penup";
+    else if (dirty && policy === "pause" && performance.now() < changedAt + PAUSE_MS) next = "pause";
+    else if (dirty) next = "rendering";
+    if (next === "current" && seq === 0) next = "";  // nothing drawn yet
+    if (next === renderState) return;
+    renderState = next;
+    emit("sv2v:state", { state: next });
+  }
+
+  function schedule() {
     if (timer !== null) { clearTimeout(timer); timer = null; }
     if (!dirty || inflight.size >= limit()) return;  // an answer calls pump again
     if (policy === "penup" && !pendingEnd) return;     // the end of the stroke calls pump again
@@ -132,6 +168,29 @@ function startLive(source, props, trigger, ink) {
     const wait = at - performance.now();
     if (wait > 0) { timer = setTimeout(pump, wait); return; }
     send();
+  }
+
+  // -- re-rendering after a settings change -------------------------------------------
+  function askRerender() {
+    if (seq === 0) return;  // nothing drawn yet: the first snapshot renders with the new settings
+    if (settleTimer !== null) clearTimeout(settleTimer);
+    settleTimer = setTimeout(sendRerender, SETTLE_MS);
+    announceState();
+  }
+
+  function sendRerender() {
+    if (pointerHeld) { settleTimer = setTimeout(sendRerender, SETTLE_MS); return; }  // a drag: at its end
+    settleTimer = null;
+    rerenderIds += 1;
+    const asked = rerenderAsked = rerenderIds;
+    setTimeout(() => { if (rerenderAsked === asked) { rerenderAsked = 0; announceState(); } }, RERENDER_TIMEOUT_MS);
+    trigger("rerender", { id: asked });
+    announceState();
+  }
+
+  function rerenderAnswered(id) {
+    if (id === rerenderAsked) rerenderAsked = 0;  // an older one's answer: the newer is still on its way
+    announceState();
   }
 
   // Two snapshots unanswered only on the fast channel and when the model is the slow stage.
@@ -230,7 +289,7 @@ function startLive(source, props, trigger, ink) {
     inflight.delete(id);
     average("roundtrip", performance.now() - entry.sentAt);
     if (next) pump();
-    else setTimeout(pump, 50);  // in case the view never says it has drawn it
+    else { setTimeout(pump, 50); announceState(); }  // pump: in case the view never says it has drawn it
     return entry;
   }
 
@@ -263,9 +322,14 @@ function startLive(source, props, trigger, ink) {
       encode: view.getFloat32(32, true), total: view.getFloat32(36, true),
     };
     const entry = inflight.get(reply);
+    // Flag 2: a comparison render (without the bank) follows the render, which then has its length first.
+    const compared = (view.getUint8(3) & 2) === 2;
+    const length = compared ? view.getUint32(RENDER_HEADER, true) : buffer.byteLength - RENDER_HEADER;
+    const start = RENDER_HEADER + (compared ? 4 : 0);
+    const jpeg = (from, bytes) => new Blob([new Uint8Array(buffer, from, bytes)], { type: "image/jpeg" });
     // Draw first: the decode starts off the main thread before the next snapshot is encoded on it.
     emit("sv2v:render", {
-      blob: new Blob([new Uint8Array(buffer, RENDER_HEADER)], { type: "image/jpeg" }),
+      blob: jpeg(start, length), compare: compared ? jpeg(start + length, buffer.byteLength - start - length) : null,
       reply, seq: view.getUint32(8, true), stamp: view.getFloat64(12, true), skipped: (view.getUint8(3) & 1) === 1,
       channel: "ws", receivedAt, encodeMs: entry ? entry.encodeMs : NaN, sentAt: entry ? entry.sentAt : NaN, server,
     });
@@ -352,15 +416,27 @@ function startLive(source, props, trigger, ink) {
     };
   }
 
-  document.addEventListener("sv2v:answer", (event) => (event.detail.busy ? refused : answered)(event.detail.reply));
+  document.addEventListener("sv2v:answer", (event) => {
+    if (event.detail.rerender) rerenderAnswered(event.detail.rerender);
+    else (event.detail.busy ? refused : answered)(event.detail.reply);
+  });
+  document.addEventListener("sv2v:rerender", askRerender);
+  document.addEventListener("pointerdown", () => { pointerHeld = true; }, true);
+  for (const name of ["pointerup", "pointercancel"]) {
+    window.addEventListener(name, () => { pointerHeld = false; }, true);
+  }
   document.addEventListener("sv2v:shown", () => pump());
-  document.addEventListener("sv2v:hello", () => emit("sv2v:channel", { channel, why: channelWhy }));
+  document.addEventListener("sv2v:hello", () => {
+    emit("sv2v:channel", { channel, why: channelWhy });
+    emit("sv2v:state", { state: renderState });
+  });
   document.addEventListener("sv2v:settings", (event) => { settings = event.detail; sendSettings(); });
   connect();
   return {
     changed,
     setPolicy,
     policy: () => policy,
+    renderState: () => renderState,
     // For tests and the benchmark: close the socket as a network failure would.
     dropConnection: () => ws && ws.close(4000, "dropped by the page"),
     state: () => ({ channel, inflight: inflight.size, seq, estimates: { ...est } }),

@@ -3,9 +3,26 @@
 // path as this component's value (JSON: image data URL, t, seq, reply); both
 // are decoded off the main thread (createImageBitmap) and handed to the
 // <canvas> (no copy), newest first: a render showing an older snapshot than one
-// already shown is never drawn.  The stats line
-// shows renders per second, snapshot-to-render latency, flicker and the channel; window.sv2vStats
-// keeps the numbers for the browser test and the benchmark (bench/live.py).
+// already shown is never drawn.  window.sv2vStats keeps the numbers for the
+// browser test and the benchmark (bench/live.py).
+//
+// On the render: a small mark says where it stands ("sv2v:state" from
+// live.js): rendering (a newer render is on its way), up to date, or waiting
+// for a pause or for the pen to lift (the update policy).  It calms the
+// changes: "up to date" shows only once the render has stayed so for
+// SETTLED_MS, so a stroke reads as one "rendering", not a blink per render.
+//
+// Figures: under the render, in words read at a glance, "12 fps · 80 ms delay
+// · steady" (frames per second over the last FPS_WINDOW_MS, the median delay
+// from a snapshot to its render, and how steady the render is where the
+// drawing did not change: the flicker, below STEADY, below SOME_FLICKER or
+// above); "idle" when no render came for FPS_WINDOW_MS.  The detailed line
+// (renders per second, latency, flicker, the channel) goes to the figures
+// component under Advanced (ui/canvas.py: "sv2v:figures", window.sv2vFigures).
+//
+// Compare (the page's compare view, ui/service.py): a render may come with the
+// same snapshot rendered without the feature bank.  Then the view shows both
+// side by side, each with its flicker, and a note on what to look for.
 //
 // Flicker: how much the render changes where the drawing did not.  For each
 // pair of consecutive renders, both pictures and the two snapshots they show
@@ -17,7 +34,7 @@
 // MIN_STEADY of the picture steady, and renders of a settings change (the
 // picture is meant to change), are left out; the readout is the mean of the
 // last FLICKER_PAIRS pairs.  With the echo engine (render = sketch) it is 0
-// up to JPEG noise; turning the feature bank off and on shows what it does.
+// up to JPEG noise; the compare view shows it with the bank and without.
 //
 // History: the render at the end of each stroke (a snapshot marked "end":
 // pen-up, undo, clear, a new background) and of each settings change goes
@@ -25,11 +42,18 @@
 // the kept ones (at most MAX_KEPT), as the JPEGs the page received.  Clicking
 // one shows it over the live view, with Keep (pinned until the page is
 // closed), Download PNG, Use as canvas ("sv2v:use-as-canvas" to canvas.js)
-// and Back to live; starting a stroke also goes back to live.
+// and Back to live in a bar over the render's bottom edge (nothing moves);
+// starting a stroke also goes back to live.  The strip runs down the render's
+// right side, newest at the bottom.
 (() => {
   const canvas = element.querySelector("canvas.sv2v-render-canvas");
   // "bitmaprenderer": a decoded render is handed to the canvas without a copy.
   const ctx = canvas.getContext("bitmaprenderer");
+  const compareCtx = element.querySelector("canvas.sv2v-compare-canvas").getContext("bitmaprenderer");
+  const box = element.querySelector(".sv2v-render-box");
+  const captions = { bank: element.querySelector(".sv2v-caption-bank"), plain: element.querySelector(".sv2v-caption-plain") };
+  const mark = element.querySelector(".sv2v-mark");
+  const markText = element.querySelector(".sv2v-mark-text");
   const statsLine = element.querySelector(".sv2v-stats");
   const messageLine = element.querySelector(".sv2v-message");
   const placeholder = element.querySelector(".sv2v-render-empty");
@@ -40,15 +64,21 @@
   const MAX_SAMPLES = 5000;
   const THUMB = 64, SKETCH_TOLERANCE = 3, MIN_STEADY = 0.25, FLICKER_PAIRS = 20;
   const MAX_SKETCHES = 48, MAX_HISTORY = 24, MAX_KEPT = 24;
+  const FPS_WINDOW_MS = 3000, SETTLED_MS = 300;
+  const STEADY = 2, SOME_FLICKER = 5;  // flicker (0-255) up to which the render reads "steady", "a little flicker"
+  const STATE_WORDS = { rendering: "rendering", current: "up to date", pause: "waiting for a pause",
+                        penup: "waiting for the pen to lift", "": "" };
   const arrivals = [];
   const stats = { latencies: [], samples: [], renders: 0, stale: 0, shownSeq: 0, channel: "gradio", why: "",
-                  flicker: [] };
+                  flicker: [], compareFlicker: [] };
   window.sv2vStats = stats;
   let messageTimer = null;
   const sketches = new Map();  // seq -> {end, pixels}
   const thumb = new OffscreenCanvas(THUMB, THUMB);
   const thumbCtx = thumb.getContext("2d", { willReadFrequently: true });
   let previous = null;         // {seq, pixels} of the last render drawn
+  let previousCompare = null;  // the same for the render without the bank
+  let bankName = "the bank";   // the bank's settings, in words, for the compare view's caption
   const history = [];          // {id, blob, url, seq, kept}
   let historyIds = 0;
   let pastShown = null;
@@ -84,18 +114,19 @@
   }
   window.sv2vFlicker = flickerBetween;  // for the browser test
 
-  function measureFlicker(render, bitmap) {
+  // The flicker between the last render of a series and this one (`before`: the series' last
+  // {seq, pixels}); appended to `values`; returns this render's {seq, pixels}.
+  function measureFlicker(render, bitmap, before, values) {
     thumbCtx.drawImage(bitmap, 0, 0, THUMB, THUMB);
     const current = { seq: render.seq, pixels: thumbCtx.getImageData(0, 0, THUMB, THUMB).data };
-    const before = previous;
-    previous = current;
-    if (!before || render.reply === 0) return;  // a settings change is meant to change the picture
+    if (!before || render.reply === 0) return current;  // a settings change is meant to change the picture
     const a = sketches.get(before.seq), b = sketches.get(current.seq);
-    if (!a || !b) return;
+    if (!a || !b) return current;
     const value = flickerBetween(a.pixels, b.pixels, before.pixels, current.pixels, THUMB);
-    if (value === null) return;
-    stats.flicker.push(value);
-    if (stats.flicker.length > MAX_SAMPLES) stats.flicker.shift();
+    if (value === null) return current;
+    values.push(value);
+    if (values.length > MAX_SAMPLES) values.shift();
+    return current;
   }
 
   const median = (values) => {
@@ -106,22 +137,61 @@
   const channelName = () => stats.channel === "ws" ? "WebSocket (binary)" :
     `Gradio events${stats.why ? " — " + stats.why : ""}`;
 
+  const meanOf = (values) => values.length ? values.reduce((a, b) => a + b, 0) / values.length : NaN;
+  const recentFlicker = (values) => meanOf(values.slice(-FLICKER_PAIRS));
+  const steadiness = (flicker) => flicker <= STEADY ? "steady" : flicker <= SOME_FLICKER ? "a little flicker" :
+    "flickering";
+  const flickerWords = (flicker) => isNaN(flicker) ? "flicker –" : `${steadiness(flicker)} (flicker ${flicker.toFixed(1)})`;
+
   let statsShownAt = -Infinity;
   function showStats(force) {
     const now = performance.now();
     if (!force && now - statsShownAt < 250) return;  // text updates cost layout: 4 a second
     statsShownAt = now;
-    while (arrivals.length > 1 && now - arrivals[0] > 3000) arrivals.shift();
-    const span = (now - arrivals[0]) / 1000;
-    const fps = arrivals.length > 1 && span > 0 ? (arrivals.length - 1) / span : 0;
+    while (arrivals.length && now - arrivals[0] > FPS_WINDOW_MS) arrivals.shift();
+    const idle = arrivals.length === 0;
+    const span = arrivals.length > 1 ? (now - arrivals[0]) / 1000 : 0;
+    const fps = span > 0 ? (arrivals.length - 1) / span : 0;
     const recent = stats.latencies.slice(-20);
     const latest = recent.length ? recent[recent.length - 1] : NaN;
-    const flicker = stats.flicker.slice(-FLICKER_PAIRS);
-    const meanFlicker = flicker.length ? flicker.reduce((a, b) => a + b, 0) / flicker.length : NaN;
-    statsLine.textContent = `${fps.toFixed(1)} renders/s · latency ${isNaN(latest) ? "–" : latest.toFixed(0)} ms` +
+    const delay = median(stats.latencies.slice(-10));
+    const flicker = recentFlicker(stats.flicker);
+    const comparing = box.dataset.compare === "1";
+    let glance = "idle";
+    if (!idle) {
+      const parts = arrivals.length > 1 ? [`${fps.toFixed(0)} fps`] : [];  // one render has no rate yet
+      if (!isNaN(delay)) parts.push(`${delay.toFixed(0)} ms delay`);
+      if (!isNaN(flicker)) parts.push(comparing ? `with the bank ${steadiness(flicker)}` : steadiness(flicker));
+      if (comparing && stats.compareFlicker.length) parts.push(`without ${steadiness(recentFlicker(stats.compareFlicker))}`);
+      glance = parts.join(" · ");
+    }
+    statsLine.textContent = glance;
+    element.dataset.figures = glance;
+    const compared = comparing ? ` · without the bank: flicker ${isNaN(recentFlicker(stats.compareFlicker)) ? "–" :
+      recentFlicker(stats.compareFlicker).toFixed(1)}` : "";
+    const detail = `${idle ? "idle" : fps.toFixed(1) + " renders/s"} · latency ${isNaN(latest) ? "–" : latest.toFixed(0)} ms` +
       ` (median of last ${recent.length}: ${isNaN(median(recent)) ? "–" : median(recent).toFixed(0)} ms)` +
-      ` · flicker ${isNaN(meanFlicker) ? "–" : meanFlicker.toFixed(1)}` +
+      ` · flicker ${isNaN(flicker) ? "–" : flicker.toFixed(1)}${compared}` +
       ` · channel: ${channelName()}`;
+    window.sv2vFigures = detail;
+    document.dispatchEvent(new CustomEvent("sv2v:figures", { detail }));
+    if (comparing) {
+      captions.bank.textContent = `with ${bankName}\n${flickerWords(flicker)}`;
+      captions.plain.textContent = `without the bank\n${flickerWords(recentFlicker(stats.compareFlicker))}`;
+    }
+  }
+
+  // -- the mark on the render ----------------------------------------------------------
+  let settleMark = null;
+  function showState(state) {
+    if (settleMark !== null) { clearTimeout(settleMark); settleMark = null; }
+    const apply = () => {
+      mark.dataset.state = state;
+      markText.textContent = STATE_WORDS[state] || "";
+      element.dataset.state = state;
+    };
+    if (state === "current" && mark.dataset.state === "rendering") settleMark = setTimeout(apply, SETTLED_MS);
+    else apply();
   }
 
   async function show(render) {
@@ -134,10 +204,25 @@
 
   async function draw(render) {
     if (render.seq < stats.shownSeq) { stats.stale += 1; return; }
-    const bitmap = await createImageBitmap(render.blob);
-    if (render.seq < stats.shownSeq) { stats.stale += 1; bitmap.close(); return; }  // a newer one was drawn meanwhile
-    measureFlicker(render, bitmap);
+    const [bitmap, compared] = await Promise.all([createImageBitmap(render.blob),
+                                                  render.compare ? createImageBitmap(render.compare) : null]);
+    if (render.seq < stats.shownSeq) {  // a newer one was drawn meanwhile
+      stats.stale += 1;
+      bitmap.close();
+      if (compared) compared.close();
+      return;
+    }
+    previous = measureFlicker(render, bitmap, previous, stats.flicker);
     ctx.transferFromImageBitmap(bitmap);
+    if (compared) {
+      previousCompare = measureFlicker(render, compared, previousCompare, stats.compareFlicker);
+      compareCtx.transferFromImageBitmap(compared);
+    } else if (box.dataset.compare === "1") {  // compare turned off: its figures start afresh next time
+      previousCompare = null;
+      stats.compareFlicker.length = 0;
+    }
+    const toggled = box.dataset.compare !== (compared ? "1" : "");
+    box.dataset.compare = compared ? "1" : "";
     if (element.dataset.busy) { delete element.dataset.busy; messageLine.textContent = ""; }  // got in
     remember(render);
     const now = performance.now();
@@ -160,7 +245,7 @@
       });
       if (stats.latencies.length > MAX_SAMPLES) { stats.latencies.shift(); stats.samples.shift(); }
     }
-    showStats();
+    showStats(toggled);  // the compare view's captions at once
   }
 
   // -- the history strip ----------------------------------------------------------
@@ -184,6 +269,7 @@
   }
 
   function drawStrip() {
+    const atEnd = strip.scrollTop + strip.clientHeight >= strip.scrollHeight - 4;
     strip.replaceChildren(...history.map((entry) => {
       const button = document.createElement("button");
       button.type = "button";
@@ -201,6 +287,7 @@
     }));
     element.dataset.history = String(history.length);
     element.dataset.kept = String(history.filter((entry) => entry.kept).length);
+    if (atEnd) strip.scrollTop = strip.scrollHeight;  // the newest stays in view, unless the artist scrolled up
   }
 
   function showPast(entry) {
@@ -282,22 +369,29 @@
     showStats(true);
   });
   document.addEventListener("sv2v:message", (event) => message(event.detail.text, event.detail.busy));
+  document.addEventListener("sv2v:state", (event) => showState(event.detail.state));
+  document.addEventListener("sv2v:settings", (event) => {
+    const { bank, ea, ff } = event.detail;
+    const parts = [ea ? "EA" : "", ff ? "FF" : ""].filter(Boolean).join("+");
+    bankName = bank === "none" ? "the bank off (none)" : `the bank (${bank}${parts ? ", " + parts : ", unused"})`;
+  });
 
   watch("value", async () => {
     let value;
     try { value = JSON.parse(props.value || "null"); } catch (error) { return; }
     if (!value) return;
     const receivedAt = performance.now();
-    if (value.reply) {
-      document.dispatchEvent(new CustomEvent("sv2v:answer", { detail: { reply: value.reply, busy: "busy" in value } }));
+    if (value.reply || value.rerender) {
+      document.dispatchEvent(new CustomEvent("sv2v:answer", { detail: { reply: value.reply, rerender: value.rerender,
+                                                                         busy: "busy" in value } }));
     }
     if (value.error) { message(value.error, "busy" in value); return; }
     if (!value.image) return;
-    const blob = await (await fetch(value.image)).blob();
-    show({ blob, seq: value.seq, reply: value.reply, stamp: value.t, channel: "gradio", receivedAt });
+    const blobOf = async (url) => (await fetch(url)).blob();
+    const [blob, compare] = await Promise.all([blobOf(value.image), value.compare ? blobOf(value.compare) : null]);
+    show({ blob, compare, seq: value.seq, reply: value.reply, stamp: value.t, channel: "gradio", receivedAt });
   });
-  statsLine.title = "flicker: how much the render changes where the drawing did not (mean absolute change, 0-255, " +
-    "over the steady parts of the last 20 pairs of renders); turn the feature bank off and on to compare";
   showStats(true);
+  setInterval(() => showStats(true), 1000);  // "idle" once renders stop coming
   document.dispatchEvent(new CustomEvent("sv2v:hello"));  // the canvas says which channel it uses
 })();
