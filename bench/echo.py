@@ -65,6 +65,14 @@ class EchoState:
         self.in_flight.clear()
         self.last_output = None
 
+    def checkpoint(self) -> tuple:
+        """The stream's position before a render call (`restore` it if the call fails)."""
+        return self.frames_in, list(self.in_flight), self.last_output
+
+    def restore(self, saved: tuple) -> None:
+        self.frames_in, in_flight, self.last_output = saved
+        self.in_flight = deque(in_flight)
+
     def to(self, device) -> "EchoState":
         self.device = str(device)  # nothing to move; tests read where it was sent
         return self

@@ -90,6 +90,36 @@ class StreamState:
         self.last_thumb = None
         self.last_output = None
 
+    # What a render call changes, kept so a call that fails midway can be undone (`checkpoint`/`restore`).
+    _CHECKPOINTED = ("frames_in", "in_flight", "in_flight_sources", "in_flight_control", "last_latent",
+                     "last_control", "last_thumb", "last_fed", "last_output", "bank_since")
+
+    def checkpoint(self) -> dict:
+        """The stream's position before a render call: `restore` puts it back if the call fails.
+
+        Cheap: references to tensors the engine replaces rather than changes,
+        and the bank's counters and buffers by reference.  A call that fails
+        after its bank update (the decode) keeps that frame's features in the
+        bank's buffers, whose retry then records them once more; its counts
+        (`frames_in`, the bank's frames) are restored all the same.
+        """
+        saved = {name: getattr(self, name) for name in self._CHECKPOINTED}
+        saved["in_flight_sources"] = list(self.in_flight_sources)
+        bank = self.bank
+        saved["bank"] = (dict(bank.buffers), bank.stored, bank.frames, bank.merges, bank.generator.get_state())
+        return saved
+
+    def restore(self, saved: dict) -> None:
+        """Back to a `checkpoint`: the inputs counted since are uncounted, what the bank recorded is dropped."""
+        for name in self._CHECKPOINTED:
+            setattr(self, name, saved[name])
+        self.in_flight_sources = list(saved["in_flight_sources"])
+        bank = self.bank
+        buffers, bank.stored, bank.frames, bank.merges, generator = saved["bank"]
+        bank.buffers = dict(buffers)
+        bank.generator.set_state(generator)
+        bank.discard_pending()
+
     def to(self, device: torch.device | str) -> "StreamState":
         """Move every tensor to `device` (e.g. "cpu" between ZeroGPU calls)."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731

@@ -117,7 +117,7 @@ class BusyReply:
 
 @dataclass(frozen=True)
 class Notice:
-    """Something the person drawing should know (the render restarted)."""
+    """Something the person drawing should know (the render restarted; the GPU renders fewer at a time...)."""
 
     message: str
 
@@ -250,6 +250,8 @@ class LivePage:
         if rendered is None:
             return []
         notice = [Notice(RESTARTED_NOTICE)] if rendered.restarted else []
+        if rendered.notice:
+            notice.append(Notice(rendered.notice))
         return [*notice, RenderReply(seq, rendered, ServerTimings() if timings is None else timings(rendered))]
 
     def _refusal(self, seq: int, error: Exception) -> list[Reply]:

@@ -17,10 +17,26 @@ ZeroGPU): each stream is configured (created, reconfigured, its bank
 emptied at a cut) and its frame checked (`engine.prepare`) on its own, so
 bad settings or a bad picture fail only that frame; the rest render in one
 `engine.render` call, which stacks compatible streams into shared UNet
-calls.  Should that call raise anyway (say, out of GPU memory for the
-batch), each of its frames is rendered again on its own, so the culprit
-gets its error and the others their renders.  Stream mode's end-of-stroke
-flush runs per stream afterwards.
+calls.  Stream mode's end-of-stroke flush runs per stream afterwards.
+
+Faults.  Before that call each stream's position is checkpointed
+(`StreamState.checkpoint`); should the call raise, every stream is put
+back (no input counted twice, nothing the failed call recorded kept in a
+bank) before anything is rendered again:
+- out of GPU memory: the batch cap (`batch_cap`, at most `max_batch`) is
+  halved, the batch is rendered again in parts of that size, the
+  scheduler takes at most that many frames per tick, the pages of that
+  tick get a notice and the log a warning; after `GROW_AFTER_TICKS`
+  ticks without running out, the cap doubles again, up to `max_batch`.
+  A single frame that does not fit fails alone;
+- a device fault other than that (a CUDA error, a device-side assert):
+  no retry can help, so the tick's frames fail with `DeviceFault`, the
+  renderer takes no more work and calls `on_device_fault` (the app exits
+  then, so that whatever supervises it starts it afresh);
+- anything else: each frame is rendered again on its own, so the culprit
+  alone gets its error and the others their renders.
+A model call that runs longer than `stall_seconds` is logged, with the
+sessions it renders, while it runs (`StallWatch`).
 
 A request's replay (ui.renderer) runs on its stream alone, after emptying
 the bank and before its frame.  A request with comparison settings adds a
@@ -55,7 +71,7 @@ from sv2v_core.video import read_video
 
 from .gpu import ZERO_GPU, on_gpu
 from .inputs import EncodedFrame
-from .renderer import RendererBusy, RenderStats, SessionLost, StepReply, StepRequest
+from .renderer import DeviceFault, RendererBusy, RenderStats, SessionLost, StepReply, StepRequest
 from .scheduler import RenderScheduler
 
 T = TypeVar("T")
@@ -68,6 +84,69 @@ MAX_BATCH = 8
 # the rest is for the activations of a render and the allocator's slack.
 SESSION_MEMORY_SHARE = 0.8
 VIDEO_GPU_SECONDS = 120  # on ZeroGPU: the GPU time a video's translation may take
+GROW_AFTER_TICKS = 50  # ticks without running out of memory before a lowered batch cap doubles again
+STALL_SECONDS = 10.0  # a model call running longer than this is logged as stalled
+# What a device error that is not running out of memory says (no retry helps: the process must restart).
+DEVICE_FAULT_MARKS = ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS",
+                      "CUDNN_STATUS", "cuDNN error", "unspecified launch failure")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` says the device ran out of memory."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+def is_device_fault(error: BaseException) -> bool:
+    """Whether `error` is a device failure other than running out of memory (not worth a retry)."""
+    if isinstance(error, DeviceFault):
+        return True
+    if not isinstance(error, RuntimeError) or is_out_of_memory(error):
+        return False
+    return isinstance(error, getattr(torch, "AcceleratorError", ())) or any(
+        mark in str(error) for mark in DEVICE_FAULT_MARKS)
+
+
+def device_fault(error: BaseException) -> DeviceFault:
+    """The DeviceFault the pages get for `error`."""
+    return DeviceFault(f"the GPU failed ({' '.join(str(error).split())[:200]}); the server is restarting")
+
+
+class StallWatch:
+    """Logs a model call that runs longer than `seconds` (once, while it runs), with its sessions."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._lock = threading.Lock()
+        self._call: list | None = None  # [started, session ids, reported]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="sv2v-stall-watch", daemon=True)
+        self._thread.start()
+
+    def begin(self, sessions: Sequence[str]) -> None:
+        with self._lock:
+            self._call = [time.monotonic(), list(sessions), False]
+
+    def end(self) -> None:
+        with self._lock:
+            call, self._call = self._call, None
+        if call is not None and call[2]:
+            log.warning("the stalled model call for sessions %s finished after %.1f s",
+                        ", ".join(call[1]), time.monotonic() - call[0])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(1.0, self.seconds / 4)):
+            with self._lock:
+                call = self._call
+                if call is None or call[2] or time.monotonic() - call[0] <= self.seconds:
+                    continue
+                call[2] = True
+            log.warning("a model call has run for over %.1f s: stalled? (sessions %s)", self.seconds,
+                        ", ".join(call[1]))
 
 
 @dataclass
@@ -111,8 +190,8 @@ class InProcessRenderer:
     tick's frames (up to `max_batch`) in one batch: the frames that came
     encoded are decoded then (decode on take: a frame replaced before its
     turn never is), each stream is configured and its frame checked on its
-    own, so a bad frame fails only itself; the rest render in one `engine.render` call, each again on its
-    own should that call raise (say, out of memory for the batch).  Room:
+    own, so a bad frame fails only itself; the rest render in one `engine.render` call (its faults: the
+    module docstring).  Room:
     at most `max_sessions` sessions hold a stream (None: no limit); when
     full, a session unused for longer than `idle_timeout` seconds is
     reclaimed for a newcomer, an active one never is.
@@ -120,7 +199,7 @@ class InProcessRenderer:
 
     def __init__(self, engine, *, max_sessions: int | None = None, idle_timeout: float = 1800.0,
                  worker: str = "local", clock: Callable[[], float] = time.monotonic,
-                 max_batch: int = MAX_BATCH) -> None:
+                 max_batch: int = MAX_BATCH, stall_seconds: float = STALL_SECONDS) -> None:
         if max_sessions is not None and max_sessions < 1:
             raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
         self.name = "in-process"
@@ -140,6 +219,13 @@ class InProcessRenderer:
         # Snapshots are decoded when the scheduler takes them, several at once on these threads.
         self._decoder = ThreadPoolExecutor(max_workers=max(1, min(max_batch, os.cpu_count() or 1)),
                                            thread_name_prefix="sv2v-decode")
+        self.max_batch = max_batch
+        self.batch_cap = max_batch  # lowered while batches run out of GPU memory (the module docstring)
+        self._calm_ticks = 0  # ticks in a row without running out of memory
+        self.grow_after = GROW_AFTER_TICKS
+        self.device_fault: DeviceFault | None = None  # set by a device fault: no more work is taken
+        self.on_device_fault: Callable[[DeviceFault], None] | None = None  # the app's exit
+        self._stalls = StallWatch(stall_seconds)
         self.scheduler = RenderScheduler(self._run_batch, max_batch=max_batch)
 
     # -- room -----------------------------------------------------------------------
@@ -278,7 +364,8 @@ class InProcessRenderer:
 
     def shutdown(self) -> None:
         self.scheduler.close()
-        self._decoder.shutdown(wait=True)
+        self._decoder.shutdown(wait=True, cancel_futures=True)
+        self._stalls.close()
         with self._lock:
             for session_id in list(self._streams):
                 self._drop(session_id)
@@ -319,9 +406,17 @@ class InProcessRenderer:
             else:
                 ready.append((index, stream, Step(stream.compare_state, request.compare, request.frame, request.end,
                                                   cut, request.control, request.replay), True, 0.0))
-        started = time.monotonic()
-        outcomes = self._on_device([entry[2] for entry in ready]) if ready else []
+        started, cap = time.monotonic(), self.batch_cap
+        self._stalls.begin(sorted({steps[entry[0]].session_id for entry in ready}))
+        try:
+            outcomes = self._on_device([entry[2] for entry in ready]) if ready else []
+        except DeviceFault as fault:
+            self._stop_for(fault)
+            return [fault] * len(steps)
+        finally:
+            self._stalls.end()
         seconds = time.monotonic() - started
+        notice = self._paced(lowered=self.batch_cap < cap)
         compared: dict[int, np.ndarray | Exception] = {}
         for (index, stream, device, comparison, decode_seconds), (state, output) in zip(ready, outcomes):
             if comparison:
@@ -337,12 +432,46 @@ class InProcessRenderer:
                 results[index] = output
             else:
                 results[index] = StepReply(output.image, output.source_index, state.frames_in - 1, output.skipped,
-                                           seconds, stream.epoch, self.worker, decode_seconds)
-        for index, image in compared.items():  # a failed comparison fails its step: the page asked for both
-            if isinstance(results[index], StepReply):
-                results[index] = image if isinstance(image, Exception) else \
-                    dataclasses.replace(results[index], compare_image=image)
+                                           seconds, stream.epoch, self.worker, decode_seconds, notice=notice)
+        for index, image in compared.items():
+            if not isinstance(results[index], StepReply):
+                continue
+            if isinstance(image, Exception):  # the render goes out alone, and the page says why
+                log.warning("the comparison of session %s failed: %s", steps[index].session_id, image)
+                results[index] = dataclasses.replace(
+                    results[index], notice=f"the comparison could not be rendered ({image}); showing the render alone")
+            else:
+                results[index] = dataclasses.replace(results[index], compare_image=image)
         return results
+
+    def _paced(self, *, lowered: bool) -> str | None:
+        """After a tick: the notice for its pages if it lowered the batch cap; a cap lowered long enough ago
+        grows back (doubling, up to `max_batch`)."""
+        if lowered:
+            self._calm_ticks = 0
+            self.scheduler.max_batch = self.batch_cap
+            log.warning("the GPU ran out of memory for a batch: rendering at most %d frames at a time",
+                        self.batch_cap)
+            return f"the GPU ran out of memory: rendering {self.batch_cap} at a time"
+        if self.batch_cap < self.max_batch:
+            self._calm_ticks += 1
+            if self._calm_ticks >= self.grow_after:
+                self._calm_ticks = 0
+                self.batch_cap = self.scheduler.max_batch = min(self.max_batch, self.batch_cap * 2)
+                log.info("no batch ran out of memory for %d ticks: rendering up to %d frames at a time",
+                         self.grow_after, self.batch_cap)
+        return None
+
+    def _stop_for(self, fault: DeviceFault) -> None:
+        """A device fault: take no more work (what waits fails with RendererClosed) and tell the app."""
+        if self.device_fault is not None:
+            return
+        self.device_fault = fault
+        log.error("device fault, not retried: %s; the renderer takes no more work and the app exits for a "
+                  "restart", fault.__cause__ or fault)
+        self.scheduler.close()
+        if self.on_device_fault is not None:
+            self.on_device_fault(fault)
 
     def _decoded(self, steps: list[_Step]) -> list[tuple[StepRequest | ImageError, float]]:
         """Each step's request with its `EncodedFrame` decoded at its render size (the ink layer only with
@@ -393,7 +522,9 @@ class InProcessRenderer:
                     self.engine.render([(step.state, frame, control)])
                 self.engine.prepare(step.state, step.frame)
             except (ValueError, RuntimeError) as error:  # bad settings or picture (ImageError is one), a failed
-                results[index] = error                   # replay: this frame only
+                if is_device_fault(error):               # replay: this frame only; a device fault: all
+                    raise device_fault(error) from error
+                results[index] = error
             else:
                 ready.append(index)
         if ready:
@@ -404,6 +535,8 @@ class InProcessRenderer:
                 try:
                     flushed = self.engine.flush(step.state)
                 except (ValueError, RuntimeError) as error:
+                    if is_device_fault(error):
+                        raise device_fault(error) from error
                     results[index] = error
                 else:
                     results[index] = flushed[-1] if flushed else results[index]
@@ -419,22 +552,36 @@ class InProcessRenderer:
         return state
 
     def _render_together(self, steps: list[Step]) -> list:
-        """Outputs of one `engine.render` over `steps`; if it raises, each step again on its own."""
+        """Outputs of `engine.render` over `steps`, in parts of at most `batch_cap` (faults: the module
+        docstring)."""
+        outputs: list = []
+        start = 0
+        while start < len(steps):
+            part = steps[start:start + self.batch_cap]
+            outputs += self._render_part(part)
+            start += len(part)
+        return outputs
+
+    def _render_part(self, steps: list[Step]) -> list:
+        """Outputs of one `engine.render` over `steps`; if it raises, the streams are put back first, then
+        halves (out of memory) or each on its own (another error) again; DeviceFault for a device fault."""
+        saved = [step.state.checkpoint() for step in steps]
         try:
             return self.engine.render([(step.state, step.frame, step.control) for step in steps])
-        except (ValueError, RuntimeError) as error:  # e.g. out of memory for the batch
+        except (ValueError, RuntimeError) as error:
+            for step, checkpoint in zip(steps, saved):
+                step.state.restore(checkpoint)  # nothing of the failed call counts
+            if is_device_fault(error):
+                raise device_fault(error) from error
             if len(steps) == 1:
+                if is_out_of_memory(error):
+                    return [RuntimeError("the GPU ran out of memory rendering this frame alone; "
+                                         "try a smaller size or fewer steps")]
                 return [error]
-        outputs = []
-        for step in steps:
-            bank = getattr(step.state, "bank", None)
-            if bank is not None:
-                bank.discard_pending()  # what the failed call recorded
-            try:
-                outputs.append(self.engine.render([(step.state, step.frame, step.control)])[0])
-            except (ValueError, RuntimeError) as error:
-                outputs.append(error)
-        return outputs
+            if is_out_of_memory(error):  # halved, until it fits
+                self.batch_cap = max(1, min(self.batch_cap, len(steps)) // 2)
+                return self._render_together(steps)
+        return [output for step in steps for output in self._render_part([step])]
 
 
 def local_renderer(engine, *, max_sessions: int | None = None, idle_timeout: float = 1800.0,

@@ -71,6 +71,11 @@ class RendererBusy(RuntimeError):
     """No room for another session: every worker is full of active sessions."""
 
 
+class DeviceFault(RuntimeError):
+    """The device failed in a way no retry fixes (a CUDA error other than out of memory): the renderer
+    takes no more work, and the app exits so that whatever supervises it starts it afresh."""
+
+
 class SessionLost(RuntimeError):
     """This renderer does not hold the stream the request names (its worker
     restarted, the state was reclaimed, or the request reached a worker that
@@ -128,7 +133,10 @@ class StepReply:
     worker: which worker rendered it ("local", or a replica's id).
     decode_seconds: time decoding its `EncodedFrame` took (0: it came decoded).
     compare_image: the comparison stream's render of the same frame (None:
-        the request asked for no comparison).
+        the request asked for no comparison, or it failed: see `notice`).
+    notice: what the person drawing should know about this render (the
+        GPU ran out of memory and renders fewer frames at a time; the
+        comparison failed; the session's stream was freed); None: nothing.
     """
 
     image: np.ndarray
@@ -140,6 +148,7 @@ class StepReply:
     worker: str
     decode_seconds: float = 0.0
     compare_image: np.ndarray | None = None
+    notice: str | None = None
 
 
 @dataclass(frozen=True)

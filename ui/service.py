@@ -91,7 +91,8 @@ class Rendered:
     session's stream was started afresh for this render (its bank empty);
     decode_seconds: time decoding the snapshot, when the model took it.
     compare_image, compare_jpeg: the same frame rendered without the bank
-    (the compare view; None and b"" when it is off).
+    (the compare view; None and b"" when it is off); notice: what the page
+    should say with it (ui.renderer's `StepReply.notice`), or None.
     """
 
     image: np.ndarray
@@ -105,6 +106,7 @@ class Rendered:
     decode_seconds: float = 0.0
     compare_image: np.ndarray | None = None
     compare_jpeg: bytes = b""
+    notice: str | None = None
 
 
 def without_bank(config: StreamConfig) -> StreamConfig:
@@ -208,7 +210,8 @@ class CanvasService:
         # Stream mode's warm-start renders (source −1) show the stream's first frame.
         stamp, seq = session.sources.get(max(reply.source_index, 0), (request.stamp, request.seq))
         return Rendered(reply.image, stamp, seq, reply.skipped, reply.model_seconds, restarted=restarted,
-                        decode_seconds=reply.decode_seconds, compare_image=reply.compare_image)
+                        decode_seconds=reply.decode_seconds, compare_image=reply.compare_image,
+                        notice=reply.notice)
 
     def _finish(self, ticket: Ticket, request: FrameRequest) -> None:
         """Encode a finished render and record it (on the finishing thread)."""
