@@ -88,6 +88,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import sys
 
 import torch
 
@@ -137,6 +139,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int, default=MAX_BATCH,
                         help=f"frames rendered together in one model call (default {MAX_BATCH}; lower it if a batch "
                              "does not fit in GPU memory)")
+    parser.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                        help="also accept the fast channel from pages of this origin (scheme://host[:port]: a proxy "
+                             "or an embedding page); repeatable (default: the app's own pages only)")
+    parser.add_argument("--released-memory-gb", type=float, default=None, metavar="GB",
+                        help="at most this much host memory for the streams of idle (released) sessions; past it "
+                             "the oldest one's stream is freed and starts afresh (default: no cap)")
     parser.add_argument("--no-fast-channel", dest="fast_channel", action="store_false",
                         help="serve no WebSocket channel: pages use Gradio's events only (it is off on ZeroGPU anyway)")
     parser.add_argument("--controlnet", default=None, metavar="ID_OR_PATH",
@@ -164,6 +172,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.torch_threads is not None and args.torch_threads < 0:
         parser.error("--torch-threads must be 0 (torch's own) or more")
+    if args.released_memory_gb is not None and args.released_memory_gb < 0:
+        parser.error("--released-memory-gb must be 0 or more")
     if args.control_scale is not None and args.controlnet is None:
         parser.error("--control-scale needs --controlnet (a ControlNet to condition with)")
     return args
@@ -231,9 +241,36 @@ def app_sessions(args: argparse.Namespace) -> int | None:
     return None if args.ray else MAX_SESSIONS
 
 
-def main(argv=None) -> None:
+class Stopped(Exception):
+    """SIGTERM or Ctrl+C before the server was running."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _stop_starting(signum, frame) -> None:
+    raise Stopped(128 + signum)
+
+
+def main(argv=None) -> int:
+    """Run the app; the exit status: 0 once stopped (SIGTERM, Ctrl+C), 1 after a device fault (so that a
+    supervisor restarts it), 130 or 143 when stopped before the server was running."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
+    # Until the server runs, SIGINT and SIGTERM stop the start-up (ui.server handles them after).
+    handlers = {sig: signal.signal(sig, _stop_starting) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _run(args)
+    except Stopped as stopped:
+        print("stopped before the server was running", file=sys.stderr)
+        return stopped.code
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _run(args: argparse.Namespace) -> int:
     limit_malloc_arenas()  # memory stays flat under many sessions' threads (ui/memory.py)
     if args.ray:
         engine = None
@@ -249,7 +286,9 @@ def main(argv=None) -> None:
     try:
         service = create_service(engine, size=size, render_mode=args.render_mode, idle_timeout=args.idle_timeout,
                                  max_sessions=app_sessions(args), max_batch=args.max_batch,
-                                 control_scale=args.control_scale, renderer=renderer)
+                                 control_scale=args.control_scale, renderer=renderer,
+                                 released_memory=None if args.released_memory_gb is None
+                                 else int(args.released_memory_gb * 2**30))
     except ValueError as error:  # e.g. a --size out of range
         raise SystemExit(f"cannot start: {error}") from error
     try:
@@ -258,13 +297,22 @@ def main(argv=None) -> None:
                 service.warm_up()
             except ValueError as error:  # e.g. a --size the model cannot render
                 raise SystemExit(f"cannot start: {error}") from error
-        serve(service, load_presets(), notice=notice, host=args.host, port=args.port,
-              fast_channel=args.fast_channel)
+        try:
+            serve(service, load_presets(), notice=notice, host=args.host, port=args.port,
+                  fast_channel=args.fast_channel, allowed_origins=args.allow_origin)
+        except ValueError as error:  # e.g. an --allow-origin that is not an origin
+            raise SystemExit(f"cannot start: {error}") from error
     finally:
         service.close()
         if engine is not None:
             engine.close()
+    fault = getattr(service.renderer, "device_fault", None)
+    if fault is not None:
+        log.error("exiting with status 1 after a device fault, for a restart: %s", fault)
+        return 1
+    log.info("stopped")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

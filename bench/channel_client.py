@@ -1,6 +1,6 @@
 """A Python client of the fast channel that draws like the page does.
 
-`ChannelClient` connects to ``/sv2v/ws?session=...`` (ui.channel), sends
+`ChannelClient` connects to ``/sv2v/ws?session=...&key=...`` (ui.channel), sends
 pictures encoded in advance (so its own CPU does not skew the server's
 figures) and paces them as the page's flow control does: `depth` snapshots
 unanswered at most (two: one renders while the next waits), the next one
@@ -11,19 +11,40 @@ settings message first, as the page does on connecting.  It records each render'
 sent -> the render showing it received) and the server's timings, and
 counts the other answers.  The benchmarks (bench.live, bench.loadtest) and the
 tests use it.
+
+The key: a session's key is an HMAC of its id under the app's secret
+(ui.live); a client that is not the app's page makes it from the same
+secret, $SV2V_CHANNEL_SECRET, which the app must have been started with
+(`channel_url`).  It sends no Origin: it is not a browser.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from ui import wire
+from ui.live import CHANNEL_SECRET_ENV, channel_key
 from ui.settings import Settings
 
 RECEIVE_TIMEOUT = 30.0
+
+
+def session_key(session: str) -> str:
+    """The fast channel's key of `session` for an app started with this process's $SV2V_CHANNEL_SECRET."""
+    secret = os.environ.get(CHANNEL_SECRET_ENV)
+    if not secret:
+        raise RuntimeError(f"set {CHANNEL_SECRET_ENV} for the app and its clients: the clients' keys come from it")
+    return channel_key(secret.encode(), session)
+
+
+def channel_url(url: str, session: str, key: str | None = None) -> str:
+    """The fast channel's WebSocket URL of the app at `url` for `session` (its key by default)."""
+    key = session_key(session) if key is None else key
+    return url.replace("http://", "ws://").rstrip("/") + f"/sv2v/ws?session={session}&key={key}"
 
 
 @dataclass
@@ -53,7 +74,7 @@ class ChannelClient:
                  on_render: Callable[[Received], None] | None = None, settings: Settings | None = None) -> None:
         if not pictures:
             raise ValueError("a client needs at least one picture to send")
-        self.url = url.replace("http://", "ws://").rstrip("/") + f"/sv2v/ws?session={session}"
+        self.url = channel_url(url, session)
         self.session = session
         self.pictures = pictures
         self.depth = depth

@@ -73,6 +73,11 @@ class EchoState:
         self.frames_in, in_flight, self.last_output = saved
         self.in_flight = deque(in_flight)
 
+    def nbytes(self) -> int:
+        """Bytes of the frames it holds (in flight, and its last render)."""
+        held = [image for _, image in self.in_flight] + ([self.last_output.image] if self.last_output else [])
+        return sum(image.nbytes for image in held)
+
     def to(self, device) -> "EchoState":
         self.device = str(device)  # nothing to move; tests read where it was sent
         return self

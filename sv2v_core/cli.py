@@ -7,14 +7,16 @@
 writes the output atomically: a failed or interrupted run leaves no output
 file.  Problems are reported as one line `error: ...` on stderr; the exit
 status is 2 for a bad command line or option value, 1 for a failure while
-running (unreadable video, unwritable output, model that will not load) and
-130 for Ctrl-C.
+running (unreadable video, unwritable output, model that will not load),
+130 for Ctrl-C and 143 for SIGTERM (neither leaves a partial file).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -256,8 +258,29 @@ def _error(err: BaseException) -> str:
     return "error: " + (" ".join(str(err).split()) or type(err).__name__)
 
 
+class Terminated(Exception):
+    """SIGTERM arrived: unwind like Ctrl+C, so the output being written is removed."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _terminable():
+    """SIGTERM raises `Terminated` (instead of killing the process mid-write) while the command runs."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:  # someone else's process: leave it be
+        yield
+        return
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
-    with quiet_library_warnings():
+    with quiet_library_warnings(), _terminable():
         return _main(argv)
 
 
@@ -274,3 +297,6 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; no output was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("error: terminated; no output was written", file=sys.stderr)
+        return 143

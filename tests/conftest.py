@@ -3,6 +3,8 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The fast channel's keys (ui.live): the tests' clients make them from the same secret as their apps.
+os.environ.setdefault("SV2V_CHANNEL_SECRET", "the tests' channel secret")
 # The suite runs app servers, a browser and the tests side by side on two
 # cores; OpenMP worker threads spinning against each other there made small
 # convolutions 50× slower than one thread (measured), so each process gets one.

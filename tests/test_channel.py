@@ -26,6 +26,7 @@ from ui import wire  # noqa: E402
 from bench.echo import EchoEngine  # noqa: E402
 from ui.presets import load_presets  # noqa: E402
 from ui.server import create_service, free_port, serve  # noqa: E402
+from bench.channel_client import session_key  # noqa: E402
 
 SIZE = 64
 TIMEOUT = 20
@@ -48,7 +49,7 @@ def jpeg(colour, size=128) -> bytes:
 
 
 def open_channel(url: str, session: str):
-    ws = connect(f"{url}?session={session}", open_timeout=TIMEOUT)
+    ws = connect(f"{url}?session={session}&key={session_key(session)}", open_timeout=TIMEOUT)
     ready = json.loads(ws.recv(TIMEOUT))
     assert ready["type"] == "ready" and (ready["width"], ready["height"]) == (SIZE, SIZE)
     return ws
@@ -263,7 +264,7 @@ def raw_channel(url: str, session: str, receive_buffer: int | None = None) -> so
     raw.settimeout(TIMEOUT)
     raw.connect((host, int(port)))
     key = base64.b64encode(os.urandom(16)).decode()
-    raw.sendall((f"GET /sv2v/ws?session={session} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+    raw.sendall((f"GET /sv2v/ws?session={session}&key={session_key(session)} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
     assert raw.recv(4096).startswith(b"HTTP/1.1 101")
     return raw
@@ -295,7 +296,7 @@ def test_a_client_that_never_reads_its_renders_is_dropped_and_harms_nobody(big_a
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (512, 512, 3), np.uint8)).save(
         buffer, format="JPEG", quality=90)
     picture = buffer.getvalue()
-    with connect(f"{url}?session=bystander-2", open_timeout=TIMEOUT) as bystander:
+    with connect(f"{url}?session=bystander-2&key={session_key('bystander-2')}", open_timeout=TIMEOUT) as bystander:
         bystander.recv(TIMEOUT)  # ready
         deaf = raw_channel(url, "deaf", receive_buffer=4096)
         deaf.settimeout(3)  # a server that stopped reading us shows as a send that cannot finish

@@ -33,6 +33,7 @@ from ui.sessions import SessionRegistry  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other test modules live beside this file
 from ui.server import free_port  # noqa: E402
+from bench.channel_client import session_key  # noqa: E402
 
 SIZE = 64
 TIMEOUT = 20
@@ -179,7 +180,7 @@ def test_the_fast_channel_hands_the_ink_layer_to_the_engine_and_a_rerender_reuse
     ink[60:68, 10:120] = 255  # one white line on black
     buffer = io.BytesIO()
     Image.fromarray(ink).save(buffer, format="PNG")
-    with connect(f"{url}sv2v/ws?session=inked", open_timeout=TIMEOUT) as ws:
+    with connect(f"{url}sv2v/ws?session=inked&key={session_key('inked')}", open_timeout=TIMEOUT) as ws:
         assert json.loads(ws.recv(TIMEOUT))["type"] == "ready"
         engine.controls.clear()
         ws.send(wire.pack_snapshot(1, 0.0, picture((30, 60, 200)), end=True, control=buffer.getvalue()))

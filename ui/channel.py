@@ -1,8 +1,20 @@
 """The fast channel: the session layer (ui.live) over one WebSocket per page.
 
-Route: ``/sv2v/ws?session=<Gradio session hash>``.  The page connects with
-its Gradio session hash, so the fast channel and the Gradio events of one
-page share one session: one stream, feature bank, recording and settings.
+Route: ``/sv2v/ws?session=<Gradio session hash>&key=<the session's key>``.
+The page connects with its Gradio session hash, so the fast channel and
+the Gradio events of one page share one session: one stream, feature bank,
+recording and settings.
+
+Only its own pages.  A connection is refused before it opens (HTTP 403)
+when its `Origin` is neither the app's own (the Origin's host and port are
+the request's `Host`) nor one of the allowed origins (`--allow-origin`: a
+proxy or an embedding page); a request without an Origin is not a
+browser's (browsers always send one) and is let through to the key check.
+Then it needs its session's key (ui.live's `channel_key`, which the page
+got with its Gradio session): a missing or wrong key, or the key of
+another session, is refused (1008).  So another web page a visitor opens
+cannot drive the app, and knowing a session's hash is not enough to read
+its renders.
 Message format: ui.wire (binary snapshots in, binary renders out, JSON text
 for settings and everything else).
 
@@ -24,7 +36,9 @@ affects another connection):
   data);
 - a client that does not read its answers (`Overrun`): closed (1008)
   without a goodbye, so its renders do not pile up in memory;
-- a bad session id: an error, then 1008.
+- a bad session id, or a missing or wrong key: an error, then 1008;
+- the server stopping (`FastChannel.stop`): "the server is stopping",
+  then 1001 (going away).
 An oversized snapshot gets an error naming it and the connection stays.  A
 connection dropped at any point drops its waiting snapshot; the session
 (stream, bank, recording) stays for a reconnect until the page unloads or
@@ -35,31 +49,97 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections import Counter
+from typing import Iterable
+from urllib.parse import urlsplit
 
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
-from .live import BusyReply, Dropped, Failed, Live, LivePage, Notice, Overrun, Pending, RenderReply, Reply
+from .live import BusyReply, Dropped, Failed, Live, LivePage, Notice, Overrun, Pending, Refused, RenderReply, Reply
 from .wire import (
     MAX_SNAPSHOT_BYTES, SNAPSHOT_HEADER, ProtocolError, busy_message, dropped_message, error_message, notice_message,
     pack_render, ready_message, unpack_settings, unpack_snapshot,
 )
 
 PATH = "/sv2v/ws"
-PROTOCOL_ERROR, UNSUPPORTED_DATA, POLICY_VIOLATION = 1002, 1003, 1008
+GOING_AWAY, PROTOCOL_ERROR, UNSUPPORTED_DATA, POLICY_VIOLATION = 1001, 1002, 1003, 1008
+STOPPING = "the server is stopping"
 CLOSE_SECONDS = 5.0  # at most this long to send what is answered and the close, to a client that may not read
 
 log = logging.getLogger("sv2v.channel")
 
 
-def channel_route(live: Live) -> WebSocketRoute:
-    """The WebSocket route serving the session layer `live` (added to the app's server by ui.server)."""
+def origin_of(url: str) -> str:
+    """An origin as browsers send it: scheme://host[:port], lower case, no path."""
+    parts = urlsplit(url.strip())
+    if not parts.scheme or not parts.netloc:
+        raise ValueError(f"not an origin (scheme://host[:port]): {url!r}")
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}"
 
-    async def endpoint(websocket: WebSocket) -> None:
-        await Connection(live, websocket).run()
 
-    return WebSocketRoute(PATH, endpoint)
+class FastChannel:
+    """The fast channel of one app: its route, the origins it accepts, its open connections.
+
+    allowed_origins: origins accepted besides the app's own (a proxy's or
+    an embedding page's, scheme://host[:port]).  `refused` counts the
+    connections refused, by reason ("origin", "key").
+    """
+
+    def __init__(self, live: Live, allowed_origins: Iterable[str] = ()) -> None:
+        self.live = live
+        self.allowed_origins = frozenset(origin_of(origin) for origin in allowed_origins)
+        self.refused: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._open: set[Connection] = set()
+        self.stopping = False
+
+    def route(self) -> WebSocketRoute:
+        """The WebSocket route (added to the app's server by ui.server)."""
+        return WebSocketRoute(PATH, self._endpoint)
+
+    def origin_allowed(self, websocket: WebSocket) -> bool:
+        """Whether the request's Origin is the app's own or an allowed one (no Origin: not a browser)."""
+        origin = websocket.headers.get("origin")
+        if origin is None:
+            return True
+        try:
+            origin = origin_of(origin)
+        except ValueError:
+            return False
+        return origin in self.allowed_origins or urlsplit(origin).netloc == websocket.headers.get("host", "").lower()
+
+    def stop(self) -> None:
+        """The server is stopping: every connection is told so and closed with 1001 (from any thread)."""
+        with self._lock:
+            self.stopping = True
+            connections = list(self._open)
+        for connection in connections:
+            connection.going_away()
+
+    async def _endpoint(self, websocket: WebSocket) -> None:
+        if not self.origin_allowed(websocket):
+            self.refused["origin"] += 1
+            log.info("refused a fast-channel connection from origin %s", websocket.headers.get("origin"))
+            await websocket.close(POLICY_VIOLATION)  # before accepting: an HTTP 403
+            return
+        connection = Connection(self.live, websocket, self)
+        with self._lock:
+            stopping = self.stopping
+            if not stopping:
+                self._open.add(connection)
+        try:
+            await connection.run(stopping=stopping)
+        finally:
+            with self._lock:
+                self._open.discard(connection)
+
+
+def channel_route(live: Live, allowed_origins: Iterable[str] = ()) -> WebSocketRoute:
+    """The WebSocket route serving the session layer `live` (a FastChannel's)."""
+    return FastChannel(live, allowed_origins).route()
 
 
 class _Close(Exception):
@@ -74,22 +154,49 @@ class _Close(Exception):
 class Connection:
     """One page's WebSocket: a receiving loop and a sending loop around one `LivePage`."""
 
-    def __init__(self, live: Live, websocket: WebSocket) -> None:
+    def __init__(self, live: Live, websocket: WebSocket, channel: FastChannel | None = None) -> None:
         self.live = live
         self.websocket = websocket
+        self.channel = channel
         self.outbox: asyncio.Queue = asyncio.Queue()  # replies, and pending snapshots once their render is done
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._receiving: asyncio.Task | None = None
 
-    async def run(self) -> None:
+    def going_away(self) -> None:
+        """Close with 1001 ("the server is stopping"), from any thread."""
+        if self._loop is not None and self._receiving is not None:
+            self._loop.call_soon_threadsafe(self._receiving.cancel, STOPPING)
+
+    async def run(self, *, stopping: bool = False) -> None:
         await self.websocket.accept()
-        try:
-            page = self.live.connect(self.websocket.query_params.get("session", ""))
-        except ValueError:
-            await self._close(POLICY_VIOLATION, "connect with ?session=<the page's session id>")
+        if stopping:
+            await self._close(GOING_AWAY, STOPPING)
             return
+        query = self.websocket.query_params
+        try:
+            page = self.live.connect_channel(query.get("session", ""), query.get("key"))
+        except Refused as refused:
+            if self.channel is not None:
+                self.channel.refused["key"] += 1
+            log.info("refused a fast-channel connection for session %.64s: %s", query.get("session", ""), refused)
+            await self._close(POLICY_VIOLATION, str(refused))
+            return
+        except ValueError:
+            await self._close(POLICY_VIOLATION, "connect with ?session=<the page's session id>&key=<its key>")
+            return
+        self._loop = asyncio.get_running_loop()
         sender = asyncio.create_task(self._send_loop(page))
         try:
             await self.websocket.send_text(ready_message(*page.render_size()))
+            self._receiving = asyncio.current_task()
+            if self.channel is not None and self.channel.stopping:
+                raise asyncio.CancelledError(STOPPING)
             await self._receive_loop(page)
+        except asyncio.CancelledError:
+            if self.channel is None or not self.channel.stopping:
+                raise  # not ours: the server cancels what is left
+            asyncio.current_task().uncancel()  # ours (`going_away`): say goodbye
+            await self._close(GOING_AWAY, STOPPING)
         except _Close as close:
             log.info("closing a fast-channel connection: %s", close)
             if close.reads:

@@ -70,6 +70,8 @@ GPU = dict(concurrency_id="gpu", concurrency_limit=8)
 # The page's own layout: one screen, the canvas and the render at the same size (ui/static/page.css).
 PAGE_CSS = (STATIC / "page.css").read_text(encoding="utf-8")
 SEED_RANGE = 2**31  # the dice's seeds: what a person can read and type back
+# Hands the page's fast-channel key (a load event's answer) to static/live.js, which waits for it.
+CHANNEL_KEY_JS = "(key) => { window.sv2vChannelKey = key; }"
 
 log = logging.getLogger("sv2v.layout")
 
@@ -203,6 +205,10 @@ def build_app(live: Live, *, notice: str | None = None, title: str = "StreamV2V 
                 'rel="noopener noreferrer" title="This session\'s live render alone, full-window: for a second '
                 'monitor or a streaming tool\'s browser source. Whoever has the link can watch (never draw).">'
                 'Pop-out view ↗</a>')
+
+    def channel_key(request: gr.Request) -> str:
+        """This page's key for the fast channel (ui.live), which static/live.js sends when connecting."""
+        return live.channel_key(page_of(request).session_id)
 
     def render(image, prompt, strength, steps, seed, bank, ea, ff, control_scale=None, request: gr.Request = None):
         """Render one canvas image for this session; returns the rendered image."""
@@ -386,6 +392,9 @@ def build_app(live: Live, *, notice: str | None = None, title: str = "StreamV2V 
         preset.input(on_preset, inputs=preset, outputs=[strength, steps], api_visibility="private")
         dice.click(roll_seed, outputs=seed, api_visibility="private", queue=False, show_progress="hidden")
         demo.load(view_link, outputs=popout, api_visibility="private", queue=False)
+        key = gr.Textbox(visible=False, elem_id="sv2v-channel-key")
+        demo.load(channel_key, outputs=key, api_visibility="private", queue=False).then(
+            None, inputs=key, js=CHANNEL_KEY_JS, api_visibility="private", queue=False)
 
         api_button.click(render, inputs=[api_image, api_prompt, api_strength, api_steps, api_seed, api_bank, api_ea, api_ff,
                                          api_control_scale],

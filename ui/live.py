@@ -20,12 +20,21 @@ transport is one more adapter file.  Everything else happens here, once:
 - settings: the page's controls (ui.settings) become the session's stream
   settings, from whichever transport sends them;
 - pop-out: the session's view token, and the feed a view watches (the
-  service publishes every render to it, ui.feeds).
+  service publishes every render to it, ui.feeds);
+- the fast channel's key: a per-session secret (`channel_key`, an HMAC of
+  the session id under the app's secret) that the server gives the page
+  with its Gradio session and the page sends when it connects; a
+  connection without the right key for its session is refused
+  (`connect_channel`).  The app's secret is random per process, or
+  $SV2V_CHANNEL_SECRET (so the benchmark's clients can make keys, and
+  pages keep theirs across a restart).
 
 An adapter's calls:
 
     live = Live(service, presets)                    # one per app
     page = live.connect(session_id)                  # one per connection (ValueError: a bad id)
+    page = live.connect_channel(session_id, key)     # the same, for a transport the page opens itself
+    live.channel_key(session_id)                     # the key the page gets with its session
     page.render_size(), page.view_token()            # what the page needs to know: its snapshot size, pop-out link
     page.settings(Settings(...))                     # -> [] or [Failed]
     outcome = page.snapshot(message)                 # a wire.SnapshotMessage; may block (admission)
@@ -43,8 +52,12 @@ its event loop never waits for the model.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import os
 import re
+import secrets
 import threading
 import time
 from concurrent.futures import Future
@@ -75,6 +88,23 @@ RESTARTED_NOTICE = ("render restarted: its worker changed, so the bank starts ov
 RENDER_ERRORS = (Superseded, ValueError, OSError, RuntimeError)
 
 log = logging.getLogger("sv2v.live")
+CHANNEL_SECRET_ENV = "SV2V_CHANNEL_SECRET"
+
+
+def channel_secret() -> bytes:
+    """The secret the fast channel's keys are made with: $SV2V_CHANNEL_SECRET, else random (this process)."""
+    value = os.environ.get(CHANNEL_SECRET_ENV)
+    return value.encode() if value else secrets.token_bytes(32)
+
+
+def channel_key(secret: bytes, session_id: str) -> str:
+    """The fast channel's key for a session: an HMAC of its id, so it needs no storage and no other
+    session's key can be told from it."""
+    return hmac.new(secret, session_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+class Refused(ValueError):
+    """A connection without the right key for its session."""
 
 
 class Overrun(Exception):
@@ -141,15 +171,29 @@ class Pending:
 class Live:
     """The session layer of one app: the service and the style presets the pages' settings refer to."""
 
-    def __init__(self, service: CanvasService, presets: dict[str, Preset]) -> None:
+    def __init__(self, service: CanvasService, presets: dict[str, Preset], *, secret: bytes | None = None) -> None:
         self.service = service
         self.presets = presets
+        self._secret = secret or channel_secret()
 
     def connect(self, session_id: str | None) -> "LivePage":
         """A page's connection (its Gradio session id); ValueError for an id that is not one."""
         if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
             raise ValueError(f"not a page's session id: {session_id!r:.80}")
         return LivePage(self, session_id)
+
+    def channel_key(self, session_id: str) -> str:
+        """The key a page of this session connects its own channels with (ValueError: not a session id)."""
+        return channel_key(self._secret, self.connect(session_id).session_id)
+
+    def connect_channel(self, session_id: str | None, key: str | None) -> "LivePage":
+        """A connection the page opened itself, with its session's key; `Refused` without the right one."""
+        page = self.connect(session_id)
+        if not key:
+            raise Refused("connect with the page's key (?key=...)")
+        if not hmac.compare_digest(str(key), channel_key(self._secret, page.session_id)):
+            raise Refused("the key is not this session's")
+        return page
 
     def config(self, settings: Settings) -> StreamConfig:
         """The stream settings the page's controls describe; ValueError."""
@@ -249,9 +293,8 @@ class LivePage:
             return self._refusal(seq, error)
         if rendered is None:
             return []
-        notice = [Notice(RESTARTED_NOTICE)] if rendered.restarted else []
-        if rendered.notice:
-            notice.append(Notice(rendered.notice))
+        # The renderer's own notice says why when it has one (e.g. an idle stream freed), else a restart's
+        notice = [Notice(rendered.notice or RESTARTED_NOTICE)] if rendered.notice or rendered.restarted else []
         return [*notice, RenderReply(seq, rendered, ServerTimings() if timings is None else timings(rendered))]
 
     def _refusal(self, seq: int, error: Exception) -> list[Reply]:

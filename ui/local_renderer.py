@@ -84,6 +84,8 @@ MAX_BATCH = 8
 # the rest is for the activations of a render and the allocator's slack.
 SESSION_MEMORY_SHARE = 0.8
 VIDEO_GPU_SECONDS = 120  # on ZeroGPU: the GPU time a video's translation may take
+# What a page is told when its idle session's stream was freed to keep the host's memory bounded.
+FREED_NOTICE = "your session was idle and its stream was freed; starting afresh"
 GROW_AFTER_TICKS = 50  # ticks without running out of memory before a lowered batch cap doubles again
 STALL_SECONDS = 10.0  # a model call running longer than this is logged as stalled
 # What a device error that is not running out of memory says (no retry helps: the process must restart).
@@ -174,6 +176,9 @@ class _Stream:
     compare_state: Any = None
     last_used: float = 0.0
     cut_pending: bool = False
+    released_at: float | None = None  # when its states were moved to the host (None: in use)
+    released_bytes: int = 0           # what they hold there
+    freed: bool = False               # its released states were freed: its next render says so
 
 
 @dataclass
@@ -199,7 +204,8 @@ class InProcessRenderer:
 
     def __init__(self, engine, *, max_sessions: int | None = None, idle_timeout: float = 1800.0,
                  worker: str = "local", clock: Callable[[], float] = time.monotonic,
-                 max_batch: int = MAX_BATCH, stall_seconds: float = STALL_SECONDS) -> None:
+                 max_batch: int = MAX_BATCH, stall_seconds: float = STALL_SECONDS,
+                 released_memory: int | None = None) -> None:
         if max_sessions is not None and max_sessions < 1:
             raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
         self.name = "in-process"
@@ -219,6 +225,7 @@ class InProcessRenderer:
         # Snapshots are decoded when the scheduler takes them, several at once on these threads.
         self._decoder = ThreadPoolExecutor(max_workers=max(1, min(max_batch, os.cpu_count() or 1)),
                                            thread_name_prefix="sv2v-decode")
+        self.released_memory = released_memory  # bytes the released sessions' states may hold (None: no cap)
         self.max_batch = max_batch
         self.batch_cap = max_batch  # lowered while batches run out of GPU memory (the module docstring)
         self._calm_ticks = 0  # ticks in a row without running out of memory
@@ -309,11 +316,40 @@ class InProcessRenderer:
         def release() -> None:
             with self._lock:
                 stream = self._streams.get(session_id)
-            for state in (stream.state, stream.compare_state) if stream is not None else ():
-                if state is not None:
-                    state.to("cpu")  # the engine moves it back with its next frame
+            if stream is None:
+                return
+            states = [state for state in (stream.state, stream.compare_state) if state is not None]
+            for state in states:
+                state.to("cpu")  # the engine moves it back with its next frame
+            with self._lock:
+                if self._streams.get(session_id) is stream and stream.released_at is None:
+                    stream.released_at = self._clock()
+                    stream.released_bytes = sum(state_nbytes(state) for state in states)
+                    self._bound_released()
 
         self.scheduler.call(release)
+
+    def released_bytes(self) -> int:
+        """Host memory the released sessions' stream states hold now."""
+        with self._lock:
+            return sum(stream.released_bytes for stream in self._streams.values())
+
+    def _bound_released(self) -> None:
+        """Free the oldest released streams while they hold more than `released_memory` (under the lock)."""
+        if self.released_memory is None:
+            return
+        released = sorted((s for s in self._streams.values() if s.released_at is not None and s.released_bytes),
+                          key=lambda s: s.released_at)
+        total = sum(stream.released_bytes for stream in released)
+        for stream in released:
+            if total <= self.released_memory:
+                return
+            total -= stream.released_bytes
+            log.info("freeing an idle session's stream (%.1f MiB) to keep released streams under %.1f MiB",
+                     stream.released_bytes / 2**20, self.released_memory / 2**20)
+            stream.state = stream.compare_state = None
+            stream.released_bytes, stream.freed = 0, True
+            stream.epoch = f"{self._epoch_prefix}-{next(self._epochs)}"  # a fresh stream: indices from 0
 
     def close(self, session_id: str) -> None:
         self.scheduler.cancel(session_id)
@@ -383,6 +419,7 @@ class InProcessRenderer:
                     raise SessionLost(f"session {step.session_id} has no stream {request.epoch} on {self.worker}")
             stream = self._room(step.session_id)
             cut, stream.cut_pending = stream.cut_pending or request.cut, False
+            stream.released_at, stream.released_bytes = None, 0  # in use again
         return stream, cut
 
     def _run_batch(self, steps: list[_Step]) -> list[StepReply | Exception]:
@@ -431,8 +468,10 @@ class InProcessRenderer:
                     stream.cut_pending = stream.cut_pending or device.cut  # the next frame still starts afresh
                 results[index] = output
             else:
+                freed, stream.freed = stream.freed, False
                 results[index] = StepReply(output.image, output.source_index, state.frames_in - 1, output.skipped,
-                                           seconds, stream.epoch, self.worker, decode_seconds, notice=notice)
+                                           seconds, stream.epoch, self.worker, decode_seconds,
+                                           notice=FREED_NOTICE if freed else notice)
         for index, image in compared.items():
             if not isinstance(results[index], StepReply):
                 continue
@@ -586,24 +625,30 @@ class InProcessRenderer:
 
 def local_renderer(engine, *, max_sessions: int | None = None, idle_timeout: float = 1800.0,
                    worker: str = "local", base: StreamConfig | None = None,
-                   max_batch: int = MAX_BATCH) -> InProcessRenderer:
+                   max_batch: int = MAX_BATCH, released_memory: int | None = None) -> InProcessRenderer:
     """The in-process renderer around `engine`: the one function both the app
     (`python app.py`) and every Ray replica use to make theirs.
 
     max_sessions: a cap on sessions (None: none).  On a CUDA device with a
     `base` config the cap is also bounded by the memory one stream of `base`
     takes (`memory_cap`), so a GPU never runs out for lack of admission.
+    released_memory: a cap in bytes on the host memory that released
+    (idle) sessions' streams hold; past it the oldest is freed, and its
+    next frame starts a fresh stream with FREED_NOTICE (None: no cap).
     """
     if base is not None and engine.device.type == "cuda":
         cap = memory_cap(engine, base)
         log.info("memory allows %d sessions on %s", cap, engine.device)
         max_sessions = cap if max_sessions is None else min(max_sessions, cap)
     return InProcessRenderer(engine, max_sessions=max_sessions, idle_timeout=idle_timeout, worker=worker,
-                             max_batch=max_batch)
+                             max_batch=max_batch, released_memory=released_memory)
 
 
 def state_nbytes(state) -> int:
-    """Bytes of a stream's tensors (bank, frames in flight, noise, prompt, schedule)."""
+    """Bytes of a stream's tensors (bank, frames in flight, noise, prompt, schedule); a state of another
+    engine (the echo engine's) says its own (`nbytes()`)."""
+    if hasattr(state, "nbytes"):
+        return state.nbytes()
     tensors = [state.noise, state.in_flight, state.prompt_embeds, state.negative_embeds, state.last_latent,
                state.in_flight_control, state.last_control, *state.schedule.values()]
     return state.bank.nbytes() + sum(t.numel() * t.element_size() for t in tensors if t is not None)

@@ -33,24 +33,28 @@ everywhere else (docs/live-path.md has the measurements).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
 import logging
 import os
+import signal
 import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import fastapi
 import gradio as gr
 import torch
 import uvicorn
+from starlette.routing import Mount
 
 from sv2v_core.config import StreamConfig
 from sv2v_core.control import CONTROLLED_STRENGTH
 
-from .channel import channel_route
+from .channel import FastChannel
 from .gpu import ZERO_GPU
 from .layout import PAGE_CSS, build_app
 from .live import Live
@@ -115,21 +119,23 @@ def create_base_config(size: int, render_mode: str = "latency", *, controlled: b
 def create_service(engine, *, size: int, render_mode: str = "latency", idle_timeout: float = 1800.0,
                    control_scale: float | None = None, max_sessions: int | None = None,
                    release_after: float = RELEASE_AFTER, max_batch: int = MAX_BATCH,
-                   renderer=None) -> CanvasService:
+                   renderer=None, released_memory: int | None = None) -> CanvasService:
     """The app's service around `engine`, or `renderer` (see CanvasService), rendering the canvas at size×size.
 
     control_scale: the default conditioning scale when the model has a
     ControlNet (None: 1.0).  max_sessions: at most this many sessions render
     at once (None: no limit), release_after: seconds of idleness before a
     session's state leaves the GPU and its place is freed, max_batch: frames
-    per batch (ui.sessions, ui.service).  ValueError for settings the config rejects
+    per batch, released_memory: bytes idle sessions' streams may hold in host memory (ui.sessions,
+    ui.service, ui.local_renderer).  ValueError for settings the config rejects
     (e.g. a size out of range).
     """
     controlled = renderer.controlled if renderer is not None else getattr(engine, "controlnet", None) is not None
     base = create_base_config(size, render_mode, controlled=controlled, control_scale=control_scale)
     registry = SessionRegistry(Recorder, idle_timeout=idle_timeout, max_active=max_sessions,
                                release_after=release_after)
-    return CanvasService(engine, registry, base, max_batch=max_batch, renderer=renderer)
+    return CanvasService(engine, registry, base, max_batch=max_batch, renderer=renderer,
+                         released_memory=released_memory)
 
 
 def fast_channel_available() -> tuple[bool, str]:
@@ -156,17 +162,20 @@ class RunningApp:
 
 def serve(service: CanvasService, presets: dict[str, Preset], *, notice: str | None = None,
           host: str | None = None, port: int | None = None, fast_channel: bool = True,
-          block: bool = True) -> RunningApp | None:
+          block: bool = True, allowed_origins: Sequence[str] = ()) -> RunningApp | None:
     """Serve the page (and the fast channel, where possible).
 
     block: run until the server stops (returns None); False: start it in
     the background and return a `RunningApp` (stop it with `.close()`).
+    allowed_origins: origins besides the app's own whose pages may use the
+    fast channel (a proxy's, an embedding page's: ui.channel).
     """
     if fast_channel:
         fast_channel, why = fast_channel_available()
         if not fast_channel:
             log.warning("fast channel off (%s): pages use the Gradio event path", why)
     live = Live(service, presets)  # the session layer; the page, the fast channel and the pop-out adapt it
+    channel = FastChannel(live, allowed_origins)  # ValueError for an origin that is not one
     demo = build_app(live, notice=notice, fast_channel=fast_channel)
     demo.queue(default_concurrency_limit=QUEUE_CONCURRENCY)
     if not fast_channel:
@@ -175,19 +184,32 @@ def serve(service: CanvasService, presets: dict[str, Preset], *, notice: str | N
                     app_kwargs={"routes": view_routes(live)})
         return None if block else RunningApp(demo, demo.local_url, False, demo.close)
 
-    app = fastapi.FastAPI(routes=[channel_route(live), *view_routes(live)], docs_url=None, redoc_url=None,
+    app = fastapi.FastAPI(routes=[channel.route(), *view_routes(live)], docs_url=None, redoc_url=None,
                           openapi_url=None)
     gr.mount_gradio_app(app, demo, path="/", max_file_size=MAX_UPLOAD, css=PAGE_CSS, show_error=True)
+    page = next(route.app for route in app.routes if isinstance(route, Mount))  # the mounted Gradio app
     host = listen_host(host)
     port = port or _free_port(host, int(os.environ.get("GRADIO_SERVER_PORT") or DEFAULT_PORT))
-    server = uvicorn.Server(uvicorn.Config(
+
+    def stopping() -> None:
+        """The server is told to stop: refuse new work, close the pages' connections (on the server's loop)."""
+        log.info("stopping: new work is refused and the pages are told")
+        service.stop()
+        channel.stop()
+        page.stop_event.set()  # Gradio's heartbeat streams end at once instead of holding the shutdown
+
+    server = AppServer(uvicorn.Config(
         app, host=host, port=port, log_level="warning", ws_per_message_deflate=False, ws_max_size=WS_MAX_SIZE,
         timeout_graceful_shutdown=SHUTDOWN_SECONDS,  # open pages hold connections: do not wait for them forever
-    ))
+    ), on_stop=stopping)
+    on_fault = getattr(service.renderer, "on_device_fault", False)
+    if on_fault is None:  # a device fault: stop, so that the app exits and its supervisor restarts it
+        service.renderer.on_device_fault = lambda fault: server.stop()
     url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/"
     if block:
         log.info("running on %s", url)
-        server.run()
+        with signals_after_stop():
+            server.run()
         return None
     thread = threading.Thread(target=server.run, name="sv2v-server", daemon=True)
     thread.start()
@@ -197,10 +219,61 @@ def serve(service: CanvasService, presets: dict[str, Preset], *, notice: str | N
         time.sleep(0.05)
 
     def stop() -> None:
-        server.should_exit = True
+        server.stop()
         thread.join(timeout=15)
 
     return RunningApp(demo, url, True, stop)
+
+
+class AppServer(uvicorn.Server):
+    """uvicorn's server, which tells the app first when it is stopped (SIGINT, SIGTERM or `stop`):
+    `on_stop` refuses new work and closes the pages' connections (1001), so uvicorn's graceful
+    shutdown does not wait for them; then uvicorn shuts down as it does."""
+
+    def __init__(self, config: uvicorn.Config, *, on_stop: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_stop = on_stop
+        self._stop_lock = threading.Lock()
+        self._stopped = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def stop(self) -> None:
+        """Stop serving (from any thread)."""
+        self._tell()
+        self.should_exit = True
+
+    def handle_exit(self, sig: int, frame) -> None:
+        self._tell()
+        super().handle_exit(sig, frame)
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def _tell(self) -> None:
+        """Run `on_stop` once, on the server's event loop (it touches the connections' loop objects)."""
+        with self._stop_lock:
+            first, self._stopped = not self._stopped, True
+        if first and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.on_stop)
+        elif first:
+            self.on_stop()
+
+
+@contextlib.contextmanager
+def signals_after_stop() -> Iterator[None]:
+    """While the server runs in this (main) thread: uvicorn handles SIGINT and SIGTERM (a graceful stop)
+    and, once stopped, raises the signal again with the handlers it found; these take it as done, so the
+    process goes on to close the service and exit 0 instead of dying with the default handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handled = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in handled.items():
+            signal.signal(sig, handler)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

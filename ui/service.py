@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -74,9 +75,13 @@ from .sessions import Drawn, Session, SessionRegistry
 from .settings import served_variants
 from .wire import encode_render
 
+STOPPING = "the server is stopping"
+EXPORT_GRACE_SECONDS = 10.0  # on closing, exports in progress get this long to finish
 MAX_VIDEO_SECONDS = 20.0
 MAX_VIDEO_FRAMES = 600
 SWEEP_SECONDS = 5.0
+
+log = logging.getLogger("sv2v.service")
 
 
 @dataclass(frozen=True)
@@ -149,7 +154,9 @@ class CanvasService:
 
     renderer: None for the in-process one around `engine` (all model work on
     its scheduler's one thread, in batches of up to `max_batch` frames), or
-    another back end (ui.ray_renderer; `engine` is None then).  Snapshots are
+    another back end (ui.ray_renderer; `engine` is None then).  released_memory:
+    the in-process renderer's cap on the host memory of idle sessions' streams
+    (bytes; None: none).  Snapshots are
     queued still encoded and decoded by the renderer when the model takes
     them (only the newest of a session's waiting ones ever is); pictures that
     come decoded are resized by the calling thread.  Each render is encoded
@@ -157,21 +164,41 @@ class CanvasService:
     """
 
     def __init__(self, engine, registry: SessionRegistry, base: StreamConfig, *, max_batch: int = MAX_BATCH,
-                 sweep_seconds: float = SWEEP_SECONDS, renderer: Renderer | None = None):
+                 sweep_seconds: float = SWEEP_SECONDS, renderer: Renderer | None = None,
+                 released_memory: int | None = None):
         self.registry = registry
         self.base = base
-        self.renderer = renderer if renderer is not None else local_renderer(engine, max_batch=max_batch)
+        self.renderer = renderer if renderer is not None else local_renderer(engine, max_batch=max_batch,
+                                                                             released_memory=released_memory)
         self.views = ViewLinks()
         registry.on_close = self.renderer.close  # an idle session's stream goes with its recording
         # One thread, so each session's frames are recorded in render order.
         self._finishing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sv2v-finish")
         self._stop = threading.Event()
+        self._stopping = False
+        self._exports = 0  # exports in progress
+        self._exports_done = threading.Condition()
         self._sweeper = threading.Thread(target=self._sweep_every, args=(sweep_seconds,), name="sv2v-sweeper",
                                          daemon=True)
         self._sweeper.start()
 
+    def stop(self) -> None:
+        """The server is stopping: new work (frames, exports, videos) is refused with RendererClosed;
+        what is under way goes on until `close`."""
+        self._stopping = True
+
+    def _refuse_when_stopping(self) -> None:
+        if self._stopping:
+            raise RendererClosed(STOPPING)
+
     def close(self) -> None:
-        """Stop the worker threads (what they are doing finishes first) and free every session."""
+        """Stop the worker threads (what they are doing finishes first; exports in progress get up to
+        EXPORT_GRACE_SECONDS) and free every session, their recordings' folders with them."""
+        self.stop()
+        with self._exports_done:
+            if not self._exports_done.wait_for(lambda: self._exports == 0, EXPORT_GRACE_SECONDS):
+                log.warning("closing with %d export(s) unfinished: their partial files go with the sessions",
+                            self._exports)
         self._stop.set()
         self.renderer.shutdown()
         self._finishing.shutdown(wait=True)
@@ -261,6 +288,7 @@ class CanvasService:
         without the bank.  Raises `Busy` when every place is taken
         (ui.sessions).
         """
+        self._refuse_when_stopping()
         self.sweep()
         session = self.registry.admit(session_id)
         if isinstance(image, EncodedFrame):
@@ -355,14 +383,22 @@ class CanvasService:
             raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
         if pace not in EXPORT_PACES:
             raise ValueError(f"pace must be one of {', '.join(EXPORT_PACES)}, got {pace!r}")
-        with self.registry.hold(session_id) as session:  # not freed for idleness while it exports
-            recorder = session.recorder
-            count = self.recorded(session_id)
-            folder = recorder.folder / "exports"
-            folder.mkdir(exist_ok=True)
-            name = f"streamv2v-{pace}{'-side-by-side' if side_by_side else ''}-{count}.{fmt}"
-            return export_video(recorder, folder / name, pace=pace, side_by_side=bool(side_by_side),
-                                keep_pauses=bool(keep_pauses))
+        self._refuse_when_stopping()
+        with self._exports_done:
+            self._exports += 1
+        try:
+            with self.registry.hold(session_id) as session:  # not freed for idleness while it exports
+                recorder = session.recorder
+                count = self.recorded(session_id)
+                folder = recorder.folder / "exports"
+                folder.mkdir(exist_ok=True)
+                name = f"streamv2v-{pace}{'-side-by-side' if side_by_side else ''}-{count}.{fmt}"
+                return export_video(recorder, folder / name, pace=pace, side_by_side=bool(side_by_side),
+                                    keep_pauses=bool(keep_pauses))
+        finally:
+            with self._exports_done:
+                self._exports -= 1
+                self._exports_done.notify_all()
 
     def translate_video(self, source: str, config: StreamConfig, destination: Path,
                         progress: Callable[[int, int], None] = lambda done, total: None) -> Path:
@@ -371,6 +407,7 @@ class CanvasService:
         The renderer renders every frame (none dropped) in stream mode, for
         throughput, while canvases keep rendering (ui.renderer's `translate`).
         """
+        self._refuse_when_stopping()
         info = probe_video(source)
         seconds = info.frame_count / float(info.fps)
         if seconds > MAX_VIDEO_SECONDS or info.frame_count > MAX_VIDEO_FRAMES:

@@ -391,11 +391,13 @@ function startLive(source, props, trigger, ink) {
     const session = window.__gradio_session_hash__;
     if (!props.channel_path) { setChannel("gradio", "the server has no fast channel"); return; }
     if (forcedGradio) { setChannel("gradio", "forced by ?channel=gradio"); return; }
-    if (!session) { setChannel("gradio", "no session id yet"); setTimeout(connect, 500); return; }
+    // The session's key comes with the page's session (a load event: ui/layout.py): no key, no channel.
+    const key = window.sv2vChannelKey;
+    if (!session || !key) { setChannel("gradio", "no session id yet"); setTimeout(connect, 500); return; }
     const root = (window.gradio_config && window.gradio_config.root) || window.location.href;
     const url = new URL(props.channel_path, root.endsWith("/") ? root : root + "/");
     url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
-    url.search = "?session=" + encodeURIComponent(session);
+    url.search = "?session=" + encodeURIComponent(session) + "&key=" + encodeURIComponent(key);
     attempts += 1;
     const socket = new WebSocket(url.href);
     socket.binaryType = "arraybuffer";
@@ -407,7 +409,9 @@ function startLive(source, props, trigger, ink) {
     socket.onclose = (event) => {
       if (ws !== socket) return;
       ws = null;
-      const why = connectedOnce ? `WebSocket closed (${event.code}); reconnecting` : "WebSocket refused";
+      const why = event.code === 1001 ? "the server is stopping"
+        : connectedOnce ? `WebSocket closed (${event.code}); reconnecting` : "WebSocket refused";
+      if (event.code === 1001) emit("sv2v:message", { text: "the server is stopping" });
       setChannel("gradio", why);
       requeue();
       pump();
