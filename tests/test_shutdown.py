@@ -1,0 +1,155 @@
+"""A clean stop, on real processes: the app (`python app.py --model tiny --size 64`) and the CLI.
+
+SIGTERM and Ctrl+C (SIGINT) stop the app: the fast channel's pages are told
+"the server is stopping" and their WebSockets closed with 1001, the process
+exits 0 within a bounded time, with no traceback and no "timeout graceful
+shutdown exceeded", and leaves no recording folder nor partial file behind.
+Stopped while starting, it says so in one line and exits 130.  The CLI's
+translation stopped mid-way exits 143 (SIGTERM) or 130 (SIGINT) with one
+line and leaves nothing under the output's name, nor a partial file beside it.
+Each process runs in its own process group, with a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("websockets")
+from websockets.exceptions import ConnectionClosed  # noqa: E402
+from websockets.sync.client import connect  # noqa: E402
+
+from bench.channel_client import channel_url  # noqa: E402
+from sv2v_core.video import write_video  # noqa: E402
+from ui import wire  # noqa: E402
+from ui.server import free_port  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+STOP_SECONDS = 15  # the app must be gone within this after the signal
+JPEG = wire.encode_render(np.full((64, 64, 3), 200, np.uint8))
+
+
+def environment(tmp: Path) -> dict:
+    (tmp / "tmp").mkdir(exist_ok=True)
+    return dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", TMPDIR=str(tmp / "tmp"),
+                GRADIO_TEMP_DIR=str(tmp / "gradio"))
+
+
+def start_app(tmp: Path, *extra: str, wait: bool = True) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "app.py", "--model", "tiny", "--size", "64", "--port", str(port),
+                                *extra], cwd=ROOT, env=environment(tmp), stdout=open(tmp / "app.log", "wb"),
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while wait and time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the app exited early:\n{(tmp / 'app.log').read_text(errors='replace')[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "gradio_api/info", timeout=2):
+                return process, url
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.3)
+    if wait:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise RuntimeError("the app did not start within 120 s")
+    return process, url
+
+
+def stopped(process: subprocess.Popen, sig: int) -> tuple[int, float]:
+    """Send `sig`; the exit status and the seconds it took (killed, and failed, after STOP_SECONDS)."""
+    started = time.monotonic()
+    process.send_signal(sig)
+    try:
+        code = process.wait(timeout=STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        pytest.fail(f"still running {STOP_SECONDS} s after signal {sig}")
+    return code, time.monotonic() - started
+
+
+def left_behind(tmp: Path) -> list[str]:
+    """Recording folders and partial files left under the app's temporary folder."""
+    return sorted(str(path.relative_to(tmp)) for path in (tmp / "tmp").rglob("*")
+                  if path.name.startswith("sv2v-rec-") or ".part" in path.name)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_app_cleanly_and_tells_the_pages(tmp_path, sig):
+    process, url = start_app(tmp_path)
+    try:
+        # A page's Gradio heartbeat stream (held open while a page is open) and its fast channel.
+        heartbeat = urllib.request.urlopen(url + "gradio_api/heartbeat/drawing", timeout=30)
+        ws = connect(channel_url(url, "drawing"), open_timeout=30)
+        assert json.loads(ws.recv(30))["type"] == "ready"
+        ws.send(wire.pack_snapshot(1, 0.0, JPEG, end=True))
+        assert isinstance(ws.recv(30), bytes)  # a render: the session has a recording now
+        code, seconds = stopped(process, sig)
+        said = json.loads(ws.recv(10))
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(10)
+        heartbeat.close()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    log = (tmp_path / "app.log").read_text(errors="replace")
+    assert said["message"] == "the server is stopping"
+    assert closed.value.rcvd.code == 1001
+    assert code == 0, log
+    assert seconds < 10
+    assert "Traceback" not in log and "graceful shutdown exceeded" not in log, log
+    assert left_behind(tmp_path) == []
+
+
+def test_stopped_while_starting_it_says_so_in_one_line(tmp_path):
+    process, _ = start_app(tmp_path, wait=False)
+    log = tmp_path / "app.log"
+    deadline = time.monotonic() + 120
+    while "model threads" not in log.read_text(errors="replace"):  # start-up is under way
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
+    code, _ = stopped(process, signal.SIGINT)
+    text = log.read_text(errors="replace")
+    if "running on" in text:  # too late: it had started (then it stops as a running app does)
+        assert code == 0
+        pytest.skip("the app started before the signal came")
+    assert code == 130, text
+    assert text.strip().splitlines()[-1] == "stopped before the server was running"
+    assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_a_translation_stopped_midway_leaves_no_output(tmp_path, sig, code, word):
+    source, output = tmp_path / "in.mp4", tmp_path / "out.mp4"
+    frames = [np.full((64, 64, 3), (index * 2) % 255, np.uint8) for index in range(400)]
+    write_video(source, frames, fps=25)
+    process = subprocess.Popen([sys.executable, "-m", "sv2v_core", "translate", str(source), str(output),
+                                "--model", "tiny", "--width", "64", "--height", "64"], cwd=ROOT,
+                               env=environment(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    try:
+        progress = b""
+        deadline = time.monotonic() + 120
+        while b"frame" not in progress:  # tqdm's progress: frames are being written
+            assert time.monotonic() < deadline and process.poll() is None
+            progress += os.read(process.stderr.fileno(), 4096)
+        exit_code, _ = stopped(process, sig)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    rest = process.stderr.read().decode(errors="replace")
+    assert exit_code == code, rest
+    assert rest.strip().splitlines()[-1] == f"error: {word}; no output was written"
+    assert "Traceback" not in rest
+    assert sorted(path.name for path in tmp_path.iterdir() if path.is_file()) == ["in.mp4"]
