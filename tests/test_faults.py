@@ -11,11 +11,13 @@ frame per render its page received: no frame lost, none counted twice
 
 from __future__ import annotations
 
+import io
 import logging
-import threading
+import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from bench.echo import EchoEngine
 from bench.faults import INJECTED, Faults, FaultyEngine
@@ -199,3 +201,87 @@ def test_a_failed_comparison_sends_the_render_alone_with_a_notice(run_of):
     assert outcome["a"].compare_image is None
     assert outcome["a"].notice.startswith("the comparison could not be rendered (comparison broke)")
     run.check_kept(["a"])
+
+
+def test_a_client_dropped_mid_render_loses_nobody_else_s_frames(tmp_path):
+    """A page that goes away while its render runs: the others keep theirs, its session goes on."""
+    pytest.importorskip("websockets")
+    from websockets.sync.client import connect
+
+    from bench.channel_client import ChannelClient, channel_url
+    from ui import wire
+    from ui.presets import load_presets
+    from ui.server import create_service, free_port, serve
+    from ui.settings import Settings
+
+    engine = FaultyEngine(EchoEngine(0), Faults(stall_at=1, stall_seconds=1.0))
+    service = create_service(engine, size=SIZE)
+    running = serve(service, load_presets(), port=free_port(), block=False)
+    keeper_picture = wire.encode_render(colour(0, 0))
+    faulty = Settings("FAULTY", "Plain prompt", 0.4, 4, 0, "dyme", True, True)
+    try:
+        with ChannelClient(running.url, "keeper", [keeper_picture], depth=1) as keeper:
+            dropper = connect(channel_url(running.url, "dropper"), open_timeout=TIMEOUT)
+            assert "ready" in dropper.recv(TIMEOUT)
+            dropper.send(wire.settings_message(faulty))
+            dropper.send(wire.pack_snapshot(1, 0.0, wire.encode_render(colour(1, 0))))
+            assert isinstance(dropper.recv(TIMEOUT), bytes)  # its first render
+            dropper.send(wire.pack_snapshot(2, 0.0, wire.encode_render(colour(1, 1))))  # this one stalls...
+            time.sleep(0.3)
+            dropper.close()  # ...and its page goes away meanwhile
+            keeper.start()
+            for _ in range(6):
+                assert keeper.step() == "render"
+            keeper.drain()
+            received = len(keeper.log.renders)
+        assert engine.injected["stall"] == 1
+        assert not keeper.log.errors and keeper.log.dropped == 0
+        assert [render.reply for render in keeper.log.renders] == sorted(r.reply for r in keeper.log.renders)
+        assert service.recorded("keeper") == received
+        for render in keeper.log.renders:  # unchanged: its own picture (JPEG, so nearly)
+            picture = np.asarray(Image.open(io.BytesIO(render.jpeg)).convert("RGB"), np.int16)
+            assert np.abs(picture - colour(0, 0)).max() <= 8
+        # The dropped page's render that was running when it left is recorded too: it was drawn.
+        assert service.recorded("dropper") == 2
+        with connect(channel_url(running.url, "dropper"), open_timeout=TIMEOUT) as again:  # it comes back
+            assert "ready" in again.recv(TIMEOUT)
+            again.send(wire.settings_message(faulty))
+            again.send(wire.pack_snapshot(1, 0.0, wire.encode_render(colour(1, 2))))
+            assert isinstance(again.recv(TIMEOUT), bytes)
+    finally:
+        running.close()
+        service.close()
+
+
+def test_a_device_fault_stops_the_server_so_that_the_app_exits_for_a_restart():
+    import urllib.error
+    import urllib.request
+
+    from bench.channel_client import ChannelClient
+    from ui import wire
+    from ui.presets import load_presets
+    from ui.server import create_service, free_port, serve
+    from ui.settings import Settings
+
+    engine = FaultyEngine(EchoEngine(0), Faults(device_fault_at=0))
+    service = create_service(engine, size=SIZE)
+    running = serve(service, load_presets(), port=free_port(), block=False)
+    faulty = Settings("FAULTY", "Plain prompt", 0.4, 4, 0, "dyme", True, True)
+    try:
+        with ChannelClient(running.url, "faulty", [wire.encode_render(colour(0, 0))], depth=1,
+                           settings=faulty) as client:
+            client.start()
+            assert client.receive() == "error"
+        assert "the server is restarting" in client.log.errors[0]
+        assert isinstance(service.renderer.device_fault, DeviceFault)  # what app.py exits 1 for
+        deadline = time.monotonic() + 10
+        while True:  # the server stops by itself
+            try:
+                urllib.request.urlopen(running.url, timeout=1).close()
+            except (urllib.error.URLError, ConnectionError):
+                break
+            assert time.monotonic() < deadline, "the server still serves after a device fault"
+            time.sleep(0.2)
+    finally:
+        running.close()
+        service.close()

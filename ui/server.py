@@ -77,6 +77,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DEFAULT_PORT = 7860
 PORTS_TO_TRY = 100
 SHUTDOWN_SECONDS = 3
+FAULT_STOP_DELAY = 1.0  # seconds between a device fault and the server's stop
 RELEASE_AFTER = 30.0  # seconds idle before a session's stream state leaves the GPU (and its place frees)
 
 log = logging.getLogger("sv2v.server")
@@ -203,8 +204,9 @@ def serve(service: CanvasService, presets: dict[str, Preset], *, notice: str | N
         timeout_graceful_shutdown=SHUTDOWN_SECONDS,  # open pages hold connections: do not wait for them forever
     ), on_stop=stopping)
     on_fault = getattr(service.renderer, "on_device_fault", False)
-    if on_fault is None:  # a device fault: stop, so that the app exits and its supervisor restarts it
-        service.renderer.on_device_fault = lambda fault: server.stop()
+    if on_fault is None:  # a device fault: stop, so that the app exits and its supervisor restarts it; after
+        # FAULT_STOP_DELAY, so that the pages get the failed renders' message before the goodbye
+        service.renderer.on_device_fault = lambda fault: threading.Timer(FAULT_STOP_DELAY, server.stop).start()
     url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/"
     if block:
         log.info("running on %s", url)
