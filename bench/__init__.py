@@ -5,11 +5,13 @@
     python -m bench.loadtest   many simulated artists on one app
     python -m bench.appcheck   the app at the speed it serves, against the GPU targets
     python -m bench.raybench   the Ray Serve back end
+    python -m bench.drill      faults, a dropped client, refused connections and stops, counted
 
 The engine benchmark's parts: frames (synthetic input), rows (what is
 rendered), peer (the streamdiffusion package as a row), timing (rotation,
 spread, ratios, memory), profile (per-stage times), report (markdown and
 targets).  The app's tools: echo (an engine that returns its input, taking
-a GPU's time) and channel_client (a Python page on the fast channel).
+a GPU's time), faults (the echo engine failing on purpose) and
+channel_client (a Python page on the fast channel).
 Nothing in sv2v_core/ or ui/ imports this package.
 """

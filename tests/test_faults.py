@@ -152,7 +152,7 @@ def test_a_frame_that_does_not_fit_alone_fails_alone(run_of):
 
 def test_a_stalled_call_is_logged_with_its_sessions_and_the_others_go_on(run_of, caplog):
     run = run_of(Faults(stall_at=1, stall_seconds=1.5), sessions=["a", "FAULTY"])
-    run.renderer._stalls.seconds = 0.3
+    run.renderer.stall_seconds = 0.3
     with caplog.at_level(logging.WARNING, logger="sv2v.renderer"):
         for _ in range(3):
             run.step()

@@ -235,6 +235,15 @@ class InProcessRenderer:
         self._stalls = StallWatch(stall_seconds)
         self.scheduler = RenderScheduler(self._run_batch, max_batch=max_batch)
 
+    @property
+    def stall_seconds(self) -> float:
+        """A model call running longer than this is logged as stalled, with its sessions."""
+        return self._stalls.seconds
+
+    @stall_seconds.setter
+    def stall_seconds(self, seconds: float) -> None:
+        self._stalls.seconds = seconds
+
     # -- room -----------------------------------------------------------------------
     def open(self, session_id: str) -> None:
         with self._lock:
