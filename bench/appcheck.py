@@ -37,6 +37,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .channel_client import share_secret
 from .live import app_device, builtin_engine
 from .timing import frame_times, percentile
 
@@ -182,6 +183,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    share_secret()  # the app started below and the clients make their keys from it
     import torch
 
     from ui.server import model_threads

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -31,6 +32,12 @@ from ui.live import CHANNEL_SECRET_ENV, channel_key
 from ui.settings import Settings
 
 RECEIVE_TIMEOUT = 30.0
+
+
+def share_secret() -> None:
+    """Give this process (and the apps it starts) a channel secret, if it has none: for a benchmark's
+    `main`, before it starts its app, so that its clients can make their keys."""
+    os.environ.setdefault(CHANNEL_SECRET_ENV, secrets.token_hex(16))
 
 
 def session_key(session: str) -> str:

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import platform
-import secrets
 import signal
 import subprocess
 import sys
@@ -45,7 +44,6 @@ import numpy as np
 from sv2v_core.config import StreamConfig
 from sv2v_core.video import write_video
 from ui import wire
-from ui.live import CHANNEL_SECRET_ENV
 from ui.presets import load_presets
 from ui.recording import Recorder
 from ui.renderer import DeviceFault
@@ -54,7 +52,7 @@ from ui.service import CanvasService
 from ui.sessions import SessionRegistry
 from ui.settings import Settings
 
-from .channel_client import ChannelClient, channel_url
+from .channel_client import ChannelClient, channel_url, share_secret
 from .echo import EchoEngine
 from .faults import Faults, FaultyEngine
 
@@ -297,7 +295,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     parser.add_argument("--ticks", type=int, default=30, help="ticks per batch scenario (default 30)")
     args = parser.parse_args(argv)
-    os.environ.setdefault(CHANNEL_SECRET_ENV, secrets.token_hex(16))  # the app's and the clients' keys
+    share_secret()  # the apps below and the clients make their keys from it
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.monotonic()

@@ -60,6 +60,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .channel_client import share_secret
 from .echo import EchoEngine
 from .timing import frame_times, percentile
 from ui.presets import load_presets
@@ -534,6 +535,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    share_secret()  # the app started below and the clients make their keys from it
     args = parse_args(argv)
     browser = args.codecs or any(channel != "python" for channel in args.channels)
     if browser and not Path(CHROMIUM).exists():

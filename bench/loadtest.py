@@ -77,7 +77,7 @@ from PIL import Image
 from ui.settings import Settings
 
 from .live import MODEL_CASES, app_device, builtin_engine, warmed_up
-from .channel_client import ChannelClient, Received
+from .channel_client import ChannelClient, Received, share_secret
 from .timing import frame_times, percentile
 
 ECHO = "echo:8+3"
@@ -588,6 +588,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    share_secret()  # the app started below and the clients make their keys from it
     args = parse_args(argv)
     if args.serve:
         serve_forever(args)
