@@ -153,3 +153,28 @@ def test_a_translation_stopped_midway_leaves_no_output(tmp_path, sig, code, word
     assert rest.strip().splitlines()[-1] == f"error: {word}; no output was written"
     assert "Traceback" not in rest
     assert sorted(path.name for path in tmp_path.iterdir() if path.is_file()) == ["in.mp4"]
+
+
+def test_the_page_says_the_server_is_stopping(tmp_path):
+    """In Chromium: the page on the fast channel shows "the server is stopping" when the app is stopped."""
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip("Debian chromium (/usr/bin/chromium) is not installed")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    process, url = start_app(tmp_path)
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(chromium),
+                                                 args=["--headless", "--no-sandbox", "--disable-gpu"])
+            page = browser.new_page()
+            page.goto(url)
+            page.wait_for_selector("#sv2v-canvas [data-ready='1']", timeout=60_000)
+            page.wait_for_function("() => window.sv2vStats && window.sv2vStats.channel === 'ws'", timeout=30_000)
+            code, _ = stopped(process, signal.SIGTERM)
+            page.wait_for_function("() => document.querySelector('#sv2v-render .sv2v-message').textContent"
+                                   ".includes('the server is stopping')", timeout=10_000)
+            browser.close()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert code == 0
