@@ -178,3 +178,40 @@ def test_the_page_says_the_server_is_stopping(tmp_path):
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert code == 0
+
+
+def test_closing_lets_an_export_in_progress_finish_and_refuses_new_work():
+    import threading
+
+    from bench.echo import EchoEngine
+    from tests.test_many_users import make_service
+    from ui.renderer import RendererClosed
+
+    service = make_service(EchoEngine(0), size=128)
+    frames = [np.random.default_rng(index).integers(0, 255, (128, 128, 3), np.uint8) for index in range(4)]
+    for index in range(240):
+        service.render("artist", frames[index % 4], service.base)
+    exports = service.registry.get("artist").recorder.folder / "exports"
+    outcome = {}
+
+    def export() -> None:
+        try:
+            outcome["path"] = service.export("artist", "mp4", "real", True, keep_pauses=False)
+        except (RendererClosed, ValueError, OSError) as error:
+            outcome["error"] = error
+
+    exporting = threading.Thread(target=export)
+    exporting.start()
+    deadline = time.monotonic() + 30
+    while not (exports.exists() and any(exports.iterdir())):  # its partial file is being written
+        assert time.monotonic() < deadline and exporting.is_alive()
+        time.sleep(0.005)
+    service.stop()
+    with pytest.raises(RendererClosed, match="stopping"):
+        service.submit("artist", frames[0], service.base)
+    with pytest.raises(RendererClosed, match="stopping"):
+        service.export("artist", "gif", "timelapse", False)
+    service.close()
+    assert not exporting.is_alive() and "error" not in outcome  # it finished before the sessions went
+    assert outcome["path"].name.endswith(".mp4")
+    assert not exports.exists()  # and the session's folder went with them
