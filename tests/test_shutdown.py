@@ -215,3 +215,16 @@ def test_closing_lets_an_export_in_progress_finish_and_refuses_new_work():
     assert not exporting.is_alive() and "error" not in outcome  # it finished before the sessions went
     assert outcome["path"].name.endswith(".mp4")
     assert not exports.exists()  # and the session's folder went with them
+
+
+def test_sigterm_stops_the_app_without_a_fast_channel_too(tmp_path):
+    process, _ = start_app(tmp_path, "--no-fast-channel")
+    try:
+        code, seconds = stopped(process, signal.SIGTERM)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    log = (tmp_path / "app.log").read_text(errors="replace")
+    assert code == 0 and seconds < 10, log
+    assert "Traceback" not in log and "stopped before" not in log
+    assert left_behind(tmp_path) == []

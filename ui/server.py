@@ -180,9 +180,11 @@ def serve(service: CanvasService, presets: dict[str, Preset], *, notice: str | N
     demo = build_app(live, notice=notice, fast_channel=fast_channel)
     demo.queue(default_concurrency_limit=QUEUE_CONCURRENCY)
     if not fast_channel:
-        demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, css=PAGE_CSS, show_error=True,
-                    prevent_thread_lock=not block, quiet=not block,
-                    app_kwargs={"routes": view_routes(live)})
+        stop_on_device_fault(service, demo.close)
+        with signals_as_interrupt() if block else contextlib.nullcontext():
+            demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, css=PAGE_CSS,
+                        show_error=True, prevent_thread_lock=not block, quiet=not block,
+                        app_kwargs={"routes": view_routes(live)})
         return None if block else RunningApp(demo, demo.local_url, False, demo.close)
 
     app = fastapi.FastAPI(routes=[channel.route(), *view_routes(live)], docs_url=None, redoc_url=None,
@@ -203,10 +205,7 @@ def serve(service: CanvasService, presets: dict[str, Preset], *, notice: str | N
         app, host=host, port=port, log_level="warning", ws_per_message_deflate=False, ws_max_size=WS_MAX_SIZE,
         timeout_graceful_shutdown=SHUTDOWN_SECONDS,  # open pages hold connections: do not wait for them forever
     ), on_stop=stopping)
-    on_fault = getattr(service.renderer, "on_device_fault", False)
-    if on_fault is None:  # a device fault: stop, so that the app exits and its supervisor restarts it; after
-        # FAULT_STOP_DELAY, so that the pages get the failed renders' message before the goodbye
-        service.renderer.on_device_fault = lambda fault: threading.Timer(FAULT_STOP_DELAY, server.stop).start()
+    stop_on_device_fault(service, server.stop)
     url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/"
     if block:
         log.info("running on %s", url)
@@ -260,6 +259,29 @@ class AppServer(uvicorn.Server):
             self._loop.call_soon_threadsafe(self.on_stop)
         elif first:
             self.on_stop()
+
+
+def stop_on_device_fault(service: CanvasService, stop: Callable[[], None]) -> None:
+    """After a device fault (ui.local_renderer) the server stops, so that the app exits (status 1) and its
+    supervisor restarts it; FAULT_STOP_DELAY later, so that the pages get the failed renders' message
+    first.  A back end without device faults of its own (Ray: its replicas) is left as it is."""
+    if hasattr(service.renderer, "on_device_fault"):
+        service.renderer.on_device_fault = lambda fault: threading.Timer(FAULT_STOP_DELAY, stop).start()
+
+
+@contextlib.contextmanager
+def signals_as_interrupt() -> Iterator[None]:
+    """While Gradio's own `launch` blocks this (main) thread: SIGTERM too is a Ctrl+C (KeyboardInterrupt),
+    which `launch` takes as its stop, closing its server and returning."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handled = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in handled.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
