@@ -182,9 +182,12 @@ def serve(service: CanvasService, presets: dict[str, Preset], *, notice: str | N
     if not fast_channel:
         stop_on_device_fault(service, demo.close)
         with signals_as_interrupt() if block else contextlib.nullcontext():
-            demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, css=PAGE_CSS,
-                        show_error=True, prevent_thread_lock=not block, quiet=not block,
-                        app_kwargs={"routes": view_routes(live)})
+            try:
+                demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, css=PAGE_CSS,
+                            show_error=True, prevent_thread_lock=not block, quiet=not block,
+                            app_kwargs={"routes": view_routes(live)})
+            except KeyboardInterrupt:  # stopped while `launch` was still starting (once running, it takes it)
+                demo.close()
         return None if block else RunningApp(demo, demo.local_url, False, demo.close)
 
     app = fastapi.FastAPI(routes=[channel.route(), *view_routes(live)], docs_url=None, redoc_url=None,
