@@ -24,7 +24,11 @@ model; a smaller --size is faster on a CPU), --render-mode latency|stream (see
 ui/service.py for why latency is the default), --idle-timeout (seconds
 before an unused session is freed), --max-sessions (artists rendering at
 once, default 16; the next ones are told "busy: N people ahead of you"),
---max-batch (frames rendered together per model call, default 8),
+--max-batch (frames rendered together per model call, default 8; halved
+while batches run out of GPU memory, docs/reliability.md),
+--released-memory-gb (a cap on the host memory idle sessions' streams hold),
+--allow-origin ORIGIN (pages of this origin may use the fast channel too:
+a proxy's or an embedding page's; repeatable),
 --no-fast-channel (serve the Gradio page only), --controlnet ID_OR_PATH (an
 SD1.5 scribble / line-art ControlNet, or `tiny` with the built-in model: the
 canvas's ink layer conditions the render; the page then shows a conditioning
@@ -35,7 +39,9 @@ and on ZeroGPU; sv2v_core.loader.choose_serving) and --torch-threads
 (the model's CPU threads; default: all cores but one when the app serves a
 browser on this machine from a CPU, leaving it a core, else torch's own:
 ui.server.model_threads).  A ControlNet that cannot be loaded stops the
-start-up with one error line.  The model is chosen only here, by whoever
+start-up with one error line.  SIGTERM or Ctrl+C stops it cleanly, exit 0
+(before the server runs: one line, exit 130 or 143); a GPU fault other than
+out of memory makes it exit 1, for a restart.  The model is chosen only here, by whoever
 runs the app: the page never lets a visitor load a model or file.
 
 The live canvas.  The page sends canvas snapshots while you draw, as fast as

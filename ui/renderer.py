@@ -23,7 +23,10 @@ session's stream leaves the GPU; its next frame brings it back), `cancel`
 whole: `warm_up` (every setting the page offers, before serving: the
 model's serving graphs are made then, never mid-stroke), `translate` (a video's frames, none dropped), `stats`
 (figures for the benchmarks) and `shutdown`; after it every call raises
-`RendererClosed`.
+`RendererClosed`.  A device fault no retry can fix (a CUDA error other than
+out of memory) fails the frames with `DeviceFault`, and the renderer takes
+no more work.  A reply may carry a `notice` for the page (the batch was
+made smaller for memory, the comparison failed, an idle stream was freed).
 
 A `StepRequest` carries everything needed to (re)start the stream from
 nothing: the frame and the settings, the seed among them.  It may also

@@ -40,6 +40,11 @@ batches).  Each finished render is encoded to JPEG once, on a "finishing"
 thread, and that JPEG is what the page gets, what the recording keeps and
 what the session's pop-out view shows (ui.feeds).
 
+Stopping (`stop`, then `close`): new frames, exports and videos are refused
+with "the server is stopping"; exports in progress get EXPORT_GRACE_SECONDS
+to finish (their files are written under a temporary name and renamed when
+complete), then every session goes with its recording's folder.
+
 Admission (ui.sessions): a frame is only queued for an admitted session;
 otherwise `submit` raises `Busy` ("busy: N people ahead of you").  A
 sweeper thread, and every submit, releases sessions idle for
