@@ -107,6 +107,7 @@ from sv2v_core.models import DEFAULT_VAE, ModelLoadError
 from ui.gpu import ZERO_GPU
 from ui.memory import limit_malloc_arenas
 from ui.presets import load_presets
+from ui.renderer import DeviceFault
 from ui.server import create_base_config, create_service, model_threads, serve
 from ui.local_renderer import MAX_BATCH
 
@@ -301,7 +302,7 @@ def _run(args: argparse.Namespace) -> int:
         if not ZERO_GPU:  # on ZeroGPU the GPU exists only inside requests
             try:
                 service.warm_up()
-            except ValueError as error:  # e.g. a --size the model cannot render
+            except (ValueError, DeviceFault) as error:  # e.g. a --size the model cannot render, a broken GPU
                 raise SystemExit(f"cannot start: {error}") from error
         try:
             serve(service, load_presets(), notice=notice, host=args.host, port=args.port,
