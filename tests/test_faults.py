@@ -285,3 +285,34 @@ def test_a_device_fault_stops_the_server_so_that_the_app_exits_for_a_restart():
     finally:
         running.close()
         service.close()
+
+
+@pytest.mark.parametrize("mode", ["latency", "stream"])
+def test_with_the_real_engine_a_failed_batch_leaves_the_others_streams_as_if_it_never_ran(engine, mode):
+    """The built-in model: a session batched with a faulty one renders exactly what it renders with no
+    fault at all (its stream put back: inputs, frames in flight, the bank's counters)."""
+    from tests.test_batching import BACKGROUNDS, assert_rounding_close
+    from tests.test_method import sketch
+
+    def run(faults: Faults) -> tuple[list, object]:
+        service = make_service(FaultyEngine(engine, faults), mode=mode)
+        renders = []
+        try:
+            for step in range(6):
+                with Held(service):
+                    mine = service.submit("a", sketch(step, BACKGROUNDS[0]), service.base.replace(prompt="a"),
+                                          end=False)
+                    service.submit(FAULTY, sketch(step, BACKGROUNDS[1]), service.base.replace(prompt=FAULTY),
+                                   end=False)
+                renders.append(mine.future.result(TIMEOUT).image)
+            state = service.renderer.stream_state("a")
+            return renders, (state.frames_in, state.bank.frames, list(state.in_flight_sources))
+        finally:
+            service.close()
+
+    FAULTY = "FAULTY"
+    clean, clean_state = run(Faults())
+    faulty, faulty_state = run(Faults(every=2))  # the faulty session's frames 1, 3 and 5 break the batch
+    assert faulty_state == clean_state
+    for step, (a, b) in enumerate(zip(clean, faulty)):
+        assert_rounding_close(a, b, step)
