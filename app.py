@@ -104,6 +104,7 @@ from sv2v_core.engine import StreamV2V
 from sv2v_core.loader import COMPILE_CHOICES, DEFAULT_MODEL, EngineOptions, choose_model
 from sv2v_core.loader import load_engine as load_core_engine
 from sv2v_core.models import DEFAULT_VAE, ModelLoadError
+from ui.channel import origin_of
 from ui.gpu import ZERO_GPU
 from ui.memory import limit_malloc_arenas
 from ui.presets import load_presets
@@ -181,6 +182,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--torch-threads must be 0 (torch's own) or more")
     if args.released_memory_gb is not None and args.released_memory_gb < 0:
         parser.error("--released-memory-gb must be 0 or more")
+    for origin in args.allow_origin:
+        try:
+            origin_of(origin)
+        except ValueError as error:
+            parser.error(f"--allow-origin: {error}")
+    if args.released_memory_gb is not None and args.ray:
+        parser.error("--released-memory-gb caps this process's renderer; with --ray the replicas hold the streams")
     if args.control_scale is not None and args.controlnet is None:
         parser.error("--control-scale needs --controlnet (a ControlNet to condition with)")
     return args
