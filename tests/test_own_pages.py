@@ -86,3 +86,13 @@ def test_keys_are_the_session_s_own_and_the_app_s_secret_s():
         live.connect_channel("alice", other.channel_key("alice"))
     with pytest.raises(ValueError):
         live.channel_key("../../etc")
+
+
+def test_allow_origin_takes_origins_only(capsys):
+    from app import parse_args
+
+    assert parse_args(["--allow-origin", PROXY, "--allow-origin", "http://localhost:8080"]).allow_origin == [
+        PROXY, "http://localhost:8080"]
+    with pytest.raises(SystemExit) as refused:
+        parse_args(["--allow-origin", "canvas.example.org"])
+    assert refused.value.code == 2 and "not an origin" in capsys.readouterr().err
