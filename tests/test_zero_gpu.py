@@ -6,12 +6,19 @@ exactly as if it had never left.
 """
 
 import pickle
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import tests.test_renderer as renderer_tests
 from sv2v_core.config import StreamConfig
+from sv2v_core.video import read_video
+from tests.test_renderer import LATENCY, LOCAL_CAP, STREAM
+from ui.local_renderer import local_renderer
+from ui.renderer import StepRequest
 
 
 def _frames(count: int, side: int = 64) -> list[np.ndarray]:
@@ -50,3 +57,116 @@ def test_a_stream_pickled_midway_goes_on_exactly(engine, bank, fusion, mode):
         for name, tensor in features.items():
             assert torch.equal(tensor, pickled.bank.layers[layer][name])
     assert torch.equal(plain.bank.generator.get_state(), pickled.bank.generator.get_state())
+
+
+# -- the renderer under a stand-in for ZeroGPU (tests/fake_spaces) -----------------------------
+
+FAKE_SPACES = Path(__file__).parent / "fake_spaces"
+
+
+@pytest.fixture()
+def on_zero_gpu(monkeypatch):
+    """SPACES_ZERO_GPU=1 with the stand-in `spaces` importable."""
+    monkeypatch.syspath_prepend(str(FAKE_SPACES))
+    monkeypatch.setenv("SPACES_ZERO_GPU", "1")
+    sys.modules.pop("spaces", None)
+    yield
+    sys.modules.pop("spaces", None)
+
+
+@pytest.fixture(params=["kept", "replaced"])
+def backend(request, engine, on_zero_gpu):
+    """(renderer, its session cap) on the stand-in ZeroGPU: its worker kept between calls, or
+    replaced before every third call (a lost worker)."""
+    renderer = local_renderer(engine, max_sessions=LOCAL_CAP)
+    if request.param == "replaced":
+        gpu = renderer._crossing._gpu
+        gpu._replace_every = 3
+    yield renderer, LOCAL_CAP
+    renderer.shutdown()
+    renderer._crossing._gpu.replace_worker()
+
+
+# The in-process renderer's behaviour, every call through the stand-in's worker process.
+test_renders_equal_the_engine_alone_and_keep_one_epoch = renderer_tests.test_renders_equal_the_engine_alone_and_keep_one_epoch
+test_stream_mode_end_flushes_to_the_newest_frame = renderer_tests.test_stream_mode_end_flushes_to_the_newest_frame
+test_reset_and_cut_empty_the_bank_of_that_session_only = renderer_tests.test_reset_and_cut_empty_the_bank_of_that_session_only
+test_bad_frame_is_refused_and_the_session_goes_on = renderer_tests.test_bad_frame_is_refused_and_the_session_goes_on
+test_a_session_that_comes_back_starts_a_fresh_stream = renderer_tests.test_a_session_that_comes_back_starts_a_fresh_stream
+test_a_comparison_renders_the_same_frames_on_a_second_stream_without_the_bank = \
+    renderer_tests.test_a_comparison_renders_the_same_frames_on_a_second_stream_without_the_bank
+test_a_replay_renders_the_frame_as_a_fresh_bank_would_after_those_frames = \
+    renderer_tests.test_a_replay_renders_the_frame_as_a_fresh_bank_would_after_those_frames
+renderer = renderer_tests.renderer
+session_ids = renderer_tests.session_ids
+
+
+def test_a_long_stream_crosses_light_and_survives_any_lost_worker(engine, on_zero_gpu):
+    """Twenty frames of one DyMe stream on the stand-in, the worker replaced at a different call each
+    run: the renders equal the engine's alone, the calls carry no stream state in (only the rare
+    restore does) and bring it back only every CHECKPOINT_EVERY calls, and each call asks for a
+    short duration."""
+    inputs = renderer_tests.frames(20, 6)
+    expected = renderer_tests.reference(engine, LATENCY, inputs, end=False)
+    for lost_at in (None, 1, 5, 11):
+        renderer = local_renderer(engine)
+        gpu = renderer._crossing._gpu
+        try:
+            replies = []
+            for index, frame in enumerate(inputs):
+                if index == lost_at:
+                    gpu.replace_worker()
+                replies.append(renderer.step("artist", StepRequest(frame, LATENCY)).result(120))
+            for reply, image in zip(replies, expected):
+                np.testing.assert_array_equal(reply.image, image)
+            assert [reply.input_index for reply in replies] == list(range(20))
+            assert gpu.workers_started == (1 if lost_at is None else 2)
+            assert gpu.calls == 20 + (lost_at is not None)  # a lost worker costs one more call
+            assert all(0 < seconds <= 30 for seconds in gpu.durations)
+            plain = [sent for index, sent in enumerate(gpu.sent)]
+            frame_bytes = inputs[0].nbytes
+            if lost_at is None:
+                assert max(plain) < frame_bytes + 20_000, "a call carries the frame and settings, no state"
+                brought = sorted(gpu.received)
+                assert brought[-1] > 10 * brought[-3], "the full state comes back twice in 20 calls"
+                assert brought[-3] < frame_bytes + 20_000
+        finally:
+            renderer.shutdown()
+            gpu.replace_worker()
+
+
+def test_a_video_translates_through_the_one_gpu_function_chunk_by_chunk(engine, on_zero_gpu, tmp_path):
+    from sv2v_core.video import write_video
+
+    inputs = renderer_tests.frames(19, 8)  # two full chunks and a part
+    source = write_video(tmp_path / "in.mp4", inputs)
+    decoded = [frame for frame in read_video(source)[0]]
+    config = STREAM.replace(bank_mode="dyme")
+    expected = list(engine.translate(engine.new_stream(config), decoded))
+    renderer = local_renderer(engine)
+    gpu = renderer._crossing._gpu
+    try:
+        got = list(renderer.translate(str(source), config, max_frames=100))
+        assert len(got) == len(expected) == 19
+        for image, want in zip(got, expected):
+            np.testing.assert_array_equal(image, want)
+        assert gpu.calls == 3 and all(seconds <= 60 for seconds in gpu.durations)
+    finally:
+        renderer.shutdown()
+        gpu.replace_worker()
+
+
+def test_changes_the_worker_makes_to_its_arguments_never_come_back(on_zero_gpu):
+    import spaces
+
+    def grow(items):
+        items.append("worker")
+        return len(items)
+
+    gpu = spaces.GPU(grow, duration=lambda items: 1 + len(items))
+    items = ["main"]
+    try:
+        assert gpu(items) == 2 and gpu(items) == 2
+        assert items == ["main"] and gpu.durations == [2, 2] and gpu.workers_started == 1
+    finally:
+        gpu.replace_worker()

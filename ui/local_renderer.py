@@ -12,8 +12,10 @@ render size, several at once on decoding threads, before the model runs.
 So a snapshot that a newer one replaces before its turn costs no decode,
 and one that cannot be decoded fails alone with its `ImageError`.
 
-A batch is rendered in one `on_gpu` call (one `spaces.GPU` call on
-ZeroGPU): each stream is configured (created, reconfigured, its bank
+A batch is rendered in one call of the device function (on ZeroGPU, one
+`spaces.GPU` call through ui.crossing, whose worker keeps the streams, and
+a stream's state here is a `HeldStream` handle; the video's translation
+goes through that same function, a chunk of frames per call): each stream is configured (created, reconfigured, its bank
 emptied at a cut) and its frame checked (`engine.prepare`) on its own, so
 bad settings or a bad picture fail only that frame; the rest render in one
 `engine.render` call, which stacks compatible streams into shared UNet
@@ -53,7 +55,8 @@ from sv2v_core.config import StreamConfig
 from sv2v_core.images import ImageError
 from sv2v_core.video import read_video
 
-from .gpu import ZERO_GPU, on_gpu
+from .crossing import Crossing, WorkerStreams, gpu_seconds
+from .gpu import on_gpu, zero_gpu
 from .inputs import EncodedFrame
 from .renderer import RendererBusy, RenderStats, SessionLost, StepReply, StepRequest
 from .scheduler import RenderScheduler
@@ -67,7 +70,6 @@ MAX_BATCH = 8
 # Of a GPU's free memory after the model is loaded, what the sessions may use;
 # the rest is for the activations of a render and the allocator's slack.
 SESSION_MEMORY_SHARE = 0.8
-VIDEO_GPU_SECONDS = 120  # on ZeroGPU: the GPU time a video's translation may take
 
 
 @dataclass
@@ -135,8 +137,14 @@ class InProcessRenderer:
         self._lock = threading.Lock()
         self._epochs = itertools.count()
         self._epoch_prefix = uuid.uuid4().hex[:8]  # epochs stay unique across workers and restarts
-        self._on_device = on_gpu(self._step_on_device)
-        self._translate_on_device = on_gpu(self._translation, duration=VIDEO_GPU_SECONDS)
+        if zero_gpu():  # one GPU function; the streams stay in its worker (ui.crossing)
+            self._worker_streams = WorkerStreams(self._step_on_device, Step, engine)  # the worker's copy is used
+            self._crossing = Crossing(on_gpu(self._worker_streams.run, duration=gpu_seconds))
+            self._on_device = self._crossing.steps
+            self._translate_on_device = self._translation_in_chunks
+        else:
+            self._on_device = self._step_on_device
+            self._translate_on_device = self._translation
         # Snapshots are decoded when the scheduler takes them, several at once on these threads.
         self._decoder = ThreadPoolExecutor(max_workers=max(1, min(max_batch, os.cpu_count() or 1)),
                                            thread_name_prefix="sv2v-decode")
@@ -268,6 +276,12 @@ class InProcessRenderer:
         frames, _ = read_video(source)
         limited = (frame for _, frame in zip(range(max_frames), frames))
         yield from self.engine.translate(self.engine.new_stream(config), limited)
+
+    def _translation_in_chunks(self, config: StreamConfig, source: str, max_frames: int) -> Iterator[np.ndarray]:
+        """On ZeroGPU: `_translation`'s renders, through the one GPU function a chunk of frames at a
+        time (the video decoded on this thread only: the GPU worker may be forked meanwhile)."""
+        frames, _ = read_video(source, threaded=False)
+        yield from self._crossing.translation(config, itertools.islice(frames, max_frames))
 
     def call(self, fn: Callable[[], T]) -> Future:
         """Run `fn` on the render thread, never dropped (for tests and measurements)."""
@@ -407,8 +421,6 @@ class InProcessRenderer:
                     results[index] = error
                 else:
                     results[index] = flushed[-1] if flushed else results[index]
-            if ZERO_GPU and step.state is not None:
-                step.state.to("cpu")  # the GPU is gone between calls; the state comes back pickled
         return [(step.state, output) for step, output in zip(steps, results)]
 
     def _configured(self, state, config: StreamConfig):
