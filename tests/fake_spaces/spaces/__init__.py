@@ -23,12 +23,18 @@ import threading
 DEFAULT_DURATION = 60
 
 
+STOP = b"stop"
+
+
 def _serve(fn, connection) -> None:
-    """The worker: run `fn` on each pickled (args, kwargs) received, send back the pickled outcome."""
+    """The worker: run `fn` on each pickled (args, kwargs) received, send back the pickled outcome;
+    end at STOP or when the caller is gone."""
     while True:
         try:
             message = connection.recv_bytes()
         except EOFError:
+            return
+        if message == STOP:
             return
         args, kwargs = pickle.loads(message)
         try:
@@ -87,6 +93,10 @@ class GPUFunction:
         if self._worker is not None:
             process, connection = self._worker
             self._worker = None
+            try:
+                connection.send_bytes(STOP)
+            except OSError:  # the worker is gone already
+                pass
             connection.close()
             process.join(timeout=10)
             if process.is_alive():
