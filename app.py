@@ -234,6 +234,9 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     limit_malloc_arenas()  # memory stays flat under many sessions' threads (ui/memory.py)
+    if zero_gpu():
+        log.info("ZeroGPU: model work runs in spaces.GPU calls whose worker keeps the streams (ui/crossing.py); "
+                 "no warm-up, no fast channel, no compiling")
     if args.ray:
         engine = None
         renderer, notice, size = start_ray(args)

@@ -170,3 +170,44 @@ def test_changes_the_worker_makes_to_its_arguments_never_come_back(on_zero_gpu):
         assert items == ["main"] and gpu.durations == [2, 2] and gpu.workers_started == 1
     finally:
         gpu.replace_worker()
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, False), ("", False), ("0", False), ("false", False), ("no", False),
+    ("1", True), ("true", True), ("True", True), ("T", True), ("t", True),
+])
+def test_zero_gpu_follows_spaces_zero_gpu_as_spaces_reads_it(monkeypatch, value, expected):
+    from ui.gpu import model_device, on_gpu, zero_gpu
+
+    monkeypatch.syspath_prepend(str(FAKE_SPACES))  # the package is installed in every case
+    environ = {} if value is None else {"SPACES_ZERO_GPU": value}
+    assert zero_gpu(environ) is expected
+    if value is None:
+        monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    else:
+        monkeypatch.setenv("SPACES_ZERO_GPU", value)  # read when asked, not frozen at import
+    assert zero_gpu() is expected
+    plain = lambda: 1  # noqa: E731
+    assert (on_gpu(plain) is plain) is not expected
+    assert model_device() == ("cuda" if torch.cuda.is_available() else "cpu")  # this torch has no CUDA build
+
+
+def test_without_the_spaces_package_the_variable_alone_is_not_zero_gpu(monkeypatch):
+    from ui.gpu import zero_gpu
+
+    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if "fake_spaces" not in entry])
+    sys.modules.pop("spaces", None)
+    assert zero_gpu({"SPACES_ZERO_GPU": "true"}) is False
+
+
+def test_with_spaces_installed_but_unset_the_renderer_keeps_its_states_on_the_device(engine, monkeypatch):
+    monkeypatch.syspath_prepend(str(FAKE_SPACES))
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    renderer = local_renderer(engine)
+    try:
+        renderer.step("artist", StepRequest(renderer_tests.frames(1, 1)[0], LATENCY)).result(60)
+        state = renderer.stream_state("artist")
+        assert not hasattr(renderer, "_crossing") and type(state).__name__ == "StreamState"
+        assert state.noise.device == engine.device
+    finally:
+        renderer.shutdown()
