@@ -13,12 +13,13 @@ forked process and back, as `spaces.GPU` does:
   and a call that meets a new worker sends it in full (a restore: the
   checkpoint and the calls since).
 
-Each payload is sent through a pipe with multiprocessing's pickler, which,
+Each payload (a fresh copy each time) is sent through a pipe with multiprocessing's pickler, which,
 once torch.multiprocessing is imported (as `spaces` does), moves tensors
 into shared memory and sends only a handle through the pipe.  Printed per
-direction: bytes through the pipe, bytes of tensors in shared memory, the
-plain pickle's bytes (what a pickling without shared memory carries), and
-the median seconds from the send to the received object (both directions
+direction: bytes through the pipe + bytes of tensors in shared memory, the
+median milliseconds from the send to the received object, and the plain
+pickle's bytes and milliseconds to pickle and unpickle (what a pickling
+without shared memory costs, as tests/fake_spaces does) (both directions
 are timed from this process to one forked before any model work: a
 process that forks after torch's threads ran may hang).
 """
@@ -26,6 +27,7 @@ process that forks after torch's threads ran may hang).
 from __future__ import annotations
 
 import argparse
+import copy
 import multiprocessing
 import pickle
 import statistics
@@ -82,9 +84,12 @@ class Receiver:
         self._process.start()
 
     def seconds(self, payload, repeats: int) -> float:
+        """Median seconds for a fresh copy of `payload` to arrive (fresh: a tensor sent once already
+        stays in shared memory, where a call's new tensors would not be)."""
         times = []
         for _ in range(repeats):
-            self._connection.send((time.perf_counter(), payload))
+            fresh = copy.deepcopy(payload)
+            self._connection.send((time.perf_counter(), fresh))
             times.append(self._connection.recv())
         return statistics.median(times)
 
@@ -100,10 +105,22 @@ def measure(receiver: Receiver, pairs: list[tuple[str, object, object]], repeats
         rows.append(dict(name=name,
                          pipe_in=len(ForkingPickler.dumps(payload_in)), shm_in=tensor_bytes(payload_in),
                          pickle_in=len(pickle.dumps(payload_in)), seconds_in=receiver.seconds(payload_in, repeats),
+                         pickled_in=_pickling_seconds(payload_in, repeats),
                          pipe_out=len(ForkingPickler.dumps(payload_out)), shm_out=tensor_bytes(payload_out),
                          pickle_out=len(pickle.dumps(payload_out)),
-                         seconds_out=receiver.seconds(payload_out, repeats)))
+                         seconds_out=receiver.seconds(payload_out, repeats),
+                         pickled_out=_pickling_seconds(payload_out, repeats)))
     return rows
+
+
+def _pickling_seconds(payload, repeats: int) -> float:
+    """Median seconds to pickle and unpickle `payload` plainly (copies, no shared memory)."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        pickle.loads(pickle.dumps(payload))
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def main(argv=None) -> None:
@@ -143,13 +160,14 @@ def main(argv=None) -> None:
     ]
     rows = measure(receiver, pairs, args.repeats)
     receiver.close()
-    print("| call | in: pipe | in: shared memory | in: plain pickle | in: ms | out: pipe | out: shared memory "
-          "| out: plain pickle | out: ms |")
+    print("| call | in: pipe + shared memory | ms | plain pickle | ms | out: pipe + shared memory | ms "
+          "| plain pickle | ms |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
-        print(f"| {row['name']} | {_mb(row['pipe_in'])} | {_mb(row['shm_in'])} | {_mb(row['pickle_in'])} | "
-              f"{row['seconds_in'] * 1e3:.1f} | {_mb(row['pipe_out'])} | {_mb(row['shm_out'])} | "
-              f"{_mb(row['pickle_out'])} | {row['seconds_out'] * 1e3:.1f} |")
+        print(f"| {row['name']} | {_mb(row['pipe_in'])} + {_mb(row['shm_in'])} | {row['seconds_in'] * 1e3:.1f} | "
+              f"{_mb(row['pickle_in'])} | {row['pickled_in'] * 1e3:.1f} | "
+              f"{_mb(row['pipe_out'])} + {_mb(row['shm_out'])} | {row['seconds_out'] * 1e3:.1f} | "
+              f"{_mb(row['pickle_out'])} | {row['pickled_out'] * 1e3:.1f} |")
     average = (rows[1]["pickle_out"] * (CHECKPOINT_EVERY - 1) + rows[2]["pickle_out"]) / CHECKPOINT_EVERY
     print(f"after, averaged over {CHECKPOINT_EVERY} calls: {_mb(rows[1]['pickle_in'])} in, {_mb(average)} out "
           f"per call (plain pickle); before: {_mb(rows[0]['pickle_in'])} in, {_mb(rows[0]['pickle_out'])} out")
