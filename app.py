@@ -96,7 +96,7 @@ from sv2v_core.engine import StreamV2V
 from sv2v_core.loader import COMPILE_CHOICES, DEFAULT_MODEL, EngineOptions, choose_model
 from sv2v_core.loader import load_engine as load_core_engine
 from sv2v_core.models import DEFAULT_VAE, ModelLoadError
-from ui.gpu import model_device, zero_gpu
+from ui.gpu import import_spaces, model_device, zero_gpu
 from ui.memory import limit_malloc_arenas
 from ui.presets import load_presets
 from ui.server import create_base_config, create_service, model_threads, serve
@@ -234,6 +234,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     limit_malloc_arenas()  # memory stays flat under many sessions' threads (ui/memory.py)
+    import_spaces()  # on ZeroGPU, before the model goes to "cuda"
     if zero_gpu():
         log.info("ZeroGPU: model work runs in spaces.GPU calls whose worker keeps the streams (ui/crossing.py); "
                  "no warm-up, no fast channel, no compiling")

@@ -44,6 +44,13 @@ def model_device(environ: Mapping[str, str] | None = None) -> str:
     return "cpu"
 
 
+def import_spaces() -> None:
+    """On ZeroGPU, import `spaces` now: before any model is moved to "cuda" (the package makes that
+    possible before a GPU is attached, and refuses to load once CUDA has been initialised)."""
+    if zero_gpu():
+        import spaces  # noqa: F401
+
+
 def on_gpu(fn: F, duration: int | Callable[..., int] | None = None) -> F:
     """`fn` wrapped in `spaces.GPU` on ZeroGPU (charged `duration` seconds: a number, or a function
     of `fn`'s arguments giving one); `fn` itself elsewhere."""

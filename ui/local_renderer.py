@@ -459,7 +459,7 @@ def local_renderer(engine, *, max_sessions: int | None = None, idle_timeout: flo
     `base` config the cap is also bounded by the memory one stream of `base`
     takes (`memory_cap`), so a GPU never runs out for lack of admission.
     """
-    if base is not None and engine.device.type == "cuda":
+    if base is not None and engine.device.type == "cuda" and not zero_gpu():  # ZeroGPU: no GPU here
         cap = memory_cap(engine, base)
         log.info("memory allows %d sessions on %s", cap, engine.device)
         max_sessions = cap if max_sessions is None else min(max_sessions, cap)
