@@ -150,7 +150,7 @@ def test_a_video_translates_through_the_one_gpu_function_chunk_by_chunk(engine, 
         assert len(got) == len(expected) == 19
         for image, want in zip(got, expected):
             np.testing.assert_array_equal(image, want)
-        assert gpu.calls == 3 and all(seconds <= 60 for seconds in gpu.durations)
+        assert gpu.calls == 3 and all(0 < seconds <= 30 for seconds in gpu.durations)  # not the 60 s default
     finally:
         renderer.shutdown()
         gpu.replace_worker()
