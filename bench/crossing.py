@@ -34,13 +34,12 @@ import statistics
 import time
 from multiprocessing.reduction import ForkingPickler
 
-import numpy as np
 import torch
 import torch.multiprocessing  # noqa: F401  (registers the tensor reductions that use shared memory)
 
 from sv2v_core.config import StreamConfig
 from sv2v_core.loader import EngineOptions, load_engine
-from ui.crossing import CHECKPOINT_EVERY, Answer, Call, HeldStream
+from ui.crossing import CHECKPOINT_EVERY, Answer, HeldStream
 from ui.local_renderer import Step
 
 from .frames import synthetic_frames

@@ -123,10 +123,9 @@ def test_a_long_stream_crosses_light_and_survives_any_lost_worker(engine, on_zer
             assert gpu.workers_started == (1 if lost_at is None else 2)
             assert gpu.calls == 20 + (lost_at is not None)  # a lost worker costs one more call
             assert all(0 < seconds <= 30 for seconds in gpu.durations)
-            plain = [sent for index, sent in enumerate(gpu.sent)]
             frame_bytes = inputs[0].nbytes
             if lost_at is None:
-                assert max(plain) < frame_bytes + 20_000, "a call carries the frame and settings, no state"
+                assert max(gpu.sent) < frame_bytes + 20_000, "a call carries the frame and settings, no state"
                 brought = sorted(gpu.received)
                 assert brought[-1] > 10 * brought[-3], "the full state comes back twice in 20 calls"
                 assert brought[-3] < frame_bytes + 20_000
@@ -211,3 +210,20 @@ def test_with_spaces_installed_but_unset_the_renderer_keeps_its_states_on_the_de
         assert state.noise.device == engine.device
     finally:
         renderer.shutdown()
+
+
+def test_the_crossing_benchmark_shows_a_call_carries_far_less_than_the_state(capsys):
+    from bench.crossing import main
+
+    main(["--model", "tiny", "--size", "64", "--frames", "2", "--repeats", "1"])
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    assert {"before: state in and out (every call)", "after: a call"} <= set(rows)
+
+    def megabytes(row: str, column: int) -> float:
+        cell = row.strip("| ").split(" | ")[column]
+        number, unit = cell.split(" + ")[-1].split() if "+" in cell else cell.split()
+        return float(number) * (1 if unit == "MB" else 1e-3)
+
+    state_in, call_in = megabytes(rows["before: state in and out (every call)"], 1), megabytes(rows["after: a call"], 1)
+    assert state_in > 0 and call_in == 0, "the state goes to shared memory before, nothing after"

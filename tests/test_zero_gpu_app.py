@@ -9,7 +9,6 @@ the same package installed but SPACES_ZERO_GPU unset, the app is the app of any 
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
