@@ -105,7 +105,7 @@ from sv2v_core.loader import COMPILE_CHOICES, DEFAULT_MODEL, EngineOptions, choo
 from sv2v_core.loader import load_engine as load_core_engine
 from sv2v_core.models import DEFAULT_VAE, ModelLoadError
 from ui.channel import origin_of
-from ui.gpu import ZERO_GPU
+from ui.gpu import import_spaces, model_device, zero_gpu
 from ui.memory import limit_malloc_arenas
 from ui.presets import load_presets
 from ui.renderer import DeviceFault
@@ -203,10 +203,9 @@ def load_engine(model: str | None, vae: str | None, controlnet: str | None = Non
     start-up with one error line.  compile: the serving choice's "auto",
     "on" or "off" (sv2v_core.loader.choose_serving; never compiled on ZeroGPU).
     """
-    has_gpu = ZERO_GPU or torch.cuda.is_available()  # on ZeroGPU the GPU appears inside requests only
     options = EngineOptions(model=model, vae=vae, lora=lora, controlnet=controlnet,
-                            device="cuda" if has_gpu else "cpu", fallback=True, serving=True, compile=compile,
-                            zero_gpu=ZERO_GPU)
+                            device=model_device(), fallback=True, serving=True, compile=compile,
+                            zero_gpu=zero_gpu())  # on ZeroGPU the GPU appears inside requests only
     try:
         loaded = load_core_engine(options)
     except ModelLoadError as error:  # a ControlNet's, or the built-in model's own
@@ -287,12 +286,15 @@ def main(argv=None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     limit_malloc_arenas()  # memory stays flat under many sessions' threads (ui/memory.py)
+    import_spaces()  # on ZeroGPU, before the model goes to "cuda"
+    if zero_gpu():
+        log.info("ZeroGPU: model work runs in spaces.GPU calls whose worker keeps the streams (ui/crossing.py); "
+                 "no warm-up, no fast channel, no compiling")
     if args.ray:
         engine = None
         renderer, notice, size = start_ray(args)
     else:
-        threads = model_threads(args.host, "cuda" if ZERO_GPU or torch.cuda.is_available() else "cpu",
-                                args.torch_threads)
+        threads = model_threads(args.host, model_device(), args.torch_threads)
         if threads:  # before any thread of the app runs torch
             torch.set_num_threads(threads)
         log.info("model threads: %d", torch.get_num_threads())
@@ -307,7 +309,7 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as error:  # e.g. a --size out of range
         raise SystemExit(f"cannot start: {error}") from error
     try:
-        if not ZERO_GPU:  # on ZeroGPU the GPU exists only inside requests
+        if not zero_gpu():  # on ZeroGPU the GPU exists only inside requests
             try:
                 service.warm_up()
             except (ValueError, DeviceFault) as error:  # e.g. a --size the model cannot render, a broken GPU

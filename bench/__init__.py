@@ -6,6 +6,7 @@
     python -m bench.appcheck   the app at the speed it serves, against the GPU targets
     python -m bench.raybench   the Ray Serve back end
     python -m bench.drill      faults, a dropped client, refused connections and stops, counted
+    python -m bench.crossing   what a ZeroGPU call carries across the process boundary, each way
 
 The engine benchmark's parts: frames (synthetic input), rows (what is
 rendered), peer (the streamdiffusion package as a row), timing (rotation,

@@ -171,7 +171,7 @@ def run_translate(args: argparse.Namespace) -> int:
 
     with VideoWriter(output, info.fps) as writer:
         choice = choose_model(args.model, device.type == "cuda")
-        notes = [] if args.model else [f"note: no --model given: {choice.model}, {choice.why}"]
+        notes = [f"model: {choice.model} ({choice.why})"]  # the app logs the same line (loader.choose_model)
         # Nobody named the default model: if it cannot be loaded, the built-in one renders instead.
         loaded = load_engine(EngineOptions(model=choice.model, vae=args.vae, lora=args.lora,
                                            controlnet=args.controlnet, device=device, dtype=args.dtype,

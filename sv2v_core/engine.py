@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -116,6 +116,16 @@ def guidance_embedding(scale: float, dim: int) -> torch.Tensor:
     angles = (scale - 1.0) * 1000.0 * frequencies
     embedding = torch.cat([angles.sin(), angles.cos()])
     return torch.nn.functional.pad(embedding, (0, dim - 2 * half)).unsqueeze(0)
+
+
+@dataclass
+class Translation:
+    """Where a video's translation stands between chunks (`StreamV2V.translate_chunk`): renders
+    waiting for their turn by input index, how many images are out, and the last one."""
+
+    waiting: dict[int, np.ndarray] = field(default_factory=dict)
+    emitted: int = 0
+    last: np.ndarray | None = None
 
 
 class StreamV2V:
@@ -315,26 +325,36 @@ class StreamV2V:
 
     def translate(self, state: StreamState, frames: Iterable) -> Iterator[np.ndarray]:
         """Exactly one rendered image per input frame, in input order."""
-        final: dict[int, np.ndarray] = {}
-        emitted = 0
-        last = None
+        progress = Translation()
+        for frame in frames:
+            yield from self.translate_chunk(state, progress, [frame], end=False)
+        yield from self.translate_chunk(state, progress, [], end=True)
+
+    def translate_chunk(self, state: StreamState, progress: "Translation", frames: Iterable,
+                        end: bool) -> list[np.ndarray]:
+        """The images of a translation (`translate`) that these frames complete, in input order;
+        `end`: the video ends after them (the rest comes out).  Chunk by chunk, a video gives
+        the same images as `translate`, whatever the chunks."""
+        images: list[np.ndarray] = []
 
         def take(output: Output) -> None:
-            if output.source_index >= emitted:
-                final[output.source_index] = output.image
+            if output.source_index >= progress.emitted:
+                progress.waiting[output.source_index] = output.image
+
+        def emit(upto: int) -> None:
+            while progress.emitted < upto:
+                progress.last = progress.waiting.pop(progress.emitted, progress.last)
+                progress.emitted += 1
+                images.append(progress.last)
 
         for frame in frames:
             take(self(state, frame))
-            while emitted < state.oldest_in_flight():
-                last = final.pop(emitted, last)
-                emitted += 1
-                yield last
-        for output in self.flush(state):
-            take(output)
-        while emitted < state.frames_in:
-            last = final.pop(emitted, last)
-            emitted += 1
-            yield last
+            emit(state.oldest_in_flight())
+        if end:
+            for output in self.flush(state):
+                take(output)
+            emit(state.frames_in)
+        return images
 
     # -- the steps of a call --------------------------------------------------
     def _control_image(self, state: StreamState, image: np.ndarray, source) -> torch.Tensor | None:

@@ -84,10 +84,13 @@ class VideoReader:
     """An opened video file: `info`, then iterate once for the frames.
 
     Use as a context manager (or call `close`) to release the file early;
-    iterating to the end closes it too.
+    iterating to the end closes it too (closing ends the decoder's threads).
+    threaded=False decodes on the calling thread only, for a process that
+    forks while it reads (a forked child inherits no thread, only the locks
+    they held).
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, threaded: bool = True):
         self.path = Path(path)
         if not self.path.exists():
             raise VideoError(f"the video file {_name(self.path)} does not exist")
@@ -103,7 +106,10 @@ class VideoReader:
             if not self._container.streams.video:
                 raise VideoError(f"{_name(self.path)} has no video stream")
             self._stream = self._container.streams.video[0]
-            self._stream.thread_type = "AUTO"
+            if threaded:
+                self._stream.thread_type = "AUTO"
+            else:
+                self._stream.thread_count = 1
             self._decoded = 0
             self._frames = self._decode()
             first = next(self._frames, None)
@@ -177,9 +183,9 @@ class VideoReader:
         self.close()
 
 
-def read_video(path: str | os.PathLike) -> tuple[Iterator[np.ndarray], VideoInfo]:
-    """Open `path`; return (iterator of RGB uint8 frames, VideoInfo)."""
-    reader = VideoReader(path)
+def read_video(path: str | os.PathLike, *, threaded: bool = True) -> tuple[Iterator[np.ndarray], VideoInfo]:
+    """Open `path`; return (iterator of RGB uint8 frames, VideoInfo); `threaded`: see VideoReader."""
+    reader = VideoReader(path, threaded=threaded)
     return iter(reader), reader.info
 
 

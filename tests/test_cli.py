@@ -13,6 +13,7 @@ import pytest
 
 from sv2v_core import cli
 from sv2v_core.cli import main, output_size
+from sv2v_core.loader import DEFAULT_MODEL
 from sv2v_core.video import read_video, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,9 +54,23 @@ def test_translate_subprocess(clip, tmp_path):
     done = run_cli("translate", clip, out, "--model", "tiny", "--width", "128", "--height", "128", "--prompt", "a fox")
     assert done.returncode == 0, done.stderr
     assert "not art" in done.stderr
+    assert "model: tiny (named by whoever started it)" in done.stderr.splitlines()
     assert_video(out, FRAMES, FPS, (128, 128))
     assert done.stdout.startswith("wrote")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]
+
+
+def test_without_a_model_the_cli_picks_by_the_app_s_rule_and_says_so(clip, tmp_path, capsys, monkeypatch):
+    """One default-model rule (sv2v_core.loader.choose_model) for the app and the CLI: without a CUDA GPU
+    both pick the built-in model, with one real weights, and print one line saying what and why."""
+    from sv2v_core.loader import choose_model
+
+    assert choose_model(None, cuda=True).model == DEFAULT_MODEL
+    code = main(["translate", str(clip), str(tmp_path / "out.mp4"), "--width", "64", "--height", "64", "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    expected = choose_model(None, cuda=False)
+    assert f"model: {expected.model} ({expected.why})" in err.splitlines()
 
 
 def test_translate_latency_mode_queue_bank_to_webm(clip, tmp_path, capsys):

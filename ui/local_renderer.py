@@ -12,8 +12,10 @@ render size, several at once on decoding threads, before the model runs.
 So a snapshot that a newer one replaces before its turn costs no decode,
 and one that cannot be decoded fails alone with its `ImageError`.
 
-A batch is rendered in one `on_gpu` call (one `spaces.GPU` call on
-ZeroGPU): each stream is configured (created, reconfigured, its bank
+A batch is rendered in one call of the device function (on ZeroGPU, one
+`spaces.GPU` call through ui.crossing, whose worker keeps the streams, and
+a stream's state here is a `HeldStream` handle; the video's translation
+goes through that same function, a chunk of frames per call): each stream is configured (created, reconfigured, its bank
 emptied at a cut) and its frame checked (`engine.prepare`) on its own, so
 bad settings or a bad picture fail only that frame; the rest render in one
 `engine.render` call, which stacks compatible streams into shared UNet
@@ -69,7 +71,8 @@ from sv2v_core.config import StreamConfig
 from sv2v_core.images import ImageError
 from sv2v_core.video import read_video
 
-from .gpu import ZERO_GPU, on_gpu
+from .crossing import Crossing, WorkerStreams, gpu_seconds
+from .gpu import on_gpu, zero_gpu
 from .inputs import EncodedFrame
 from .renderer import DeviceFault, RendererBusy, RenderStats, SessionLost, StepReply, StepRequest
 from .scheduler import RenderScheduler
@@ -83,7 +86,6 @@ MAX_BATCH = 8
 # Of a GPU's free memory after the model is loaded, what the sessions may use;
 # the rest is for the activations of a render and the allocator's slack.
 SESSION_MEMORY_SHARE = 0.8
-VIDEO_GPU_SECONDS = 120  # on ZeroGPU: the GPU time a video's translation may take
 # What a page is told when its idle session's stream was freed to keep the host's memory bounded.
 FREED_NOTICE = "your session was idle and its stream was freed; starting afresh"
 GROW_AFTER_TICKS = 50  # ticks without running out of memory before a lowered batch cap doubles again
@@ -220,8 +222,14 @@ class InProcessRenderer:
         self._lock = threading.Lock()
         self._epochs = itertools.count()
         self._epoch_prefix = uuid.uuid4().hex[:8]  # epochs stay unique across workers and restarts
-        self._on_device = on_gpu(self._step_on_device)
-        self._translate_on_device = on_gpu(self._translation, duration=VIDEO_GPU_SECONDS)
+        if zero_gpu():  # one GPU function; the streams stay in its worker (ui.crossing)
+            self._worker_streams = WorkerStreams(self._step_on_device, Step, engine)  # the worker's copy is used
+            self._crossing = Crossing(on_gpu(self._worker_streams.run, duration=gpu_seconds))
+            self._on_device = self._crossing.steps
+            self._translate_on_device = self._translation_in_chunks
+        else:
+            self._on_device = self._step_on_device
+            self._translate_on_device = self._translation
         # Snapshots are decoded when the scheduler takes them, several at once on these threads.
         self._decoder = ThreadPoolExecutor(max_workers=max(1, min(max_batch, os.cpu_count() or 1)),
                                            thread_name_prefix="sv2v-decode")
@@ -399,6 +407,12 @@ class InProcessRenderer:
         frames, _ = read_video(source)
         limited = (frame for _, frame in zip(range(max_frames), frames))
         yield from self.engine.translate(self.engine.new_stream(config), limited)
+
+    def _translation_in_chunks(self, config: StreamConfig, source: str, max_frames: int) -> Iterator[np.ndarray]:
+        """On ZeroGPU: `_translation`'s renders, through the one GPU function a chunk of frames at a
+        time (the video decoded on this thread only: the GPU worker may be forked meanwhile)."""
+        frames, _ = read_video(source, threaded=False)
+        yield from self._crossing.translation(config, itertools.islice(frames, max_frames))
 
     def call(self, fn: Callable[[], T]) -> Future:
         """Run `fn` on the render thread, never dropped (for tests and measurements)."""
@@ -588,8 +602,6 @@ class InProcessRenderer:
                     results[index] = error
                 else:
                     results[index] = flushed[-1] if flushed else results[index]
-            if ZERO_GPU and step.state is not None:
-                step.state.to("cpu")  # the GPU is gone between calls; the state comes back pickled
         return [(step.state, output) for step, output in zip(steps, results)]
 
     def _configured(self, state, config: StreamConfig):
@@ -645,7 +657,7 @@ def local_renderer(engine, *, max_sessions: int | None = None, idle_timeout: flo
     (idle) sessions' streams hold; past it the oldest is freed, and its
     next frame starts a fresh stream with FREED_NOTICE (None: no cap).
     """
-    if base is not None and engine.device.type == "cuda":
+    if base is not None and engine.device.type == "cuda" and not zero_gpu():  # ZeroGPU: no GPU here
         cap = memory_cap(engine, base)
         log.info("memory allows %d sessions on %s", cap, engine.device)
         max_sessions = cap if max_sessions is None else min(max_sessions, cap)

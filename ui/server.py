@@ -55,7 +55,7 @@ from sv2v_core.config import StreamConfig
 from sv2v_core.control import CONTROLLED_STRENGTH
 
 from .channel import FastChannel
-from .gpu import ZERO_GPU
+from .gpu import zero_gpu
 from .layout import PAGE_CSS, build_app
 from .live import Live
 from .popout import view_routes
@@ -141,7 +141,7 @@ def create_service(engine, *, size: int, render_mode: str = "latency", idle_time
 
 def fast_channel_available() -> tuple[bool, str]:
     """Whether this host can serve the fast channel, and why not."""
-    if ZERO_GPU:
+    if zero_gpu():
         return False, "ZeroGPU: GPU work must run inside Gradio requests"
     if not any(importlib.util.find_spec(name) for name in ("websockets", "wsproto")):
         return False, "no WebSocket library for uvicorn (pip install websockets)"
