@@ -7,6 +7,7 @@ test uses its own Client, i.e. its own session, stream and recording.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -30,22 +31,27 @@ SETTINGS = dict(strength=0.5, steps=2, seed=7, bank="dyme", ea=True, ff=True)
 
 
 
-def start_app(tmp: Path, size: int | None, *extra: str) -> tuple[subprocess.Popen, str]:
-    """`python app.py --model tiny` on a free port; returns (process, url) once it answers.
+def start_app(tmp: Path, size: int | None, *extra: str, env: dict | None = None,
+              wait: bool = True) -> tuple[subprocess.Popen, str]:
+    """`python app.py --model tiny` on a free port, in its own process group; returns (process, url) once
+    it answers (at once when not `wait`).
 
-    size: the render size, or None for the app's default; extra: more options.
+    size: the render size, or None for the app's default; extra: more options; env: its environment
+    (None: this one, with Gradio's temporary folder under `tmp`).
     """
     port = free_port()
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", GRADIO_TEMP_DIR=str(tmp / "gradio"))
+    if env is None:
+        env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1",
+                   GRADIO_TEMP_DIR=str(tmp / "gradio"))
     log = open(tmp / "app.log", "wb")
     process = subprocess.Popen(
         [sys.executable, "app.py", "--model", "tiny", "--port", str(port), *(["--size", str(size)] if size else []),
          *extra],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
+    while wait and time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"the app exited early:\n{(tmp / 'app.log').read_text(errors='replace')[-3000:]}")
         try:
@@ -53,8 +59,10 @@ def start_app(tmp: Path, size: int | None, *extra: str) -> tuple[subprocess.Pope
                 return process, url
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("the app did not start within 180 s")
+    if wait:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise RuntimeError("the app did not start within 180 s")
+    return process, url
 
 
 def stop_app(process: subprocess.Popen) -> None:

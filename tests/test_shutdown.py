@@ -32,7 +32,7 @@ from websockets.sync.client import connect  # noqa: E402
 from bench.channel_client import channel_url  # noqa: E402
 from sv2v_core.video import write_video  # noqa: E402
 from ui import wire  # noqa: E402
-from ui.server import free_port  # noqa: E402
+from tests.test_app_api import start_app as start_tiny_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STOP_SECONDS = 15  # the app must be gone within this after the signal
@@ -46,24 +46,7 @@ def environment(tmp: Path) -> dict:
 
 
 def start_app(tmp: Path, *extra: str, wait: bool = True) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "app.py", "--model", "tiny", "--size", "64", "--port", str(port),
-                                *extra], cwd=ROOT, env=environment(tmp), stdout=open(tmp / "app.log", "wb"),
-                               stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while wait and time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the app exited early:\n{(tmp / 'app.log').read_text(errors='replace')[-3000:]}")
-        try:
-            with urllib.request.urlopen(url + "gradio_api/info", timeout=2):
-                return process, url
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.3)
-    if wait:
-        os.killpg(process.pid, signal.SIGKILL)
-        raise RuntimeError("the app did not start within 120 s")
-    return process, url
+    return start_tiny_app(tmp, 64, *extra, env=environment(tmp), wait=wait)
 
 
 def stopped(process: subprocess.Popen, sig: int) -> tuple[int, float]:

@@ -34,9 +34,10 @@ import pytest
 
 from tests.test_app_api import start_app, stop_app
 from tests.test_browser import (
-    CHROMIUM, CHROMIUM_ARGS, ECHO_SIZE, ROOT, final_render_matches_canvas, open_advanced, open_page, picture,
-    renders, sent, serve_echo, shown_render, stroke, stroke_until_rendered, sync_api, wait_for,
+    ECHO_SIZE, ROOT, final_render_matches_canvas, open_advanced, open_page, picture,
+    renders, sent, serve_echo, shown_render, stroke, stroke_until_rendered, wait_for,
 )
+from tests.test_browser import browser  # noqa: F401  (the fixture: a headless Chromium)
 from ui.sessions import RECENT_SNAPSHOTS
 
 SCREENS = {(1280, 720): ROOT / "docs" / "screenshot.png", (1920, 1080): ROOT / "docs" / "screenshot-1920.png"}
@@ -57,14 +58,6 @@ def echo():
     url, service, stop = serve_echo("latency")
     yield url, service
     stop()
-
-
-@pytest.fixture()
-def browser():
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 def in_view(page) -> dict:

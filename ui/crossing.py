@@ -67,18 +67,14 @@ MISS = _Miss()
 
 @dataclass
 class Call:
-    """One stream's part of a GPU call: its key and version (calls it has had), the step's inputs
-    (ui.local_renderer.Step's, less the state), and, when the worker must rebuild the stream
-    (`restore`), the checkpoint (None: a fresh stream) and the calls made since."""
+    """One stream's part of a GPU call: its key and version (calls it has had), the renderer's step
+    (a ui.local_renderer.Step without its state: the worker puts in the one it holds), and, when the
+    worker must rebuild the stream (`restore`), the checkpoint (None: a fresh stream) and the calls
+    made since."""
 
     key: str
     version: int
-    config: StreamConfig
-    frame: np.ndarray
-    end: bool = False
-    cut: bool = False
-    control: np.ndarray | None = None
-    replay: tuple = ()
+    step: object
     want_state: bool = False
     restore: bool = False
     checkpoint: object = None
@@ -141,7 +137,7 @@ class HeldStream:
     def call(self, step) -> Call:
         """The call for a renderer Step on this stream."""
         cut, self.cut_next = step.cut or self.cut_next, False
-        return Call(self.key, self.version, step.config, step.frame, step.end, cut, step.control, step.replay,
+        return Call(self.key, self.version, replace(step, state=None, cut=cut),
                     want_state=len(self.since) + 1 >= CHECKPOINT_EVERY)
 
     def restoring(self, call: Call) -> Call:
@@ -164,8 +160,9 @@ def gpu_seconds(work) -> int:
     else:
         passes = 0
         for call in work:
-            frames = 1 + len(call.replay) + sum(1 + len(done.replay) for done in call.since)
-            passes += (frames + (call.config.steps if call.end else 0)) * call.config.steps
+            step = call.step
+            frames = 1 + len(step.replay) + sum(1 + len(done.step.replay) for done in call.since)
+            passes += (frames + (step.config.steps if step.end else 0)) * step.config.steps
     return int(min(MAX_SECONDS, BASE_SECONDS + SECONDS_PER_PASS * passes))
 
 
@@ -173,10 +170,8 @@ class WorkerStreams:
     """The streams the GPU worker holds, by key: (version, state), the least recently used let go
     beyond `capacity`.  `run` is the body of the one GPU function."""
 
-    def __init__(self, step_fn: Callable[[list], list], step_type: type, engine,
-                 capacity: int = HELD_STREAMS) -> None:
+    def __init__(self, step_fn: Callable[[list], list], engine, capacity: int = HELD_STREAMS) -> None:
         self._step_fn = step_fn  # the renderer's batch on the device: Steps -> [(state, output)]
-        self._step_type = step_type  # the renderer's Step(state, config, frame, end, cut, control, replay)
         self._engine = engine
         self._capacity = capacity
         self._held: OrderedDict[str, tuple[int, object]] = OrderedDict()
@@ -200,8 +195,7 @@ class WorkerStreams:
             else:
                 continue
             found.append((index, state))
-        steps = [self._step_type(state, calls[i].config, calls[i].frame, calls[i].end, calls[i].cut, calls[i].control,
-                      calls[i].replay) for i, state in found]
+        steps = [replace(calls[i].step, state=state) for i, state in found]
         for (index, _), (state, output) in zip(found, self._step_fn(steps) if steps else []):
             call = calls[index]
             self._keep(call.key, call.version + 1, state)
@@ -213,8 +207,7 @@ class WorkerStreams:
         """The stream as of `call.version`: its checkpoint, then the calls since, run again unshown."""
         state = None if call.checkpoint is None else copy.deepcopy(call.checkpoint)
         for done in call.since:
-            (state, _), = self._step_fn([self._step_type(state, done.config, done.frame, done.end, done.cut,
-                                                         done.control, done.replay)])
+            (state, _), = self._step_fn([replace(done.step, state=state)])
         return state
 
     def _keep(self, key: str, version: int, state) -> None:

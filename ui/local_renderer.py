@@ -223,7 +223,7 @@ class InProcessRenderer:
         self._epochs = itertools.count()
         self._epoch_prefix = uuid.uuid4().hex[:8]  # epochs stay unique across workers and restarts
         if zero_gpu():  # one GPU function; the streams stay in its worker (ui.crossing)
-            self._worker_streams = WorkerStreams(self._step_on_device, Step, engine)  # the worker's copy is used
+            self._worker_streams = WorkerStreams(self._step_on_device, engine)  # the worker's copy is used
             self._crossing = Crossing(on_gpu(self._worker_streams.run, duration=gpu_seconds))
             self._on_device = self._crossing.steps
             self._translate_on_device = self._translation_in_chunks
