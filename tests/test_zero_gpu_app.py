@@ -1,9 +1,10 @@
 """The app on a stand-in ZeroGPU: `python app.py --model tiny` with tests/fake_spaces on the path
 and SPACES_ZERO_GPU=1, so every piece of model work runs in the stand-in's worker process, whose
 arguments and results are pickled and which is replaced every few calls (a lost worker).  The
-canvas (the API and a page on Gradio's events) and the webcam render.  And with
+canvas (the API and a page on Gradio's events) and the webcam render; the Video tab's test is
+skipped: it does not answer there yet (the renderer's video through the stand-in passes,
+tests/test_zero_gpu.py).  And with
 the same package installed but SPACES_ZERO_GPU unset, the app is the app of any machine.
-(The video's translation through the stand-in is tested on the renderer, tests/test_zero_gpu.py.)
 """
 
 from __future__ import annotations
@@ -81,6 +82,41 @@ def test_on_zero_gpu_the_page_renders_through_gradio_events_and_the_webcam_tab(a
         finally:
             browser.close()
     browser_tests.test_webcam_streams_renders(app_url)
+
+
+@pytest.mark.skip(reason="known defect, issue 19 open: under the ZeroGPU stand-in the Video tab's translation "
+                         "never answers (the same test passes with SPACES_ZERO_GPU unset)")
+def test_on_zero_gpu_the_video_tab_translates_a_video(tmp_path):
+    """A fresh app on the stand-in: the Video tab's translation runs in the GPU worker, 8 frames a call,
+    through a replaced worker, and gives a video of the input's length."""
+    from sv2v_core.video import read_video, write_video
+
+    browser_tests = pytest.importorskip("test_browser")
+    frames = [np.full((SIZE, SIZE, 3), 40 + 12 * i, np.uint8) for i in range(12)]
+    source = write_video(tmp_path / "clip.mp4", frames, fps=8)
+    process, url = start_on(tmp_path, "1", replace_every=1)
+    try:
+        with browser_tests.sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(browser_tests.CHROMIUM),
+                                                 args=browser_tests.CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                page.goto(url)
+                page.get_by_role("tab", name="Video").click()
+                page.locator("#sv2v-video-in input[type=file]").set_input_files(str(source))
+                page.wait_for_selector("#sv2v-video-in video", timeout=60_000)
+                page.get_by_role("button", name="Translate").click()
+                page.wait_for_selector("#sv2v-video-out video[src]", timeout=180_000)
+            finally:
+                browser.close()
+        translated = sorted((tmp_path / "gradio").rglob("translated-*.mp4"))  # Gradio's copy of the output
+        log = (tmp_path / "app.log").read_text(errors="replace")
+        assert "Traceback" not in log
+        assert translated, "no translated video reached the page"
+        rendered, _ = read_video(translated[-1], threaded=False)
+        assert len(list(rendered)) == len(frames)
+    finally:
+        stop_app(process)
 
 
 def test_with_spaces_installed_but_zero_gpu_unset_the_app_is_as_anywhere(tmp_path, images):

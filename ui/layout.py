@@ -348,8 +348,8 @@ def build_app(live: Live, *, notice: str | None = None, title: str = "StreamV2V 
         with gr.Tab("Video"):
             gr.Markdown("Translate a short video (up to 20 s) with the same model and settings as the canvas.")
             with gr.Row():
-                video_in = gr.Video(label="Input video", sources=["upload"])
-                video_out = gr.Video(label="Translated video", interactive=False)
+                video_in = gr.Video(label="Input video", sources=["upload"], elem_id="sv2v-video-in")
+                video_out = gr.Video(label="Translated video", interactive=False, elem_id="sv2v-video-out")
             translate_btn = gr.Button("Translate", variant="primary")
         with gr.Tab("Webcam"):
             gr.Markdown("Your webcam, rendered live through your own stream (same settings as the canvas).")
