@@ -137,11 +137,6 @@ class FastChannel:
                 self._open.discard(connection)
 
 
-def channel_route(live: Live, allowed_origins: Iterable[str] = ()) -> WebSocketRoute:
-    """The WebSocket route serving the session layer `live` (a FastChannel's)."""
-    return FastChannel(live, allowed_origins).route()
-
-
 class _Close(Exception):
     """End the connection after telling the page why (if it still reads)."""
 
