@@ -13,6 +13,11 @@ forked process and back, as `spaces.GPU` does:
   and a call that meets a new worker sends it in full (a restore: the
   checkpoint and the calls since).
 
+And one chunk of a video's translation (VIDEO_CHUNK frames; the same
+stream's state stands for the video's): before, the stream went in and came
+back with every chunk; after, a chunk carries its frames in and their
+images out, and the stream comes back every CHECKPOINT_EVERY-th chunk.
+
 Each payload (a fresh copy each time) is sent through a pipe with multiprocessing's pickler, which,
 once torch.multiprocessing is imported (as `spaces` does), moves tensors
 into shared memory and sends only a handle through the pipe.  Printed per
@@ -39,7 +44,8 @@ import torch.multiprocessing  # noqa: F401  (registers the tensor reductions tha
 
 from sv2v_core.config import StreamConfig
 from sv2v_core.loader import EngineOptions, load_engine
-from ui.crossing import CHECKPOINT_EVERY, Answer, HeldStream
+from sv2v_core.engine import Translation
+from ui.crossing import CHECKPOINT_EVERY, VIDEO_CHUNK, Answer, HeldStream, VideoAnswer, VideoStream
 from ui.local_renderer import Step
 
 from .frames import synthetic_frames
@@ -156,6 +162,16 @@ def main(argv=None) -> None:
         ("after: a call", [call], [light]),
         (f"after: every {CHECKPOINT_EVERY}th call (state back)", [call], [full]),
         ("after: a new worker (state in, once)", [restore], [light]),
+    ]
+    chunk_frames = [frame.copy() for _ in range(VIDEO_CHUNK)]  # copies: pickling sends a repeated object once
+    chunk_images = [output.image.copy() for _ in range(VIDEO_CHUNK)]
+    chunk = HeldStream().chunk(config, chunk_frames)
+    pairs += [
+        ("video chunk before: state in and out (every chunk)", (config, chunk_frames, state, Translation()),
+         (chunk_images, state, Translation())),
+        ("video chunk after", chunk, VideoAnswer(chunk_images)),
+        (f"video chunk after, every {CHECKPOINT_EVERY}th (state back)", chunk,
+         VideoAnswer(chunk_images, VideoStream(state))),
     ]
     rows = measure(receiver, pairs, args.repeats)
     receiver.close()

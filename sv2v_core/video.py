@@ -80,11 +80,37 @@ def _name(path: Path) -> str:
     return f"'{path}'"
 
 
+def _decoded(container, stream, path: Path) -> Iterator[np.ndarray]:
+    """The RGB frames of `stream`, turned upright.  A function, not a VideoReader method: the
+    generator must not hold its reader, so a reader dropped unread is freed, threads and all, at
+    once rather than at a later garbage collection."""
+    decoded = 0
+    try:
+        for frame in container.decode(stream):
+            image = frame.to_ndarray(format="rgb24")
+            turns = round((frame.rotation or 0) / 90) % 4
+            if turns:
+                image = np.ascontiguousarray(np.rot90(image, turns))
+            decoded += 1
+            yield image
+    except av.FFmpegError as err:
+        raise VideoError(
+            f"{_name(path)} is damaged: decoding failed after {decoded} frames ({_reason(err)})"
+        ) from None
+    declared = int(stream.frames or 0)
+    # Containers with an index (mp4, mov) know their frame count; a file
+    # cut short ends early without any decoder error.  Allow a little
+    # slack for edit lists that drop a frame or two.
+    if declared and decoded < declared - max(2, declared // 50):
+        raise VideoError(f"{_name(path)} looks truncated: it ended after {decoded} of {declared} frames")
+
+
 class VideoReader:
     """An opened video file: `info`, then iterate once for the frames.
 
     Use as a context manager (or call `close`) to release the file early;
-    iterating to the end closes it too (closing ends the decoder's threads).
+    iterating to the end closes it too, and so does dropping the reader.
+    Closing ends the decoder's threads at once.
     threaded=False decodes on the calling thread only, for a process that
     forks while it reads (a forked child inherits no thread, only the locks
     they held).
@@ -110,8 +136,7 @@ class VideoReader:
                 self._stream.thread_type = "AUTO"
             else:
                 self._stream.thread_count = 1
-            self._decoded = 0
-            self._frames = self._decode()
+            self._frames = _decoded(self._container, self._stream, self.path)
             first = next(self._frames, None)
             if first is None:
                 raise VideoError(f"{_name(self.path)} contains no video frames")
@@ -138,31 +163,11 @@ class VideoReader:
         height, width = first.shape[:2]
         return VideoInfo(fps, count, width, height, stream.codec_context.name, estimated)
 
-    def _decode(self) -> Iterator[np.ndarray]:
-        try:
-            for frame in self._container.decode(self._stream):
-                image = frame.to_ndarray(format="rgb24")
-                turns = round((frame.rotation or 0) / 90) % 4
-                if turns:
-                    image = np.ascontiguousarray(np.rot90(image, turns))
-                self._decoded += 1
-                yield image
-        except av.FFmpegError as err:
-            raise VideoError(
-                f"{_name(self.path)} is damaged: decoding failed after {self._decoded} frames ({_reason(err)})"
-            ) from None
-        declared = int(self._stream.frames or 0)
-        # Containers with an index (mp4, mov) know their frame count; a file
-        # cut short ends early without any decoder error.  Allow a little
-        # slack for edit lists that drop a frame or two.
-        if declared and self._decoded < declared - max(2, declared // 50):
-            raise VideoError(
-                f"{_name(self.path)} looks truncated: it ended after {self._decoded} of {declared} frames"
-            )
-
     def __iter__(self) -> Iterator[np.ndarray]:
         if self._first is None:
             raise VideoError(f"the frames of {_name(self.path)} were already read")
+        if self._frames is None:
+            raise VideoError(f"{_name(self.path)} was closed before its frames were read")
         first, self._first = self._first, None
         try:
             yield first
@@ -171,10 +176,20 @@ class VideoReader:
             self.close()
 
     def close(self) -> None:
+        """Release the file and end the decoder's threads now (not at some later garbage collection:
+        a process forked meanwhile would inherit the threads' locks and hang freeing them)."""
+        frames = getattr(self, "_frames", None)
+        if frames is not None:
+            self._frames = None
+            frames.close()
+        self._stream = None
         container = getattr(self, "_container", None)
         if container is not None:
             self._container = None
             container.close()
+
+    def __del__(self) -> None:
+        self.close()
 
     def __enter__(self) -> "VideoReader":
         return self
@@ -190,8 +205,8 @@ def read_video(path: str | os.PathLike, *, threaded: bool = True) -> tuple[Itera
 
 
 def probe_video(path: str | os.PathLike) -> VideoInfo:
-    """The `VideoInfo` of `path` (decodes only the first frame)."""
-    with VideoReader(path) as reader:
+    """The `VideoInfo` of `path` (decodes only the first frame, on this thread)."""
+    with VideoReader(path, threaded=False) as reader:
         return reader.info
 
 

@@ -7,7 +7,7 @@ import av
 import numpy as np
 import pytest
 
-from sv2v_core.video import VideoError, VideoWriter, probe_video, read_video, write_video
+from sv2v_core.video import VideoError, VideoReader, VideoWriter, probe_video, read_video, write_video
 
 
 def frames_of(n, height=48, width=64, seed=0):
@@ -159,3 +159,46 @@ def test_existing_output_is_replaced_only_on_success(tmp_path):
     assert target.read_bytes() == b"old"
     write_video(target, frames_of(2), 10)
     assert len(list(read_video(target)[0])) == 2
+
+
+def native_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_closing_a_reader_ends_its_decoder_threads_at_once(tmp_path, monkeypatch):
+    """Not at a later garbage collection: a process forked before it would inherit the threads'
+    locks, and its own collection would hang freeing them (a ZeroGPU worker is such a fork)."""
+    import gc
+
+    source = write_video(tmp_path / "clip.mp4", frames_of(6, 128, 128), 10)
+    monkeypatch.setattr(gc, "isenabled", gc.isenabled)  # restore whatever the suite had
+    gc.disable()
+    try:
+        before = native_threads()
+        reader = VideoReader(source)
+        assert native_threads() > before, "the threaded decoder started no thread: nothing to test"
+        reader.close()
+        assert native_threads() == before
+        frames, _ = read_video(source)  # partly read, then the iterator closed
+        next(frames)
+        frames.close()
+        assert native_threads() == before
+    finally:
+        gc.enable()
+
+
+def test_a_process_forked_after_probing_a_video_collects_its_garbage(tmp_path):
+    import multiprocessing
+
+    source = write_video(tmp_path / "clip.mp4", frames_of(6, 128, 128), 10)
+    probe_video(source)
+    read_video(source)  # opened and dropped unread
+    import gc
+    child = multiprocessing.get_context("fork").Process(target=gc.collect)
+    child.start()
+    child.join(timeout=30)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung and child.exitcode == 0, "the forked child hung collecting the parent's video objects"

@@ -134,9 +134,16 @@ def test_a_long_stream_crosses_light_and_survives_any_lost_worker(engine, on_zer
             gpu.replace_worker()
 
 
-def test_a_video_translates_through_the_one_gpu_function_chunk_by_chunk(engine, on_zero_gpu, tmp_path):
+@pytest.mark.parametrize("lost_at", [None, 1, 2])
+def test_a_video_translates_through_the_one_gpu_function_chunk_by_chunk(engine, on_zero_gpu, tmp_path,
+                                                                        monkeypatch, lost_at):
+    """19 frames: three chunks, the worker keeping the video's stream between them, its state back
+    only at the checkpoint (every 2nd chunk here); the worker lost before chunk 1 (rebuilt from the
+    start and chunk 0) or chunk 2 (rebuilt from the checkpoint): the same images as the engine's."""
+    import ui.crossing
     from sv2v_core.video import write_video
 
+    monkeypatch.setattr(ui.crossing, "CHECKPOINT_EVERY", 2)
     inputs = renderer_tests.frames(19, 8)  # two full chunks and a part
     source = write_video(tmp_path / "in.mp4", inputs)
     decoded = [frame for frame in read_video(source)[0]]
@@ -145,11 +152,22 @@ def test_a_video_translates_through_the_one_gpu_function_chunk_by_chunk(engine, 
     renderer = local_renderer(engine)
     gpu = renderer._crossing._gpu
     try:
-        got = list(renderer.translate(str(source), config, max_frames=100))
+        got, replaced = [], False
+        for image in renderer.translate(str(source), config, max_frames=100):
+            got.append(image)
+            if gpu.calls == lost_at and not replaced:  # chunk `lost_at` will meet a new worker
+                gpu.replace_worker()
+                replaced = True
+        assert replaced == (lost_at is not None)
         assert len(got) == len(expected) == 19
         for image, want in zip(got, expected):
             np.testing.assert_array_equal(image, want)
-        assert gpu.calls == 3 and all(0 < seconds <= 30 for seconds in gpu.durations)  # not the 60 s default
+        assert gpu.calls == 3 + (lost_at is not None)  # a lost worker costs one more call
+        assert all(0 < seconds <= 30 for seconds in gpu.durations)  # not the 60 s default
+        chunk_bytes = 8 * decoded[0].nbytes
+        if lost_at is None:
+            assert max(gpu.sent) < chunk_bytes + 20_000, "a chunk carries its frames and settings, no state"
+            assert gpu.received[1] > 3 * max(gpu.received[0], gpu.received[2]), "the checkpoint is chunk 1's"
     finally:
         renderer.shutdown()
         gpu.replace_worker()
@@ -227,3 +245,5 @@ def test_the_crossing_benchmark_shows_a_call_carries_far_less_than_the_state(cap
 
     state_in, call_in = megabytes(rows["before: state in and out (every call)"], 1), megabytes(rows["after: a call"], 1)
     assert state_in > 0 and call_in == 0, "the state goes to shared memory before, nothing after"
+    chunk_before = megabytes(rows["video chunk before: state in and out (every chunk)"], 1)
+    assert chunk_before == state_in and megabytes(rows["video chunk after"], 1) == 0

@@ -19,9 +19,12 @@ again with the checkpoint and the calls since, which the worker runs first,
 unshown.  So a lost worker costs at most a replay of CHECKPOINT_EVERY − 1
 frames, and any call may meet a new worker.
 
-A video's translation goes through the same GPU function, chunk by chunk
-(`VideoChunk`): its stream crosses both ways with every chunk, which its
-VIDEO_CHUNK frames share.
+A video's translation goes through the same GPU function, VIDEO_CHUNK
+frames a call (`VideoChunk`), as a held stream of its own: a chunk carries
+its frames in and brings their images out, and the stream (with where the
+translation stands) comes back only every CHECKPOINT_EVERY chunks; a new
+worker is sent the checkpoint and the chunks since, which it translates
+again unshown.  The worker lets the stream go with the last chunk.
 
 `gpu_seconds` is the duration each call asks ZeroGPU for: it grows with the
 UNet calls the work needs (frames × steps), instead of the platform's
@@ -97,20 +100,40 @@ class Answer:
 
 @dataclass
 class VideoChunk:
-    """Frames of a video's translation, with its stream (None: not started) and progress."""
+    """A chunk of a video's translation: the video's key and version (chunks it has had), its
+    settings and frames (`end`: the video ends with them), and, as for a `Call`, what rebuilds
+    the stream when `restore` is set: the checkpoint (a `VideoStream`; None: from the start) and
+    the chunks since."""
 
+    key: str
+    version: int
     config: StreamConfig
     frames: list
     end: bool
-    state: object = None
+    want_state: bool = False
+    restore: bool = False
+    checkpoint: object = None
+    since: tuple = ()
+
+    def light(self) -> "VideoChunk":
+        """This chunk as it is kept to run again: without a checkpoint or chunks of its own."""
+        return replace(self, want_state=False, restore=False, checkpoint=None, since=())
+
+
+@dataclass
+class VideoStream:
+    """A video's stream in the worker: its state and where its translation stands."""
+
+    state: object
     progress: Translation = field(default_factory=Translation)
 
 
 @dataclass
 class VideoAnswer:
+    """A chunk's images, and the video's stream (on the CPU) when the chunk asked for it."""
+
     images: list
-    state: object
-    progress: Translation
+    stream: VideoStream | None = None
 
 
 class HeldStream:
@@ -138,25 +161,37 @@ class HeldStream:
         """The call for a renderer Step on this stream."""
         cut, self.cut_next = step.cut or self.cut_next, False
         return Call(self.key, self.version, replace(step, state=None, cut=cut),
-                    want_state=len(self.since) + 1 >= CHECKPOINT_EVERY)
+                    want_state=self._checkpoint_due())
 
-    def restoring(self, call: Call) -> Call:
-        return replace(call, restore=True, checkpoint=self.checkpoint, since=tuple(self.since))
+    def chunk(self, config: StreamConfig, frames: list) -> VideoChunk:
+        """The call for a video's next chunk (the last one when it is short of VIDEO_CHUNK frames)."""
+        return VideoChunk(self.key, self.version, config, frames, end=len(frames) < VIDEO_CHUNK,
+                          want_state=self._checkpoint_due())
 
-    def took(self, call: Call, answer: Answer) -> None:
+    def restoring(self, work: Call | VideoChunk) -> Call | VideoChunk:
+        """`work` with what rebuilds the stream in a worker that does not hold it."""
+        return replace(work, restore=True, checkpoint=self.checkpoint, since=tuple(self.since))
+
+    def took(self, work: Call | VideoChunk, answer: Answer | VideoAnswer) -> None:
         self.version += 1
-        self.frames_in = answer.frames_in
-        if answer.state is not None:
-            self.checkpoint, self.since = answer.state, []
+        if isinstance(answer, Answer):
+            self.frames_in = answer.frames_in
+        state = answer.state if isinstance(answer, Answer) else answer.stream
+        if state is not None:
+            self.checkpoint, self.since = state, []
         else:
-            self.since.append(call.light())
+            self.since.append(work.light())
+
+    def _checkpoint_due(self) -> bool:
+        return len(self.since) + 1 >= CHECKPOINT_EVERY
 
 
 def gpu_seconds(work) -> int:
     """The seconds a GPU call asks for: BASE_SECONDS, and SECONDS_PER_PASS per UNet pass of its
     frames (replays and restores included), at most MAX_SECONDS."""
     if isinstance(work, VideoChunk):
-        passes = (len(work.frames) + (work.config.steps if work.end else 0)) * work.config.steps
+        frames = len(work.frames) + sum(len(done.frames) for done in work.since)
+        passes = (frames + (work.config.steps if work.end else 0)) * work.config.steps
     else:
         passes = 0
         for call in work:
@@ -216,10 +251,34 @@ class WorkerStreams:
         while len(self._held) > self._capacity:
             self._held.popitem(last=False)
 
-    def _video(self, chunk: VideoChunk) -> VideoAnswer:
-        state = chunk.state if chunk.state is not None else self._engine.new_stream(chunk.config)
-        images = self._engine.translate_chunk(state, chunk.progress, chunk.frames, chunk.end)
-        return VideoAnswer(images, state.to("cpu"), chunk.progress)
+    def _video(self, chunk: VideoChunk) -> VideoAnswer | _Miss:
+        held = self._held.pop(chunk.key, None)
+        if chunk.restore:
+            stream = self._rebuilt_video(chunk)
+        elif held is not None and held[0] == chunk.version:
+            stream = held[1]
+        elif chunk.version == 0:
+            stream = VideoStream(self._engine.new_stream(chunk.config))
+        else:
+            return MISS
+        images = self._engine.translate_chunk(stream.state, stream.progress, chunk.frames, chunk.end)
+        if chunk.end:  # the video is done: let its stream go
+            return VideoAnswer(images)
+        self._keep(chunk.key, chunk.version + 1, stream)
+        if not chunk.want_state:
+            return VideoAnswer(images)
+        return VideoAnswer(images, VideoStream(_on_cpu(stream.state), copy.deepcopy(stream.progress)))
+
+    def _rebuilt_video(self, chunk: VideoChunk) -> VideoStream:
+        """The video's stream as of `chunk.version`: its checkpoint, then the chunks since, translated
+        again unshown."""
+        if chunk.checkpoint is None:
+            stream = VideoStream(self._engine.new_stream(chunk.config))
+        else:
+            stream = copy.deepcopy(chunk.checkpoint)
+        for done in chunk.since:
+            self._engine.translate_chunk(stream.state, stream.progress, done.frames, done.end)
+        return stream
 
 
 def _on_cpu(state):
@@ -242,22 +301,27 @@ class Crossing:
         if missed:  # a new worker: these streams go again, with what rebuilds them
             again = self._gpu([handles[index].restoring(calls[index]) for index in missed])
             for index, answer in zip(missed, again):
-                if answer is MISS:
-                    raise RuntimeError("the GPU worker did not take a stream it was sent in full")
-                answers[index] = answer
+                answers[index] = _taken(answer)
         for handle, call, answer in zip(handles, calls, answers):
             handle.took(call, answer)
         return [(handle, answer.output) for handle, answer in zip(handles, answers)]
 
     def translation(self, config: StreamConfig, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """The images of a video's translation, VIDEO_CHUNK frames per GPU call."""
-        frames = iter(frames)
-        state, progress = None, Translation()
+        frames, handle = iter(frames), HeldStream()
         while True:
-            chunk = list(itertools.islice(frames, VIDEO_CHUNK))
-            end = len(chunk) < VIDEO_CHUNK
-            answer = self._gpu(VideoChunk(config, chunk, end, state, progress))
-            state, progress = answer.state, answer.progress
+            chunk = handle.chunk(config, list(itertools.islice(frames, VIDEO_CHUNK)))
+            answer = self._gpu(chunk)
+            if answer is MISS:  # a new worker: the chunk goes again, with what rebuilds the stream
+                answer = _taken(self._gpu(handle.restoring(chunk)))
+            handle.took(chunk, answer)
             yield from answer.images
-            if end:
+            if chunk.end:
                 return
+
+
+def _taken(answer):
+    """An answer to work sent with all that rebuilds its stream, which a worker cannot miss."""
+    if answer is MISS:
+        raise RuntimeError("the GPU worker did not take a stream it was sent in full")
+    return answer
