@@ -133,7 +133,7 @@ class VideoAnswer:
     """A chunk's images, and the video's stream (on the CPU) when the chunk asked for it."""
 
     images: list
-    stream: VideoStream | None = None
+    state: VideoStream | None = None
 
 
 class HeldStream:
@@ -176,9 +176,8 @@ class HeldStream:
         self.version += 1
         if isinstance(answer, Answer):
             self.frames_in = answer.frames_in
-        state = answer.state if isinstance(answer, Answer) else answer.stream
-        if state is not None:
-            self.checkpoint, self.since = state, []
+        if answer.state is not None:
+            self.checkpoint, self.since = answer.state, []
         else:
             self.since.append(work.light())
 
