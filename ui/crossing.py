@@ -69,23 +69,29 @@ MISS = _Miss()
 
 
 @dataclass
-class Call:
-    """One stream's part of a GPU call: its key and version (calls it has had), the renderer's step
-    (a ui.local_renderer.Step without its state: the worker puts in the one it holds), and, when the
-    worker must rebuild the stream (`restore`), the checkpoint (None: a fresh stream) and the calls
-    made since."""
+class HeldWork:
+    """Work on a stream the worker holds: the stream's key and version (calls it has had), whether
+    its full state should come back, and, when the worker must rebuild the stream (`restore`), the
+    checkpoint (None: a fresh stream) and the work done since."""
 
     key: str
     version: int
-    step: object
-    want_state: bool = False
-    restore: bool = False
-    checkpoint: object = None
-    since: tuple = ()
+    want_state: bool = field(default=False, kw_only=True)
+    restore: bool = field(default=False, kw_only=True)
+    checkpoint: object = field(default=None, kw_only=True)
+    since: tuple = field(default=(), kw_only=True)
 
-    def light(self) -> "Call":
-        """This call as it is kept to run again: without a checkpoint or calls of its own."""
+    def light(self):
+        """This work as it is kept to run again: without a checkpoint or work of its own."""
         return replace(self, want_state=False, restore=False, checkpoint=None, since=())
+
+
+@dataclass
+class Call(HeldWork):
+    """One stream's part of a GPU call: the renderer's step (a ui.local_renderer.Step without its
+    state: the worker puts in the one it holds)."""
+
+    step: object
 
 
 @dataclass
@@ -99,25 +105,13 @@ class Answer:
 
 
 @dataclass
-class VideoChunk:
-    """A chunk of a video's translation: the video's key and version (chunks it has had), its
-    settings and frames (`end`: the video ends with them), and, as for a `Call`, what rebuilds
-    the stream when `restore` is set: the checkpoint (a `VideoStream`; None: from the start) and
-    the chunks since."""
+class VideoChunk(HeldWork):
+    """A chunk of a video's translation: its settings and frames (`end`: the video ends with them);
+    its checkpoint is a `VideoStream`."""
 
-    key: str
-    version: int
     config: StreamConfig
     frames: list
     end: bool
-    want_state: bool = False
-    restore: bool = False
-    checkpoint: object = None
-    since: tuple = ()
-
-    def light(self) -> "VideoChunk":
-        """This chunk as it is kept to run again: without a checkpoint or chunks of its own."""
-        return replace(self, want_state=False, restore=False, checkpoint=None, since=())
 
 
 @dataclass
@@ -168,11 +162,11 @@ class HeldStream:
         return VideoChunk(self.key, self.version, config, frames, end=len(frames) < VIDEO_CHUNK,
                           want_state=self._checkpoint_due())
 
-    def restoring(self, work: Call | VideoChunk) -> Call | VideoChunk:
+    def restoring(self, work: HeldWork) -> HeldWork:
         """`work` with what rebuilds the stream in a worker that does not hold it."""
         return replace(work, restore=True, checkpoint=self.checkpoint, since=tuple(self.since))
 
-    def took(self, work: Call | VideoChunk, answer: Answer | VideoAnswer) -> None:
+    def took(self, work: HeldWork, answer: Answer | VideoAnswer) -> None:
         self.version += 1
         if isinstance(answer, Answer):
             self.frames_in = answer.frames_in
@@ -219,16 +213,9 @@ class WorkerStreams:
         answers: list[Answer | _Miss] = [MISS] * len(calls)
         found: list[tuple[int, object]] = []
         for index, call in enumerate(calls):
-            held = self._held.get(call.key)
-            if call.restore:
-                state = self._rebuilt(call)
-            elif held is not None and held[0] == call.version:
-                state = held[1]
-            elif call.version == 0:
-                state = None
-            else:
-                continue
-            found.append((index, state))
+            state = self._stream_for(call, self._rebuilt, fresh=lambda: None)
+            if state is not MISS:
+                found.append((index, state))
         steps = [replace(calls[i].step, state=state) for i, state in found]
         for (index, _), (state, output) in zip(found, self._step_fn(steps) if steps else []):
             call = calls[index]
@@ -236,6 +223,18 @@ class WorkerStreams:
             answers[index] = Answer(output, 0 if state is None else state.frames_in,
                                     _on_cpu(state) if call.want_state and state is not None else None)
         return answers
+
+    def _stream_for(self, work: HeldWork, rebuilt: Callable, fresh: Callable):
+        """The stream `work` goes on: `rebuilt(work)` for a restore, the one held at its version, a
+        `fresh()` one at version 0; MISS when the worker does not hold it."""
+        held = self._held.get(work.key)
+        if work.restore:
+            return rebuilt(work)
+        if held is not None and held[0] == work.version:
+            return held[1]
+        if work.version == 0:
+            return fresh()
+        return MISS
 
     def _rebuilt(self, call: Call) -> object:
         """The stream as of `call.version`: its checkpoint, then the calls since, run again unshown."""
@@ -251,14 +250,10 @@ class WorkerStreams:
             self._held.popitem(last=False)
 
     def _video(self, chunk: VideoChunk) -> VideoAnswer | _Miss:
-        held = self._held.pop(chunk.key, None)
-        if chunk.restore:
-            stream = self._rebuilt_video(chunk)
-        elif held is not None and held[0] == chunk.version:
-            stream = held[1]
-        elif chunk.version == 0:
-            stream = VideoStream(self._engine.new_stream(chunk.config))
-        else:
+        stream = self._stream_for(chunk, self._rebuilt_video,
+                                  fresh=lambda: VideoStream(self._engine.new_stream(chunk.config)))
+        self._held.pop(chunk.key, None)  # kept again below unless the video ends or fails
+        if stream is MISS:
             return MISS
         images = self._engine.translate_chunk(stream.state, stream.progress, chunk.frames, chunk.end)
         if chunk.end:  # the video is done: let its stream go
